@@ -1,0 +1,121 @@
+"""Configuration of the CF-MoE debiasing wrapper around a LLaVA-family base model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+SUPPORTED_BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+
+
+class CFMoEConfig(PretrainedConfig):
+    r"""
+    Configuration of [`CFMoEForMultimodalClassification`].
+
+    Args:
+        base_config (`dict` or `PretrainedConfig`):
+            Config of the wrapped image-text-to-text model (one of `SUPPORTED_BASE_MODEL_TYPES`).
+        num_visual_experts / num_text_experts (`int`):
+            Experts of the visual debiasing MoE (after the projector) and of the language debiasing MoE
+            (after the language model).
+        experts_top_k (`int`): experts kept per item by the router (gates renormalised over them).
+        expert_intermediate_size (`int`, *optional*): bottleneck width of each expert; default hidden // 4.
+        router_jitter (`float`): multiplicative noise on the router input while training.
+        router_temperature (`float`): softmax temperature of the attention router.
+        router_aux_loss_coef (`float`): weight of the load-balancing loss in `aux_loss`.
+        pooling (`str`): "mean" over attended tokens or "last" attended token.
+        classifier_dropout (`float`): dropout before the heads.
+        counterfactual_fraction (`float`): fraction of rows that get core-masked and context-swapped
+            counterfactual rows when counterfactuals are asked for in training.
+        counterfactual_types (`list[str]`): any of "context_swapped", "core_masked".
+        context_fraction (`float`): fraction of an item's text tokens and image patches called *context*:
+            those with the largest direct effect in their unimodal branch.
+        token_score_momentum (`float`): EMA momentum of the per-vocabulary direct-effect table.
+        inference_mode (`str`): "fused" (one pass, the default) or "tie" (subtract the direct effects).
+    """
+
+    model_type = "cfmoe"
+    sub_configs = {"base_config": AutoConfig}
+    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "pooled", "counterfactual_pooled"]
+
+    def __init__(
+        self,
+        base_config: dict[str, Any] | PretrainedConfig | None = None,
+        num_visual_experts: int = 4,
+        num_text_experts: int = 4,
+        experts_top_k: int = 2,
+        expert_intermediate_size: int | None = None,
+        router_jitter: float = 0.01,
+        router_temperature: float = 1.0,
+        router_aux_loss_coef: float = 0.01,
+        pooling: str = "mean",
+        classifier_dropout: float = 0.0,
+        counterfactual_fraction: float = 0.25,
+        counterfactual_types: list[str] | None = None,
+        context_fraction: float = 0.2,
+        token_score_momentum: float = 0.99,
+        inference_mode: str = "fused",
+        **kwargs,
+    ):
+        if isinstance(base_config, dict):
+            base_type = base_config.get("model_type")
+            if base_type not in SUPPORTED_BASE_MODEL_TYPES:
+                raise ValueError(_unsupported(base_type))
+            base_config = AutoConfig.for_model(**base_config)
+        elif base_config is not None and base_config.model_type not in SUPPORTED_BASE_MODEL_TYPES:
+            raise ValueError(_unsupported(base_config.model_type))
+        self.base_config = base_config
+        self.num_visual_experts = num_visual_experts
+        self.num_text_experts = num_text_experts
+        self.experts_top_k = experts_top_k
+        self.expert_intermediate_size = expert_intermediate_size
+        self.router_jitter = router_jitter
+        self.router_temperature = router_temperature
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.pooling = pooling
+        self.classifier_dropout = classifier_dropout
+        self.counterfactual_fraction = counterfactual_fraction
+        self.counterfactual_types = list(counterfactual_types or ["context_swapped", "core_masked"])
+        self.context_fraction = context_fraction
+        self.token_score_momentum = token_score_momentum
+        self.inference_mode = inference_mode
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("num_visual_experts", "num_text_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.experts_top_k <= min(self.num_visual_experts, self.num_text_experts):
+            raise ValueError(
+                f"experts_top_k={self.experts_top_k} must lie in [1, min(num_visual_experts, num_text_experts)]"
+            )
+        if self.pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
+        if self.inference_mode not in ("fused", "tie"):
+            raise ValueError(f"inference_mode must be 'fused' or 'tie', got {self.inference_mode!r}")
+        unknown = set(self.counterfactual_types) - {"context_swapped", "core_masked"}
+        if unknown:
+            raise ValueError(f"unknown counterfactual_types {sorted(unknown)}; use context_swapped, core_masked")
+        if not 0.0 <= self.counterfactual_fraction <= 1.0 or not 0.0 < self.context_fraction < 1.0:
+            raise ValueError("counterfactual_fraction must be in [0, 1] and context_fraction in (0, 1)")
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the language model, shared by projector output, experts and heads."""
+        return self.base_config.text_config.hidden_size
+
+    @property
+    def expert_size(self) -> int:
+        return self.expert_intermediate_size or max(1, self.hidden_size // 4)
+
+
+def _unsupported(model_type: str | None) -> str:
+    return (
+        f"base model type {model_type!r} is not supported; supported base model types are "
+        f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}"
+    )
+
+
+CFMoEConfig.register_for_auto_class()

@@ -1,0 +1,106 @@
+"""Debiasing Mixture-of-Experts: an attention router over learned expert keys and a batched expert bank.
+
+Routing is per item (a query pooled from the item's multimodal state), so every token of an item goes
+through the same top-k experts. Experts are bottleneck MLPs applied as a residual,
+`h + sum_e g_e * E_e(h)`; all experts are computed in one batched contraction (no Python loop over
+experts) and the gates of experts outside the top-k are exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+@dataclass
+class RoutingResult:
+    """Gates of one MoE site.
+
+    gates: `(batch, num_experts)` float32, non-zero only on the top-k experts, rows sum to one.
+    router_logits: `(batch, num_experts)` float32 scores before the softmax.
+    """
+
+    gates: torch.Tensor
+    router_logits: torch.Tensor
+
+
+class AttentionRouter(nn.Module):
+    """A query from the pooled item state attends over learned expert keys: softmax, top-k, renormalise."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float, temperature: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.jitter = jitter
+        self.temperature = temperature
+        self.key_size = max(8, hidden_size // 4)
+        self.query = nn.Linear(hidden_size, self.key_size, bias=False)
+        self.expert_keys = nn.Parameter(torch.empty(num_experts, self.key_size))
+
+    def forward(self, pooled: torch.Tensor) -> RoutingResult:
+        """pooled: `(batch, hidden)` -> gates `(batch, num_experts)`."""
+        if self.training and self.jitter > 0:
+            pooled = pooled * torch.empty_like(pooled).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        query = self.query(pooled).float()
+        logits = query @ self.expert_keys.float().T / (self.key_size**0.5 * self.temperature)
+        probs = logits.softmax(dim=-1)  # float32 even under autocast
+        top_probs, top_idx = probs.topk(self.top_k, dim=-1)
+        gates = torch.zeros_like(probs).scatter(-1, top_idx, top_probs / top_probs.sum(-1, keepdim=True))
+        return RoutingResult(gates=gates, router_logits=logits)
+
+
+class ExpertBank(nn.Module):
+    """`num_experts` bottleneck MLPs with stacked weights, evaluated together and mixed by gates."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, act: str = "gelu"):
+        super().__init__()
+        self.up = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.up_bias = nn.Parameter(torch.zeros(num_experts, intermediate_size))
+        self.down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.act = ACT2FN[act]
+
+    def forward(self, hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """hidden: `(tokens, hidden)`, gates: `(tokens, num_experts)` -> `sum_e g_e E_e(h)`, `(tokens, hidden)`."""
+        gates = gates.to(hidden.dtype)
+        inner = self.act(torch.einsum("nd,edh->neh", hidden, self.up) + self.up_bias)
+        return torch.einsum("neh,ehd->nd", inner * gates.unsqueeze(-1), self.down) + gates @ self.down_bias
+
+
+class DebiasingMoE(nn.Module):
+    """Residual MoE site: `h + sum_e g_e E_e(h)` with per-item gates from an [`AttentionRouter`]."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, jitter: float, temperature: float
+    ):
+        super().__init__()
+        self.router = AttentionRouter(hidden_size, num_experts, top_k, jitter, temperature)
+        self.experts = ExpertBank(hidden_size, intermediate_size, num_experts)
+        self.uniform_gates = False  # ablation switch: every expert with weight 1/num_experts
+
+    def route(self, pooled: torch.Tensor) -> RoutingResult:
+        routing = self.router(pooled)
+        if self.uniform_gates:
+            uniform = torch.full_like(routing.gates, 1.0 / routing.gates.shape[-1])
+            return RoutingResult(gates=uniform, router_logits=routing.router_logits)
+        return routing
+
+    def forward(self, hidden: torch.Tensor, token_gates: torch.Tensor) -> torch.Tensor:
+        """hidden: `(tokens, hidden)`; token_gates: `(tokens, num_experts)` (the item gates of each token)."""
+        return hidden + self.experts(hidden, token_gates)
+
+
+def load_balancing_loss(gates: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+    """Switch-Transformer balance loss `E * sum_e f_e * P_e` over the items of a batch.
+
+    gates: `(batch, E)` top-k gates (their support is the dispatch); router_logits: `(batch, E)`.
+    Equals 1 when dispatch and probabilities are uniform; larger when routing collapses.
+    """
+    num_experts = gates.shape[-1]
+    dispatch = (gates > 0).float()
+    fraction = dispatch.mean(0) / dispatch.sum(-1).mean().clamp_min(1.0)
+    prob = router_logits.float().softmax(-1).mean(0)
+    return num_experts * (fraction * prob).sum()

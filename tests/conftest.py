@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny offline model, its processor and a small synthetic batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainer.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_and_processor():
+    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0)
+    return model, processor
+
+
+@pytest.fixture
+def tiny_model(tiny_model_and_processor):
+    model = tiny_model_and_processor[0]
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_and_processor):
+    return tiny_model_and_processor[1]
+
+
+def random_images(n: int, seed: int = 0, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_batch(processor):
+    texts = [
+        "<image>\nwe love the rainy monday",
+        "<image>\nwhat a day",
+        "<image>\nthe train is late again",
+        "<image>\nsunny",
+    ]
+    batch = processor(images=random_images(4), text=texts, return_tensors="pt", padding=True)
+    batch["labels"] = torch.tensor([0, 1, 1, 0])
+    return dict(batch)

@@ -1,0 +1,466 @@
+"""Tests for trainer/data.py: the synthetic planted-cue benchmark and the real-data loaders (on fixtures)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+from datasets import Image
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trainer.data import (
+    HASHTAGS,
+    NEGATIVE_WORDS,
+    NEUTRAL_WORDS,
+    POSITIVE_WORDS,
+    SyntheticConfig,
+    flip_cues,
+    group_index,
+    id2label,
+    load_benchmark,
+    load_dmsd_ood,
+    load_mmsd,
+    load_mvsa,
+    make_synthetic_benchmark,
+    mvsa_label,
+    synthetic_vocabulary,
+)
+
+SPLITS = ["train", "validation", "test_iid", "test_ood", "test_neutral"]
+RHO = {"train": 0.95, "validation": 0.95, "test_iid": 0.95, "test_ood": 0.05, "test_neutral": 0.5}
+
+
+def col(dataset, name: str) -> np.ndarray:
+    return np.array(list(dataset[name]))
+
+
+def pixels(dataset) -> np.ndarray:
+    """All images of a split as an int array (N, H, W, 3)."""
+    return np.stack([np.asarray(image, dtype=np.int64) for image in dataset["image"]])
+
+
+@pytest.fixture(scope="module")
+def sarcasm():
+    return make_synthetic_benchmark(SyntheticConfig())  # the defaults: a few seconds
+
+
+@pytest.fixture(scope="module")
+def sentiment():
+    return make_synthetic_benchmark(SyntheticConfig(task="sentiment", num_train=3000, num_test=900))
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_sizes_columns_and_ids(sarcasm):
+    assert {split: len(sarcasm[split]) for split in SPLITS} == {
+        "train": 4000,
+        "validation": 1000,
+        "test_iid": 1000,
+        "test_ood": 1000,
+        "test_neutral": 1000,
+    }
+    for split in SPLITS:
+        features = sarcasm[split].features
+        assert {
+            "id",
+            "image",
+            "text",
+            "label",
+            "group",
+            "text_cue",
+            "image_cue",
+            "text_polarity",
+            "image_polarity",
+            "clean_label",
+        } <= set(features)
+        assert features["label"].names == ["not_sarcastic", "sarcastic"]
+        assert isinstance(features["image"], Image)
+    ids = [i for split in SPLITS for i in sarcasm[split]["id"]]
+    assert len(set(ids)) == len(ids)
+    assert id2label("sentiment") == {0: "negative", 1: "neutral", 2: "positive"}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_sarcasm_balance_noise_and_cue_rates(sarcasm, split):
+    data = sarcasm[split]
+    label, clean = col(data, "label"), col(data, "clean_label")
+    assert abs(clean.mean() - 0.5) <= 0.005  # balanced by construction
+    noise = np.mean(label != clean)
+    if split in ("train", "validation"):
+        assert abs(noise - 0.2) < 0.035
+    else:
+        assert noise == 0
+    for cue in ("text_cue", "image_cue"):
+        assert abs(np.mean(col(data, cue) == label) - RHO[split]) < 0.05
+
+
+def test_cues_are_independent_across_modalities(sarcasm):
+    data = sarcasm["test_neutral"]
+    assert abs(np.mean(col(data, "text_cue") == col(data, "image_cue")) - 0.5) < 0.06
+
+
+def test_sarcasm_and_rule(sarcasm):
+    data = sarcasm["train"]
+    tp, ip, clean = col(data, "text_polarity"), col(data, "image_polarity"), col(data, "clean_label")
+    assert set(tp) == set(ip) == {-1, 1}
+    np.testing.assert_array_equal(clean, (tp == 1) & (ip == -1))
+    for combo in [(1, 1), (-1, 1), (-1, -1)]:
+        assert abs(np.mean((tp == combo[0]) & (ip == combo[1])) - 1 / 6) < 0.002
+
+
+def test_group_index_column(sarcasm, sentiment):
+    for data, k in [(sarcasm["train"], 2), (sentiment["test_neutral"], 3)]:
+        expected = group_index(col(data, "label"), col(data, "text_cue"), col(data, "image_cue"), k)
+        np.testing.assert_array_equal(col(data, "group"), expected)
+        assert len(set(col(data, "group"))) == k**3
+
+
+def test_sentiment_rule_balance_noise_and_cues(sentiment):
+    for split in SPLITS:
+        data = sentiment[split]
+        tp, ip = col(data, "text_polarity"), col(data, "image_polarity")
+        label, clean = col(data, "label"), col(data, "clean_label")
+        np.testing.assert_array_equal(clean, np.sign(tp + ip) + 1)
+        assert np.all(np.abs(np.bincount(clean, minlength=3) / len(data) - 1 / 3) < 0.005)
+        expected_noise = 0.2 if split in ("train", "validation") else 0.0
+        assert abs(np.mean(label != clean) - expected_noise) < 0.04
+        for cue in ("text_cue", "image_cue"):
+            values = col(data, cue)
+            assert abs(np.mean(values == label) - RHO[split]) < 0.05
+            assert set(values) == {0, 1, 2}
+
+
+def test_text_holds_one_sentiment_word_and_trailing_cue(sarcasm, sentiment):
+    lexicon = {1: set(POSITIVE_WORDS), -1: set(NEGATIVE_WORDS), 0: set(NEUTRAL_WORDS)}
+    for task, splits in [("sarcasm", sarcasm), ("sentiment", sentiment)]:
+        data = splits["train"].select(range(300))
+        vocabulary = set(synthetic_vocabulary(task))
+        for row in data.remove_columns("image"):
+            words = row["text"].split()
+            assert words[-1] in HASHTAGS[task][row["text_cue"]]
+            assert 5 <= len(words) - 1 <= 10
+            sentiment_words = [w for w in words if w in set().union(*lexicon.values())]
+            assert len(sentiment_words) == 1 and sentiment_words[0] in lexicon[row["text_polarity"]]
+            assert set(words) <= vocabulary
+
+
+def test_reproducible_from_seed():
+    small = {"num_train": 20, "num_validation": 5, "num_test": 5}
+    first = make_synthetic_benchmark(SyntheticConfig(**small))
+    again = make_synthetic_benchmark(SyntheticConfig(**small))
+    other = make_synthetic_benchmark(SyntheticConfig(seed=1, **small))
+    for split in SPLITS:
+        assert first[split]["text"] == again[split]["text"]
+        np.testing.assert_array_equal(pixels(first[split]), pixels(again[split]))
+        assert first[split]["text"] != other[split]["text"]
+    assert first["train"]["text"][:5] != first["validation"]["text"]
+
+
+def gradients(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean absolute difference between neighbouring rows (vertical) and columns (horizontal) per image."""
+    grey = images.mean(axis=-1)
+    return np.abs(np.diff(grey, axis=1)).mean(axis=(1, 2)), np.abs(np.diff(grey, axis=2)).mean(axis=(1, 2))
+
+
+def test_images_show_polarity_as_pattern_and_cue_as_tint(sarcasm, sentiment):
+    data = sentiment["test_neutral"]
+    images = pixels(data)
+    assert images.shape == (900, 32, 32, 3)
+    assert all(image.mode == "RGB" for image in data.select(range(5))["image"])
+    vertical, horizontal = gradients(images)
+    polarity = col(data, "image_polarity")
+    assert np.all(vertical[polarity == 1] > 3 * horizontal[polarity == 1])  # horizontal stripes
+    assert np.all(horizontal[polarity == -1] > 3 * vertical[polarity == -1])  # vertical stripes
+    assert np.all(np.minimum(vertical, horizontal)[polarity == 0] > 30)  # checkerboard
+    # tint: the channel with the highest mean names the cue class (red, green, blue for 0, 1, 2)
+    np.testing.assert_array_equal(images.mean(axis=(1, 2)).argmax(axis=1), col(data, "image_cue"))
+    red_minus_blue = pixels(sarcasm["test_iid"]).mean(axis=(1, 2)) @ np.array([1, 0, -1])
+    np.testing.assert_array_equal(red_minus_blue > 0, col(sarcasm["test_iid"], "image_cue") == 1)
+
+
+@pytest.mark.parametrize("task", ["sarcasm", "sentiment"])
+def test_flip_cues_changes_only_the_cues(task):
+    config = SyntheticConfig(task=task, num_train=10, num_validation=10, num_test=60)
+    data = make_synthetic_benchmark(config)["test_iid"]
+    flipped = flip_cues(data, config)
+    k = 2 if task == "sarcasm" else 3
+    for before, after in zip(data.remove_columns("image"), flipped.remove_columns("image"), strict=True):
+        assert after["text_cue"] == (before["text_cue"] + 1) % k
+        assert after["image_cue"] == (before["image_cue"] + 1) % k
+        assert after["group"] == group_index(after["label"], after["text_cue"], after["image_cue"], k)
+        for name in ("id", "label", "clean_label", "text_polarity", "image_polarity", "render_seed"):
+            assert after[name] == before[name]
+        assert after["text"].split()[:-1] == before["text"].split()[:-1]
+        assert after["text"].split()[-1] in HASHTAGS[task][after["text_cue"]]
+    difference = pixels(flipped) - pixels(data)
+    # the tint shifts every pixel by one offset per channel (up to rounding): the pattern is untouched
+    assert np.all(difference.std(axis=(1, 2)) < 1.0)
+    assert np.all(np.abs(difference.mean(axis=(1, 2))).max(axis=1) > 20)
+    back = flipped
+    for _ in range(k - 1):
+        back = flip_cues(back, config)
+    np.testing.assert_array_equal(pixels(back), pixels(data))
+    assert back["text"] == data["text"]
+
+
+def test_flip_cues_rejects_other_task():
+    config = SyntheticConfig(num_train=4, num_validation=4, num_test=4)
+    with pytest.raises(ValueError, match="task"):
+        flip_cues(make_synthetic_benchmark(config)["train"], SyntheticConfig(task="sentiment"))
+
+
+def test_config_and_dispatcher_validate():
+    with pytest.raises(ValueError, match="rho_ood"):
+        SyntheticConfig(rho_ood=1.5)
+    with pytest.raises(ValueError, match="task"):
+        SyntheticConfig(task="irony")  # type: ignore[arg-type]
+    small = load_benchmark("synthetic_sentiment", None, num_train=12, num_validation=3, num_test=3, seed=4)
+    assert len(small["train"]) == 12 and small["train"].features["label"].num_classes == 3
+    with pytest.raises(ValueError, match="num_epochs"):
+        load_benchmark("synthetic_sarcasm", None, num_epochs=3)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        load_benchmark("imdb", "/tmp")
+    with pytest.raises(ValueError, match="data_dir"):
+        load_benchmark("mmsd2", None)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+
+def jpeg(path: Path, colour: tuple[int, int, int] = (200, 30, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", (8, 8), colour).save(path, format="JPEG")
+
+
+def write_mmsd(root: Path, image_folder: str = "images") -> Path:
+    splits = {
+        "train": [
+            {"image_id": 101, "text": "what a lovely monday", "label": 1},
+            {"image_id": 102, "text": "nice view", "label": 0},
+            {"image_id": "103", "text": "  so fun  ", "label": 1},
+        ],
+        "valid": [{"image_id": 201, "text": "ok then", "label": 0}],
+        "test": [
+            {"image_id": 301, "text": "great, rain again", "label": 1},
+            {"image_id": 302, "text": "sunny", "label": 0},
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, items in splits.items():
+        (root / f"{name}.json").write_text(json.dumps(items))
+        for item in items:
+            jpeg(root / image_folder / f"{item['image_id']}.jpg")
+    return root
+
+
+def image_paths(dataset) -> list[str]:
+    return [image["path"] for image in dataset.cast_column("image", Image(decode=False))["image"]]
+
+
+def test_mmsd2_layout(tmp_path):
+    root = write_mmsd(tmp_path)
+    splits = load_benchmark("mmsd2", root)
+    assert list(splits) == ["train", "validation", "test"]
+    train = splits["train"]
+    assert train["id"] == ["101", "102", "103"]
+    assert train["text"] == ["what a lovely monday", "nice view", "so fun"]
+    assert train["label"] == [1, 0, 1]
+    assert train.features["label"].names == ["not_sarcastic", "sarcastic"]
+    assert image_paths(train)[0] == str((root / "images" / "101.jpg").resolve())
+    assert train[0]["image"].size == (8, 8)
+    dataset, report = load_mmsd(root, "valid")
+    assert dataset["id"] == ["201"] and report.num_loaded == 1 and report.num_skipped == 0
+
+
+def test_mmsd_image_folder_names(tmp_path):
+    write_mmsd(tmp_path / "a", image_folder="dataset_image")
+    assert len(load_mmsd(tmp_path / "a", "test")[0]) == 2
+    write_mmsd(tmp_path / "b", image_folder="elsewhere")
+    assert len(load_mmsd(tmp_path / "b", "test", image_dir=tmp_path / "b" / "elsewhere")[0]) == 2
+    with pytest.raises(FileNotFoundError, match="image_dir"):
+        load_mmsd(tmp_path / "b", "test")
+    with pytest.raises(ValueError, match="split"):
+        load_mmsd(tmp_path / "a", "dev")
+
+
+def write_ood(path: Path) -> Path:
+    path.write_text(
+        '["o101", "what a terrible monday", 1]\n'
+        "\n"
+        "['o102', 'nice view, isn\\'t it', 0]\n"
+        "  \n"
+        '["o301", "great, rain again", "1"]\n'
+    )
+    return path
+
+
+def test_dmsd_ood_lines(tmp_path):
+    root = write_mmsd(tmp_path)
+    dataset, report = load_dmsd_ood(write_ood(tmp_path / "ood.txt"), root / "images")
+    assert dataset["id"] == ["o101", "o102", "o301"]
+    assert dataset["text"] == ["what a terrible monday", "nice view, isn't it", "great, rain again"]
+    assert dataset["label"] == [1, 0, 1]
+    assert [Path(p).name for p in image_paths(dataset)] == ["101.jpg", "102.jpg", "301.jpg"]
+    assert report.num_loaded == 3
+    splits = load_benchmark("mmsd", root, ood_file=tmp_path / "ood.txt")
+    assert list(splits) == ["train", "validation", "test", "test_ood"] and len(splits["test_ood"]) == 3
+
+
+def write_mvsa(root: Path, rows: list[str], flat: bool = False, header: str = "ID\ttext,image") -> Path:
+    folder = root if flat else root / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [header]
+    for row in rows:
+        item_id = row.split("\t")[0]
+        (folder / f"{item_id}.txt").write_bytes(f"text of {item_id} caf\xe9 ".encode("latin-1"))
+        jpeg(folder / f"{item_id}.jpg")
+        lines.append(row)
+    (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_mvsa_single_label_rule(tmp_path, flat):
+    rows = [
+        "1\tpositive,positive",
+        "2\tneutral,negative",
+        "3\tpositive,negative",
+        "4\tNeutral,Neutral",
+        "5\tpositive,neutral",
+    ]
+    dataset, report = load_mvsa(write_mvsa(tmp_path, rows, flat=flat))
+    assert dataset["id"] == ["1", "2", "4", "5"]
+    assert dataset["label"] == [2, 0, 1, 2]
+    assert dataset.features["label"].names == ["negative", "neutral", "positive"]
+    assert dataset["text"][0] == "text of 1 caf\ufffd"  # latin-1 byte replaced, whitespace stripped
+    assert report.num_unlabelled == 1 and report.num_loaded == 4 and report.num_skipped == 0
+
+
+def test_mvsa_multiple_majority(tmp_path):
+    rows = [
+        "1\tpositive,positive\tpositive,neutral\tnegative,negative",  # 2 of 3 positive
+        "2\tpositive,negative\tneutral,neutral\tnegative,neutral",  # neutral vs negative: no majority
+        "3\tpositive,negative\tpositive,negative\tneutral,positive",  # one consistent annotation
+        "4\tnegative,neutral\tnegative,negative\tpositive,negative",  # 2 of 2 negative
+        "5\tpositive,negative\tnegative,positive\tpositive,negative",  # all inconsistent
+    ]
+    header = "ID\ttext,image\ttext,image\ttext,image"
+    dataset, report = load_mvsa(write_mvsa(tmp_path, rows, header=header))
+    assert dataset["id"] == ["1", "3", "4"]
+    assert dataset["label"] == [2, 2, 0]
+    assert report.num_unlabelled == 2
+
+
+polarities = st.sampled_from(["negative", "neutral", "positive"])
+
+
+@given(st.lists(st.tuples(polarities, polarities), min_size=1, max_size=5))
+def test_mvsa_label_properties(annotations):
+    label = mvsa_label(annotations)
+    assert mvsa_label(list(reversed(annotations))) == label
+    if label is not None:
+        name = ["negative", "neutral", "positive"][label]
+        assert name in {pair[0] for pair in annotations} | {pair[1] for pair in annotations}
+    if all(pair == annotations[0] and pair[0] == pair[1] for pair in annotations):
+        assert label == ["negative", "neutral", "positive"].index(annotations[0][0])
+
+
+def test_mvsa_benchmark_split(tmp_path):
+    rows = [f"{i}\tpositive,neutral" if i % 2 else f"{i}\tnegative,negative" for i in range(1, 41)]
+    root = write_mvsa(tmp_path, rows)
+    splits = load_benchmark("mvsa_single", root)
+    assert {split: len(data) for split, data in splits.items()} == {"train": 32, "validation": 4, "test": 4}
+    ids = [set(data["id"]) for data in splits.values()]
+    assert set.union(*ids) == {str(i) for i in range(1, 41)} and sum(map(len, ids)) == 40
+    assert load_benchmark("mvsa_multiple", root)["test"]["id"] == splits["test"]["id"]
+    assert load_benchmark("mvsa_single", root, split_seed=1)["test"]["id"] != splits["test"]["id"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def write_bad_mmsd(root: Path) -> Path:
+    items = [
+        {"image_id": 1, "text": "fine", "label": 1},
+        {"image_id": 2, "text": "no image", "label": 0},
+        {"image_id": 3, "text": "bad label", "label": 2},
+        {"image_id": 4, "text": "   ", "label": 0},
+        {"image_id": 1, "text": "duplicate", "label": 0},
+        {"image_id": 5, "text": "also fine", "label": 0},
+    ]
+    (root / "test.json").write_text(json.dumps(items))
+    for image_id in (1, 3, 4, 5):
+        jpeg(root / "images" / f"{image_id}.jpg")
+    return root
+
+
+def test_each_bad_item_fails_with_a_clear_message(tmp_path):
+    root = write_bad_mmsd(tmp_path)
+    source = json.loads((root / "test.json").read_text())
+    expectations = [
+        (1, FileNotFoundError, ["'2'", str((root / "images" / "2.jpg").resolve()), "not found"]),
+        (2, ValueError, ["item 1 (id '3')", "label 2"]),
+        (3, ValueError, ["'4'", "empty"]),
+        (4, ValueError, ["duplicate id '1'", "item 0"]),
+    ]
+    for index, error, fragments in expectations:
+        (root / "test.json").write_text(json.dumps([source[0], source[index]]))
+        with pytest.raises(error) as caught:
+            load_mmsd(root, "test")
+        message = str(caught.value)
+        assert all(fragment in message for fragment in fragments), message
+        assert "skip_bad_examples" in message
+
+
+def test_skip_bad_examples_skips_and_counts(tmp_path, caplog):
+    root = write_bad_mmsd(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        dataset, report = load_mmsd(root, "test", skip_bad_examples=True)
+    assert dataset["id"] == ["1", "5"]
+    assert report.num_skipped == 4 and report.num_loaded == 2
+    assert "2.jpg" in report.skipped[0] and "duplicate" in report.skipped[3]
+    assert "skipped 4 bad item(s)" in caplog.text
+
+
+def test_malformed_files_name_the_line(tmp_path):
+    root = write_mmsd(tmp_path)
+    (root / "valid.json").write_text('[\n{"image_id": 201, "text": "x", "label": 0},\n{"image_id": 202,\n')
+    with pytest.raises(ValueError, match=r"valid\.json: malformed JSON at line 4"):
+        load_mmsd(root, "validation")
+    ood = tmp_path / "ood.txt"
+    ood.write_text('["o101", "fine", 1]\n\n["o102", "unterminated, 0\n["o301", "two"]\n["o999", "x", 1]\n')
+    with pytest.raises(ValueError, match=r"ood\.txt line 3: malformed line"):
+        load_dmsd_ood(ood, root / "images")
+    dataset, report = load_dmsd_ood(ood, root / "images", skip_bad_examples=True)
+    assert dataset["id"] == ["o101"] and report.num_skipped == 3
+    assert "line 4" in report.skipped[1] and "999.jpg" in report.skipped[2]
+
+
+def test_mvsa_bad_input(tmp_path):
+    rows = ["1\tpositive,happy", "2\tpositive,positive", "3\tpositive", "4\tneutral,neutral"]
+    root = write_mvsa(tmp_path, rows)
+    (root / "data" / "4.txt").write_text(" \n")
+    (root / "data" / "2.jpg").unlink()
+    with pytest.raises(ValueError, match=r"line 2 \(id '1'\): label 'happy' is not one of"):
+        load_mvsa(root)
+    dataset, report = load_mvsa(root, skip_bad_examples=True)
+    assert len(dataset) == 0 and report.num_skipped == 4
+    assert "2.jpg" in report.skipped[1] and "line 4" in report.skipped[2] and "empty" in report.skipped[3]
+    with pytest.raises(FileNotFoundError, match="label_file"):
+        load_mvsa(tmp_path / "nowhere")
+
+
+def test_verify_images_catches_corrupt_files(tmp_path):
+    root = write_mmsd(tmp_path)
+    (root / "images" / "302.jpg").write_bytes(b"not a jpeg at all")
+    assert len(load_mmsd(root, "test")[0]) == 2  # without verification corrupt files pass (checked lazily)
+    with pytest.raises(ValueError, match=r"302\.jpg of item '302' cannot be read"):
+        load_mmsd(root, "test", verify_images=True)
+    dataset, report = load_mmsd(root, "test", verify_images=True, skip_bad_examples=True)
+    assert dataset["id"] == ["301"] and report.num_skipped == 1

@@ -1,0 +1,277 @@
+"""The CF-MoE model: round trips, remote code, batched counterfactual branches, effects, routing, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModel, LlavaForConditionalGeneration
+
+from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
+from trainer.tiny import tiny_base_config
+
+MODELING_FILES = {"configuration_cfmoe.py", "modeling_cfmoe.py", "moe.py", "counterfactual.py"}
+
+
+def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert MODELING_FILES <= files and "model.safetensors" in files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_cfmoe.CFMoEForMultimodalClassification"
+    assert auto_map["AutoConfig"] == "configuration_cfmoe.CFMoEConfig"
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is CFMoEForMultimodalClassification
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**tiny_batch).logits, tiny_model(**tiny_batch).logits, rtol=0, atol=0)
+
+
+REMOTE_LOADER = textwrap.dedent(
+    """
+    import builtins, sys
+    real_import = builtins.__import__
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] in ("modeling_cfmoe", "trainer"):
+            raise ImportError(f"{name} must not be importable here")
+        return real_import(name, *args, **kwargs)
+    builtins.__import__ = guarded
+    import torch
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    batch = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(**batch).logits, sys.argv[3])
+    """
+)
+
+
+def test_remote_code_loads_without_our_packages(tiny_model, tiny_batch, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    tiny_model.save_pretrained(ckpt)
+    batch = {k: v for k, v in tiny_batch.items() if k != "labels"}
+    torch.save(batch, tmp_path / "batch.pt")
+    script = tmp_path / "load.py"
+    script.write_text(REMOTE_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    # run from an empty folder with an isolated sys.path entry so the repo is not on the path either
+    result = subprocess.run(
+        [sys.executable, str(script), str(ckpt), str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with torch.no_grad():
+        expected = tiny_model(**batch).logits
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tiny_batch):
+    model = tiny_model
+    with torch.no_grad():
+        out = model(**tiny_batch, return_counterfactuals=True)
+        plain = model(**tiny_batch)
+        torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-6)
+        # text-only branch: the same model on the text alone, computed as its own forward
+        text_ids, text_mask = drop_image_tokens(
+            tiny_batch["input_ids"], tiny_batch["attention_mask"], model.mllm.config.image_token_id, 0
+        )
+        hidden = model.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+        pooled, _ = model._language_moe(pool_tokens(hidden, text_mask, "mean"))
+        torch.testing.assert_close(out.text_only_logits, model.text_head(pooled), rtol=1e-5, atol=1e-6)
+        # image-only branch: vision tower -> projector -> visual MoE (same gates) -> pooled -> head
+        feats = torch.cat(model.mllm.get_image_features(pixel_values=tiny_batch["pixel_values"]).pooler_output)
+        rows = torch.arange(4).repeat_interleave(16)
+        feats = model.visual_moe(feats, out.routing_gates[0][rows])
+        torch.testing.assert_close(
+            out.image_only_logits, model.image_head(pool_by_row(feats, rows, 4)), rtol=1e-5, atol=1e-6
+        )
+        # each item alone gives the same factual and text-only logits as in the batch
+        for i in range(4):
+            single = {k: v[i : i + 1] for k, v in tiny_batch.items()}
+            single["attention_mask"] = single["attention_mask"].clone()
+            alone = model(**single, return_counterfactuals=True)
+            torch.testing.assert_close(alone.logits, out.logits[i : i + 1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(alone.text_only_logits, out.text_only_logits[i : i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_vision_tower_runs_once_with_all_branches(tiny_model_and_processor, tiny_batch):
+    model = tiny_model_and_processor[0].train()
+    calls = []
+    handle = model.mllm.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        out = model(**tiny_batch, return_counterfactuals=True)
+    finally:
+        handle.remove()
+        model.eval()
+    assert calls == [4]
+    assert out.counterfactual_logits.shape[0] == 2 * 1  # 25% of 4 rows, two counterfactual kinds
+
+
+def test_counterfactual_rows_do_not_change_factual_rows(tiny_model_and_processor, tiny_batch):
+    model = tiny_model_and_processor[0]
+    model.train()
+    try:
+        torch.manual_seed(0)
+        with_cf = model(**tiny_batch, return_counterfactuals=True)
+        torch.manual_seed(0)
+        without = model(**tiny_batch)
+    finally:
+        model.eval()
+    torch.testing.assert_close(with_cf.fused_logits, without.fused_logits, rtol=1e-5, atol=1e-6)
+    assert set(with_cf.counterfactual_kind.tolist()) == {0, 1}
+
+
+def test_effects_decompose_exactly_and_routing_is_valid(tiny_model, tiny_batch):
+    with torch.no_grad():
+        out = tiny_model(**tiny_batch, return_counterfactuals=True)
+    assert torch.equal(out.total_effect, out.direct_effect_text + out.direct_effect_image + out.indirect_effect)
+    for gates in out.routing_gates:
+        torch.testing.assert_close(gates.sum(-1), torch.ones(4))
+        assert ((gates > 0).sum(-1) == tiny_model.config.experts_top_k).all()
+    assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
+
+
+def test_tie_inference_mode_subtracts_direct_effects(tiny_model, tiny_batch):
+    tiny_model.config.inference_mode = "tie"
+    try:
+        with torch.no_grad():
+            out = tiny_model(**tiny_batch)
+    finally:
+        tiny_model.config.inference_mode = "fused"
+    torch.testing.assert_close(out.logits, out.prior_logits + out.indirect_effect)
+    assert not torch.allclose(out.logits, out.fused_logits)
+
+
+@pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
+def test_base_families_forward_and_backward(model_type):
+    torch.manual_seed(0)
+    config = CFMoEConfig(base_config=tiny_base_config(model_type, vocab_size=64).to_dict(), num_labels=3)
+    model = CFMoEForMultimodalClassification(config).train()
+    if model_type == "llava":
+        pixel_values, extra = torch.randn(2, 3, 32, 32), {}
+    else:  # anyres: base view + one 32x32 tile per image
+        pixel_values, extra = torch.randn(2, 2, 3, 32, 32), {"image_sizes": torch.tensor([[32, 32], [32, 32]])}
+    n_tokens = model.mllm.get_image_features(pixel_values=pixel_values, return_dict=True, **extra).pooler_output[0]
+    input_ids = torch.tensor([[1] + [4] * n_tokens.shape[0] + [7, 8, 9]] * 2)
+    out = model(
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        labels=torch.tensor([0, 2]),
+        return_counterfactuals=True,
+        **extra,
+    )
+    (
+        out.loss
+        + out.aux_loss
+        + out.text_only_logits.logsumexp(-1).sum()
+        + out.image_only_logits.logsumexp(-1).sum()
+        + out.counterfactual_logits.sum()
+    ).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in (
+        "fused_head.weight",
+        "text_head.weight",
+        "image_head.weight",
+        "visual_moe.experts.down",
+        "text_moe.experts.down",
+        "mllm.vision_tower",
+    ):
+        assert any(k.startswith(name) and g is not None and g.abs().sum() > 0 for k, g in grads.items()), name
+
+
+def _stock_llava(tmp_path: Path) -> LlavaForConditionalGeneration:
+    torch.manual_seed(1)
+    stock = LlavaForConditionalGeneration(tiny_base_config("llava", vocab_size=64)).eval()
+    return stock
+
+
+def _check_base_weights(model: CFMoEForMultimodalClassification, stock: LlavaForConditionalGeneration) -> None:
+    expected, loaded = stock.model.state_dict(), model.mllm.state_dict()
+    assert set(expected) == set(loaded)
+    for key, value in expected.items():
+        assert torch.equal(value, loaded[key]), key
+    ids = torch.tensor([[1] + [4] * 16 + [9, 10, 11]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.mllm(input_ids=ids, pixel_values=pixels).last_hidden_state,
+            stock.model(input_ids=ids, pixel_values=pixels).last_hidden_state,
+        )
+
+
+def test_from_base_pretrained_loads_every_stock_weight(tmp_path):
+    stock = _stock_llava(tmp_path)
+    stock.save_pretrained(tmp_path / "stock")  # v5 writes the legacy llava-hf key layout
+    model = CFMoEForMultimodalClassification.from_base_pretrained(
+        tmp_path / "stock", id2label={0: "no", 1: "yes"}, config_kwargs={"num_text_experts": 3}
+    )
+    assert model.config.id2label == {0: "no", 1: "yes"} and model.config.num_text_experts == 3
+    _check_base_weights(model, stock)
+
+
+def test_from_base_pretrained_accepts_v5_key_layout(tmp_path):
+    stock = _stock_llava(tmp_path)
+    folder = tmp_path / "v5"
+    stock.config.save_pretrained(folder)
+    save_file(
+        {k: v.contiguous() for k, v in stock.state_dict().items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    _check_base_weights(CFMoEForMultimodalClassification.from_base_pretrained(folder, num_labels=2), stock)
+
+
+def test_from_base_pretrained_rejects_a_mismatched_checkpoint(tmp_path):
+    stock = _stock_llava(tmp_path)
+    folder = tmp_path / "broken"
+    stock.config.save_pretrained(folder)
+    weights = {k: v.contiguous() for k, v in stock.state_dict().items() if "layers.1." not in k}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing base weights"):
+        CFMoEForMultimodalClassification.from_base_pretrained(folder, num_labels=2)
+
+
+def test_clear_errors_on_inconsistent_image_inputs(tiny_model, tiny_batch):
+    with pytest.raises(ValueError, match="no pixel_values"):
+        tiny_model(input_ids=tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"])
+    text_ids = torch.tensor([[1, 9, 10, 11]] * 4)
+    with pytest.raises(ValueError, match="no image token"):
+        tiny_model(input_ids=text_ids, pixel_values=tiny_batch["pixel_values"])
+    truncated = tiny_batch["input_ids"].clone()
+    truncated[0, truncated[0] == tiny_model.mllm.config.image_token_id] = 9
+    truncated[0, 1] = tiny_model.mllm.config.image_token_id
+    with pytest.raises(ValueError, match="image tokens and image features do not match"):
+        tiny_model(
+            input_ids=truncated, attention_mask=tiny_batch["attention_mask"], pixel_values=tiny_batch["pixel_values"]
+        )
+
+
+def test_clear_errors_on_labels_and_unsupported_bases(tiny_model, tiny_batch):
+    bad = dict(tiny_batch, labels=torch.tensor([0, 1, 5, 0]))
+    with pytest.raises(ValueError, match=r"outside id2label"):
+        tiny_model(**bad)
+    with pytest.raises(ValueError, match=r"supported base model types are llava, llava_next, llava_onevision"):
+        CFMoEConfig(base_config={"model_type": "llama"})
+    with pytest.raises(ValueError, match="experts_top_k"):
+        CFMoEConfig(base_config=tiny_base_config("llava").to_dict(), experts_top_k=9)
+
+
+def test_text_only_model_runs_without_images(tiny_model):
+    ids = torch.tensor([[1, 9, 10, 11], [1, 12, 13, 0]])
+    with torch.no_grad():
+        out = tiny_model(input_ids=ids, attention_mask=(ids != 0).long(), return_counterfactuals=True)
+    torch.testing.assert_close(out.image_only_logits, out.prior_logits)
+    assert out.router_logits[0].shape == (2, tiny_model.config.num_text_experts)

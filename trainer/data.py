@@ -1,0 +1,717 @@
+"""Data for cfmoe: the synthetic planted-cue benchmark and loaders for the real data layouts.
+
+Synthetic benchmark (the offline default, see BENCHMARK.md): ``make_synthetic_benchmark`` builds a
+``DatasetDict`` whose items carry a core (text and image polarity) that decides the clean label, label
+noise, and two spurious cues (a trailing hashtag, a background tint) that follow the label with a
+configurable probability. ``flip_cues`` re-renders the same items with both cues pointing elsewhere.
+
+Real data (users bring it): ``load_mmsd`` (MMSD, MMSD2.0), ``load_dmsd_ood`` (DMSD-CL OOD lines) and
+``load_mvsa`` (MVSA-Single, MVSA-Multiple) each return ``(Dataset, LoadReport)``; ``load_benchmark``
+dispatches by name and returns a ``DatasetDict`` (it logs the reports). Bad input raises early with a
+message naming the item, the file and the fix; ``skip_bad_examples=True`` skips and counts such items instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import PIL.Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+logger = logging.getLogger(__name__)
+
+Task = Literal["sarcasm", "sentiment"]
+IntArray = int | np.ndarray  # an int, or an integer array (element-wise)
+
+LABEL_NAMES: dict[str, list[str]] = {
+    "sarcasm": ["not_sarcastic", "sarcastic"],
+    "sentiment": ["negative", "neutral", "positive"],
+}
+
+
+def id2label(task: Task) -> dict[int, str]:
+    """Class id -> class name for ``task`` ("sarcasm": 2 classes, "sentiment": 3 classes)."""
+    return dict(enumerate(_label_names(task)))
+
+
+def _label_names(task: str) -> list[str]:
+    if task not in LABEL_NAMES:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(LABEL_NAMES)}")
+    return LABEL_NAMES[task]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic planted-cue benchmark
+# ----------------------------------------------------------------------------------------------------------
+
+FILLER_WORDS = [
+    "the",
+    "a",
+    "this",
+    "that",
+    "my",
+    "our",
+    "their",
+    "it",
+    "is",
+    "was",
+    "just",
+    "today",
+    "yesterday",
+    "morning",
+    "evening",
+    "week",
+    "street",
+    "office",
+    "train",
+    "bus",
+    "coffee",
+    "lunch",
+    "dinner",
+    "weather",
+    "meeting",
+    "phone",
+    "laptop",
+    "weekend",
+    "city",
+    "park",
+    "traffic",
+    "again",
+    "here",
+    "there",
+    "now",
+    "after",
+    "before",
+    "with",
+    "at",
+    "of",
+]
+POSITIVE_WORDS = [
+    "great",
+    "love",
+    "wonderful",
+    "happy",
+    "amazing",
+    "perfect",
+    "excellent",
+    "fantastic",
+    "delightful",
+    "brilliant",
+    "awesome",
+    "lovely",
+]
+NEGATIVE_WORDS = [
+    "terrible",
+    "hate",
+    "awful",
+    "sad",
+    "horrible",
+    "worst",
+    "disgusting",
+    "boring",
+    "miserable",
+    "ugly",
+    "annoying",
+    "dreadful",
+]
+NEUTRAL_WORDS = [
+    "okay",
+    "average",
+    "ordinary",
+    "usual",
+    "moderate",
+    "typical",
+    "standard",
+    "plain",
+    "regular",
+    "medium",
+    "routine",
+    "common",
+]
+_LEXICON = {1: POSITIVE_WORDS, -1: NEGATIVE_WORDS, 0: NEUTRAL_WORDS}
+
+# One hashtag set per class (the textual cue); the item's render seed picks one of the three.
+HASHTAGS: dict[str, list[list[str]]] = {
+    "sarcasm": [["#news", "#facts", "#update"], ["#blessed", "#yeahright", "#lucky"]],
+    "sentiment": [["#fail", "#ugh", "#nope"], ["#meh", "#fyi", "#whatever"], ["#win", "#yay", "#joy"]],
+}
+# One RGB tint per class (the visual cue), mixed into the whole picture.
+TINTS: dict[str, list[tuple[int, int, int]]] = {
+    "sarcasm": [(40, 40, 220), (220, 40, 40)],
+    "sentiment": [(220, 40, 40), (40, 200, 40), (40, 40, 220)],
+}
+_FOREGROUND, _BACKGROUND = 200.0, 55.0  # grey levels of the polarity pattern
+
+_SPLIT_INDEX = {"train": 0, "validation": 1, "test_iid": 2, "test_ood": 3, "test_neutral": 4}
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the synthetic benchmark.
+
+    ``rho_*``: probability that each cue (independently per modality) points at the item's label (the noisy
+    label in train/validation, the clean one in the test splits); otherwise it points at another class,
+    chosen uniformly. ``label_noise``: probability that the train/validation label differs from the clean
+    label. Images are ``image_size`` x ``image_size`` RGB; stripes have period ``stripe_period`` pixels.
+    """
+
+    task: Task = "sarcasm"
+    num_train: int = 4000
+    num_validation: int = 1000
+    num_test: int = 1000  # per test split
+    label_noise: float = 0.2
+    rho_train: float = 0.95  # train and validation
+    rho_iid: float = 0.95
+    rho_ood: float = 0.05
+    rho_neutral: float = 0.5
+    image_size: int = 32
+    seed: int = 0
+    min_filler_words: int = 4
+    max_filler_words: int = 9
+    stripe_period: int = 4
+    tint_strength: float = 0.35  # weight of the cue tint in the pixel mix
+    pixel_noise: float = 8.0  # std of Gaussian pixel noise, in 0-255 units
+
+    def __post_init__(self) -> None:
+        _label_names(self.task)
+        for name in ("label_noise", "rho_train", "rho_iid", "rho_ood", "rho_neutral", "tint_strength"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 1 <= self.min_filler_words <= self.max_filler_words:
+            raise ValueError("need 1 <= min_filler_words <= max_filler_words")
+        if self.stripe_period < 2 or self.stripe_period % 2:
+            raise ValueError(f"stripe_period must be an even number >= 2, got {self.stripe_period}")
+
+
+def synthetic_vocabulary(task: Task) -> list[str]:
+    """Every word the generator can emit for ``task`` (fillers, lexicons, hashtags), sorted."""
+    lexicons = POSITIVE_WORDS + NEGATIVE_WORDS + (NEUTRAL_WORDS if task == "sentiment" else [])
+    hashtags = [tag for tags in HASHTAGS[task] for tag in tags]
+    return sorted(set(FILLER_WORDS + lexicons + hashtags))
+
+
+def group_index(label: IntArray, text_cue: IntArray, image_cue: IntArray, num_classes: int) -> IntArray:
+    """Group id of (label, text cue, image cue): ``(label * K + text_cue) * K + image_cue``, K classes."""
+    return (label * num_classes + text_cue) * num_classes + image_cue
+
+
+def render_item(
+    config: SyntheticConfig,
+    render_seed: int,
+    text_polarity: int,
+    image_polarity: int,
+    text_cue: int,
+    image_cue: int,
+) -> tuple[str, PIL.Image.Image]:
+    """Text and image of one item, deterministic in its arguments.
+
+    Everything but the cues (filler words, sentiment word and its position, hashtag choice within the set,
+    pattern phase, pixel noise) comes from ``render_seed``, so changing only the cues changes only the
+    trailing hashtag and the tint. Polarity: +1 positive (horizontal stripes), -1 negative (vertical
+    stripes), 0 neutral (checkerboard). Returns the text and an RGB image of ``image_size`` squared.
+    """
+    rng = np.random.default_rng(render_seed)
+    length = int(rng.integers(config.min_filler_words, config.max_filler_words + 1))
+    words = [FILLER_WORDS[i] for i in rng.integers(len(FILLER_WORDS), size=length)]
+    lexicon = _LEXICON[text_polarity]
+    words.insert(int(rng.integers(length + 1)), lexicon[int(rng.integers(len(lexicon)))])
+    tags = HASHTAGS[config.task][text_cue]
+    words.append(tags[int(rng.integers(len(tags)))])
+
+    size, half = config.image_size, config.stripe_period // 2
+    phase_row, phase_col = rng.integers(config.stripe_period, size=2)
+    noise = rng.normal(0.0, config.pixel_noise, size=(size, size, 3))
+    row, col = np.indices((size, size))
+    rows, cols = (row + phase_row) // half, (col + phase_col) // half
+    pattern = {1: rows, -1: cols, 0: rows + cols}[image_polarity] % 2
+    grey = _BACKGROUND + (_FOREGROUND - _BACKGROUND) * pattern
+    tint = np.asarray(TINTS[config.task][image_cue], dtype=float)
+    pixels = (1 - config.tint_strength) * grey[..., None] + config.tint_strength * tint + noise
+    image = PIL.Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+    return " ".join(words), image
+
+
+def _synthetic_features(task: Task) -> Features:
+    integer = Value("int64")
+    return Features(
+        {
+            "id": Value("string"),
+            "image": Image(),
+            "text": Value("string"),
+            "label": ClassLabel(names=_label_names(task)),
+            "group": integer,
+            "text_cue": integer,
+            "image_cue": integer,
+            "text_polarity": integer,
+            "image_polarity": integer,
+            "clean_label": integer,
+            "render_seed": integer,
+        }
+    )
+
+
+def _stratified(n: int, probs: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """``n`` draws of indices into ``probs`` in shuffled order, index i exactly ``floor(n * p_i)`` times
+    (the few left over drawn at random), so splits are balanced, not only in expectation."""
+    counts = np.floor(n * np.asarray(probs)).astype(int)
+    rest = rng.choice(len(probs), size=n - counts.sum(), p=probs)
+    return rng.permutation(np.concatenate([np.repeat(np.arange(len(probs)), counts), rest]))
+
+
+def _sample_core(task: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Text polarity, image polarity and clean label of ``n`` items, classes balanced."""
+    if task == "sarcasm":
+        # (tp, ip) = (+1, -1) is the only sarcastic combination: give it half the mass.
+        tp, ip = np.array([(1, -1), (1, 1), (-1, 1), (-1, -1)])[_stratified(n, [1 / 2] + [1 / 6] * 3, rng)].T
+        return tp, ip, ((tp == 1) & (ip == -1)).astype(np.int64)
+    # The 9 (tp, ip) pairs split 3 / 3 / 3 over sign(tp + ip), so uniform pairs give balanced classes.
+    pair = _stratified(n, [1 / 9] * 9, rng)
+    tp, ip = pair // 3 - 1, pair % 3 - 1
+    return tp, ip, np.sign(tp + ip) + 1
+
+
+def _other_class(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """A class different from each label, uniform over the others."""
+    return (labels + rng.integers(1, num_classes, size=labels.shape)) % num_classes
+
+
+def _make_split(config: SyntheticConfig, split: str, size: int, rho: float, noisy: bool) -> Dataset:
+    rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split]])
+    k = len(_label_names(config.task))
+    tp, ip, clean = _sample_core(config.task, size, rng)
+    flip = rng.random(size) < (config.label_noise if noisy else 0.0)
+    label = np.where(flip, _other_class(clean, k, rng), clean)
+    text_cue = np.where(rng.random(size) < rho, label, _other_class(label, k, rng))
+    image_cue = np.where(rng.random(size) < rho, label, _other_class(label, k, rng))
+    seeds = rng.integers(2**31 - 1, size=size)
+    columns = {
+        "id": [f"{split}-{i:05d}" for i in range(size)],
+        "label": label,
+        "clean_label": clean,
+        "text_cue": text_cue,
+        "image_cue": image_cue,
+        "text_polarity": tp,
+        "image_polarity": ip,
+        "render_seed": seeds,
+        "group": group_index(label, text_cue, image_cue, k),
+    }
+    return _render(config, {name: np.asarray(values).tolist() for name, values in columns.items()})
+
+
+def _render(config: SyntheticConfig, columns: dict[str, list]) -> Dataset:
+    """Add ``text`` and ``image`` to attribute columns and build the Dataset."""
+    rendered = [
+        render_item(config, *args)
+        for args in zip(
+            columns["render_seed"],
+            columns["text_polarity"],
+            columns["image_polarity"],
+            columns["text_cue"],
+            columns["image_cue"],
+            strict=True,
+        )
+    ]
+    columns["text"] = [text for text, _ in rendered]
+    columns["image"] = [image for _, image in rendered]
+    features = _synthetic_features(config.task)
+    return Dataset.from_dict({name: columns[name] for name in features}, features=features)
+
+
+def make_synthetic_benchmark(config: SyntheticConfig | None = None) -> DatasetDict:
+    """The planted-cue benchmark: splits train, validation (rho_train, noisy labels), test_iid, test_ood,
+    test_neutral (clean labels). Each split draws from its own seed derived from ``config.seed``; clean
+    classes are balanced exactly (up to rounding), noise and cues are Bernoulli draws per item.
+
+    Columns: id, image, text, label (ClassLabel), group (see ``group_index``), text_cue, image_cue (class
+    the cue points at), text_polarity, image_polarity (-1/0/+1), clean_label, render_seed (for
+    ``flip_cues``). All but id, image, text, label are for evaluation only.
+    """
+    config = config or SyntheticConfig()
+    plan = {
+        "train": (config.num_train, config.rho_train, True),
+        "validation": (config.num_validation, config.rho_train, True),
+        "test_iid": (config.num_test, config.rho_iid, False),
+        "test_ood": (config.num_test, config.rho_ood, False),
+        "test_neutral": (config.num_test, config.rho_neutral, False),
+    }
+    return DatasetDict(
+        {split: _make_split(config, split, size, rho, noisy) for split, (size, rho, noisy) in plan.items()}
+    )
+
+
+def flip_cues(dataset: Dataset, config: SyntheticConfig) -> Dataset:
+    """The same items with both cues moved to the next class ``(c + 1) % K`` (binary: the other class).
+
+    Text words, pattern, phase and noise are unchanged (re-rendered from ``render_seed``): only the hashtag,
+    the tint, ``text_cue``, ``image_cue`` and ``group`` change. Ids are kept, so predictions can be paired.
+    """
+    names = _label_names(config.task)
+    if dataset.features["label"].names != names:
+        raise ValueError(f"labels {dataset.features['label'].names} are not those of task {config.task!r}")
+    k = len(names)
+    columns = dataset.remove_columns(["image", "text"]).to_dict()
+    columns["text_cue"] = [(cue + 1) % k for cue in columns["text_cue"]]
+    columns["image_cue"] = [(cue + 1) % k for cue in columns["image_cue"]]
+    columns["group"] = [
+        group_index(*cues, k) for cues in zip(columns["label"], columns["text_cue"], columns["image_cue"], strict=True)
+    ]
+    return _render(config, columns)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loaders for the real data layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What a loader read from ``source``: items kept, items skipped as bad input, items without a label.
+
+    ``skipped`` holds one reason per bad item left out (only with ``skip_bad_examples=True``; otherwise the
+    first bad item raises). ``num_unlabelled`` counts MVSA items whose annotations give no label under the
+    standard rule (not an error: the usual MVSA preprocessing drops them).
+    """
+
+    source: str
+    num_loaded: int = 0
+    skipped: list[str] = field(default_factory=list)
+    num_unlabelled: int = 0
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+
+_SKIP_HINT = "or pass skip_bad_examples=True to skip such items"
+
+
+class _Items:
+    """Validated items of one loader call (id, text, label, image path) and its ``LoadReport``."""
+
+    def __init__(self, source: Path, names: list[str], skip_bad_examples: bool, verify_images: bool) -> None:
+        self.names, self.skip, self.verify = names, skip_bad_examples, verify_images
+        self.report = LoadReport(source=str(source))
+        self.columns: dict[str, list] = {"id": [], "image": [], "text": [], "label": []}
+        self.where: dict[str, str] = {}
+
+    @contextmanager
+    def item(self) -> Iterator[None]:
+        """Raise a bad item's error, or with ``skip_bad_examples`` record it and go on."""
+        try:
+            yield
+        except (ValueError, FileNotFoundError) as error:
+            if not self.skip:
+                raise
+            self.report.skipped.append(str(error))
+
+    def label(self, value: object, where: str) -> int:
+        """Class id of ``value``: an int or digit string in range, or a class name (any case)."""
+        if isinstance(value, str) and value.strip().lower() in self.names:
+            return self.names.index(value.strip().lower())
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
+            return value
+        allowed = list(range(len(self.names))) if len(self.names) == 2 else self.names
+        raise ValueError(f"{where}: label {value!r} is not one of {allowed}; fix the label {_SKIP_HINT}")
+
+    def add(self, item_id: str, text: object, label: int, image: Path, where: str) -> None:
+        """Check one item (unique id, non-empty text, readable image) and keep it."""
+        if item_id in self.where:
+            raise ValueError(
+                f"{where}: duplicate id {item_id!r} (first seen at {self.where[item_id]}); make ids unique {_SKIP_HINT}"
+            )
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"{where}: item {item_id!r} has empty or non-string text {text!r}; fix the text {_SKIP_HINT}"
+            )
+        if not image.is_file():
+            raise FileNotFoundError(
+                f"{where}: image file {image} of item {item_id!r} not found; put the "
+                f"image there or point the loader at its folder, {_SKIP_HINT}"
+            )
+        if self.verify:
+            try:
+                with PIL.Image.open(image) as opened:
+                    opened.verify()
+            except Exception as error:  # PIL raises many types for corrupt files
+                raise ValueError(
+                    f"{where}: image file {image} of item {item_id!r} cannot be read ({error}); "
+                    f"replace the file {_SKIP_HINT}"
+                ) from error
+        self.where[item_id] = where
+        for name, value in zip(self.columns, (item_id, str(image), text.strip(), label), strict=True):
+            self.columns[name].append(value)
+
+    def finish(self) -> tuple[Dataset, LoadReport]:
+        report = self.report
+        report.num_loaded = len(self.columns["id"])
+        if report.skipped:
+            reasons = "\n  ".join(report.skipped[:5])
+            logger.warning(
+                "%s: skipped %d bad item(s); first reasons:\n  %s", report.source, report.num_skipped, reasons
+            )
+        features = Features(
+            {"id": Value("string"), "image": Image(), "text": Value("string"), "label": ClassLabel(names=self.names)}
+        )
+        return Dataset.from_dict(self.columns, features=features), report
+
+
+def _mmsd_split_file(data_dir: Path, split: str) -> Path:
+    stems = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
+    if split not in stems:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(stems)}")
+    path = data_dir / f"{stems[split]}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected MMSD layout DATA_DIR/{{train,valid,test}}.json")
+    return path
+
+
+def _mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
+    candidates = [data_dir / "images", data_dir / "dataset_image"] if image_dir is None else [Path(image_dir)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"no image folder found (looked for {', '.join(map(str, candidates))}); "
+        "pass image_dir=<folder holding <image_id>.jpg>"
+    )
+
+
+def load_mmsd(
+    data_dir: str | Path,
+    split: str,
+    image_dir: str | Path | None = None,
+    *,
+    skip_bad_examples: bool = False,
+    verify_images: bool = False,
+) -> tuple[Dataset, LoadReport]:
+    """Load one split of MMSD or MMSD2.0.
+
+    Layout: ``DATA_DIR/{train,valid,test}.json`` (split "train", "validation" or "valid", "test"), each a JSON
+    list of ``{"image_id": int | str, "text": str, "label": 0 | 1}``; images ``<image_dir>/<image_id>.jpg``,
+    image_dir defaulting to ``DATA_DIR/images`` or else ``DATA_DIR/dataset_image``.
+    Returns the Dataset (id, image path decoded lazily, text, label) and its ``LoadReport``.
+    """
+    data_dir = Path(data_dir)
+    path = _mmsd_split_file(data_dir, split)
+    images = _mmsd_image_dir(data_dir, image_dir)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        message = f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        raise ValueError(message) from error
+    if not isinstance(entries, list):
+        raise TypeError(f"{path}: expected a JSON list of items, got {type(entries).__name__}")
+    items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
+    for index, entry in enumerate(entries):
+        where = f"{path} item {index}"
+        with items.item():
+            if not isinstance(entry, dict) or not {"image_id", "text", "label"} <= entry.keys():
+                raise ValueError(f"{where}: expected an object with keys image_id, text, label: {entry!r}")
+            item_id = str(entry["image_id"])
+            where = f"{where} (id {item_id!r})"
+            label = items.label(entry["label"], where)
+            items.add(item_id, entry["text"], label, images / f"{item_id}.jpg", where)
+    return items.finish()
+
+
+def _parse_line(line: str) -> object:
+    """A line as JSON, or else as a Python literal (DMSD-CL files use both quotings)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return ast.literal_eval(line)
+
+
+def load_dmsd_ood(
+    path: str | Path,
+    image_dir: str | Path,
+    *,
+    skip_bad_examples: bool = False,
+    verify_images: bool = False,
+) -> tuple[Dataset, LoadReport]:
+    """Load the DMSD-CL OOD set: one ``[id, text, label]`` per line (JSON or Python quoting; blank lines
+    skipped), ids prefixed "o" (e.g. "o682716854564"); the image is that of the original id,
+    ``<image_dir>/<id without the "o">.jpg``. The Dataset keeps the prefixed id.
+    Returns ``(Dataset, LoadReport)``.
+    """
+    path, images = Path(path), Path(image_dir).resolve()
+    items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        with items.item():
+            try:
+                entry = _parse_line(line)
+            except (ValueError, SyntaxError) as error:
+                message = f"{where}: malformed line, expected [id, text, label]: {line[:80]!r}"
+                raise ValueError(message) from error
+            if not isinstance(entry, list | tuple) or len(entry) != 3:
+                raise ValueError(f"{where}: expected [id, text, label], got {entry!r}"[:300])
+            item_id = str(entry[0])
+            where = f"{where} (id {item_id!r})"
+            image = images / f"{item_id.removeprefix('o')}.jpg"
+            items.add(item_id, entry[1], items.label(entry[2], where), image, where)
+    return items.finish()
+
+
+def mvsa_label(annotations: Sequence[tuple[str, str]]) -> int | None:
+    """Label id (0 negative, 1 neutral, 2 positive) from MVSA (text, image) annotations, or None.
+
+    Per annotation: equal labels give that label; neutral and X give X; positive against negative is
+    inconsistent and ignored. The item's label is the one held by more than half of the consistent
+    annotations (MVSA-Single has one annotation); None when there is no such label.
+    """
+    names = LABEL_NAMES["sentiment"]
+    votes = []
+    for text, image in annotations:
+        if text == image or image == "neutral":
+            votes.append(text)
+        elif text == "neutral":
+            votes.append(image)
+    if not votes:
+        return None
+    label, count = Counter(votes).most_common(1)[0]
+    return names.index(label) if 2 * count > len(votes) else None
+
+
+def _mvsa_file(data_dir: Path, item_id: str, suffix: str) -> Path:
+    """``DATA_DIR/data/<id><suffix>``, or ``DATA_DIR/<id><suffix>`` when only that one exists."""
+    nested, flat = data_dir / "data" / f"{item_id}{suffix}", data_dir / f"{item_id}{suffix}"
+    return flat if flat.is_file() and not nested.is_file() else nested
+
+
+def load_mvsa(
+    data_dir: str | Path,
+    label_file: str | Path | None = None,
+    *,
+    skip_bad_examples: bool = False,
+    verify_images: bool = False,
+) -> tuple[Dataset, LoadReport]:
+    """Load MVSA-Single or MVSA-Multiple (labels 0 negative, 1 neutral, 2 positive).
+
+    Layout: ``DATA_DIR/data/<id>.txt`` and ``<id>.jpg`` (or both directly in DATA_DIR); label file
+    ``DATA_DIR/labelResultAll.txt`` (or ``label_file``), tab separated, optional ``ID ...`` header, then
+    ``<id>\\t<text>,<image>`` with one (Single) or three (Multiple) annotation columns. Labels follow
+    ``mvsa_label``; items it leaves unlabelled are dropped and counted in ``LoadReport.num_unlabelled``.
+    Text files are read as UTF-8 with undecodable bytes replaced.
+    """
+    data_dir = Path(data_dir).resolve()
+    label_path = Path(label_file) if label_file is not None else data_dir / "labelResultAll.txt"
+    if not label_path.is_file():
+        raise FileNotFoundError(f"MVSA label file {label_path} not found; pass label_file=<path>")
+    names = LABEL_NAMES["sentiment"]
+    items = _Items(label_path, names, skip_bad_examples, verify_images)
+    lines = label_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        item_id, *annotations = line.strip().split("\t")
+        if not line.strip() or (number == 1 and item_id.lower() == "id"):
+            continue
+        where = f"{label_path} line {number} (id {item_id!r})"
+        with items.item():
+            pairs = [column.split(",") for column in annotations]
+            if not pairs or any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"{where}: malformed line, expected <id>\\t<text>,<image>...: {line[:80]!r}")
+            label = mvsa_label([tuple(names[items.label(value, where)] for value in pair) for pair in pairs])
+            if label is None:
+                items.report.num_unlabelled += 1
+                continue
+            text_path = _mvsa_file(data_dir, item_id, ".txt")
+            if not text_path.is_file():
+                raise FileNotFoundError(f"{where}: text file {text_path} not found; add it {_SKIP_HINT}")
+            text = text_path.read_text(encoding="utf-8", errors="replace")
+            items.add(item_id, text, label, _mvsa_file(data_dir, item_id, ".jpg"), where)
+    dataset, report = items.finish()
+    logger.info(
+        "%s: %d items loaded, %d dropped by the MVSA label rule (inconsistent or no majority)",
+        report.source,
+        report.num_loaded,
+        report.num_unlabelled,
+    )
+    return dataset, report
+
+
+def _log(name: str, split: str, report: LoadReport) -> None:
+    logger.info(
+        "%s/%s: %d items from %s (%d skipped as bad, %d unlabelled)",
+        name,
+        split,
+        report.num_loaded,
+        report.source,
+        report.num_skipped,
+        report.num_unlabelled,
+    )
+
+
+def _mmsd_benchmark(
+    name: str,
+    data_dir: str | Path,
+    image_dir: str | Path | None = None,
+    ood_file: str | Path | None = None,
+    **options: bool,
+) -> DatasetDict:
+    splits = DatasetDict()
+    for split in ("train", "validation", "test"):
+        splits[split], report = load_mmsd(data_dir, split, image_dir, **options)
+        _log(name, split, report)
+    if ood_file is not None:
+        ood_images = _mmsd_image_dir(Path(data_dir), image_dir)
+        splits["test_ood"], report = load_dmsd_ood(ood_file, ood_images, **options)
+        _log(name, "test_ood", report)
+    return splits
+
+
+def _mvsa_benchmark(
+    name: str,
+    data_dir: str | Path,
+    label_file: str | Path | None = None,
+    split_seed: int = 0,
+    **options: bool,
+) -> DatasetDict:
+    """MVSA has no official split: a seeded 8:1:1 train/validation/test split."""
+    dataset, report = load_mvsa(data_dir, label_file, **options)
+    _log(name, "all", report)
+    order = np.random.default_rng(split_seed).permutation(len(dataset))
+    n_train, n_val = round(0.8 * len(dataset)), round(0.1 * len(dataset))
+    parts = {"train": order[:n_train], "validation": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
+    return DatasetDict({split: dataset.select(np.sort(indices)) for split, indices in parts.items()})
+
+
+BENCHMARKS = ("synthetic_sarcasm", "synthetic_sentiment", "mmsd", "mmsd2", "mvsa_single", "mvsa_multiple")
+
+
+def load_benchmark(name: str, data_dir: str | Path | None = None, **kwargs: object) -> DatasetDict:
+    """Load a benchmark by name as a DatasetDict.
+
+    - "synthetic_sarcasm", "synthetic_sentiment": ``make_synthetic_benchmark``; kwargs are
+      ``SyntheticConfig`` fields (not ``task``); data_dir is not used.
+    - "mmsd", "mmsd2": train / validation / test from ``load_mmsd``; kwargs ``image_dir``, and ``ood_file``
+      (a DMSD-CL file, images from the same folder) to add ``test_ood``.
+    - "mvsa_single", "mvsa_multiple": ``load_mvsa`` split 8:1:1 with ``split_seed`` (default 0); kwarg
+      ``label_file``.
+    Real data sets also take ``skip_bad_examples`` and ``verify_images``; their load reports are logged.
+    """
+    if name.startswith("synthetic_"):
+        task = name.removeprefix("synthetic_")
+        unknown = set(kwargs) - {f.name for f in fields(SyntheticConfig)} - {"task"}
+        if task not in LABEL_NAMES or unknown:
+            raise ValueError(f"cannot load {name!r} with options {sorted(unknown)}")
+        return make_synthetic_benchmark(SyntheticConfig(task=task, **kwargs))  # type: ignore[arg-type]
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
+    if data_dir is None:
+        raise ValueError(f"benchmark {name!r} needs data_dir (the folder holding the data set)")
+    if name in ("mmsd", "mmsd2"):
+        return _mmsd_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]
+    return _mvsa_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]

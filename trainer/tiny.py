@@ -1,0 +1,148 @@
+"""The tiny offline default: a small LLaVA-family base built from a config, a BPE tokenizer trained
+locally on the synthetic benchmark's vocabulary, and a processor. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+from .data import synthetic_vocabulary
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+IMAGE_SIZE, PATCH_SIZE, HIDDEN = 32, 8, 64
+
+
+def train_tiny_tokenizer(words: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-free BPE tokenizer (Metaspace pre-tokenizer) over `words`, with `<image>` as a special token."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=128,
+    )
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
+    """LLaVA processor for 32x32 images, patch 8: 16 image tokens per image (the CLS feature is dropped)."""
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def tiny_base_config(
+    model_type: str = "llava",
+    vocab_size: int = 320,
+    image_token_id: int = 4,
+    pad_token_id: int = 0,
+    num_layers: int = 2,
+) -> PretrainedConfig:
+    """A tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision config: hidden 64, `num_layers` layers, 32x32 images."""
+    text = dict(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    vision = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    common = dict(text_config=text, image_token_id=image_token_id, vision_feature_layer=-1, projector_hidden_act="gelu")
+    if model_type == "llava":
+        return LlavaConfig(
+            vision_config={"model_type": "clip_vision_model", **vision},
+            vision_feature_select_strategy="default",
+            **common,
+        )
+    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+    if model_type == "llava_next":
+        return LlavaNextConfig(
+            vision_config={"model_type": "clip_vision_model", **vision},
+            vision_feature_select_strategy="default",
+            image_grid_pinpoints=pinpoints,
+            **common,
+        )
+    if model_type == "llava_onevision":
+        return LlavaOnevisionConfig(
+            vision_config={"model_type": "siglip_vision_model", **vision},
+            vision_feature_select_strategy="full",
+            image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio="anyres_max_9",
+            **common,
+        )
+    raise ValueError(f"no tiny config for {model_type!r}; use llava, llava_next or llava_onevision")
+
+
+def build_tiny_model(task: str = "sarcasm", model_type: str = "llava", seed: int = 0, **config_kwargs):
+    """(model, processor): the tiny CF-MoE classifier for a synthetic task, freshly initialised."""
+    import torch
+
+    from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+
+    from .data import id2label
+
+    tokenizer = train_tiny_tokenizer(synthetic_vocabulary(task))
+    processor = tiny_processor(tokenizer)
+    base = tiny_base_config(
+        model_type,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    labels = id2label(task)
+    config = CFMoEConfig(
+        base_config=base.to_dict(),
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        **config_kwargs,
+    )
+    torch.manual_seed(seed)
+    return CFMoEForMultimodalClassification(config), processor
+
+
+def write_tiny_checkpoint(output_dir: str | Path, task: str = "sarcasm", seed: int = 0, **config_kwargs) -> Path:
+    """Write a complete, offline-loadable checkpoint folder (model, remote code, processor)."""
+    model, processor = build_tiny_model(task, seed=seed, **config_kwargs)
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    return Path(output_dir)
