@@ -33,6 +33,8 @@ class CFMoEConfig(PretrainedConfig):
             those with the largest direct effect in their unimodal branch.
         token_score_momentum (`float`): EMA momentum of the per-vocabulary direct-effect table.
         inference_mode (`str`): "fused" (one pass, the default) or "tie" (subtract the direct effects).
+        prompt_template (`str`): how an item becomes a prompt, with `{image}` (the processor's image token)
+            and `{text}`; stored so that Hub inference builds the prompts training saw.
     """
 
     model_type = "cfmoe"
@@ -56,6 +58,7 @@ class CFMoEConfig(PretrainedConfig):
         context_fraction: float = 0.2,
         token_score_momentum: float = 0.99,
         inference_mode: str = "fused",
+        prompt_template: str = "{image}\n{text}",
         **kwargs,
     ):
         if isinstance(base_config, dict):
@@ -80,6 +83,7 @@ class CFMoEConfig(PretrainedConfig):
         self.context_fraction = context_fraction
         self.token_score_momentum = token_score_momentum
         self.inference_mode = inference_mode
+        self.prompt_template = prompt_template
         super().__init__(**kwargs)
         self._validate()
 
@@ -98,6 +102,8 @@ class CFMoEConfig(PretrainedConfig):
         unknown = set(self.counterfactual_types) - {"context_swapped", "core_masked"}
         if unknown:
             raise ValueError(f"unknown counterfactual_types {sorted(unknown)}; use context_swapped, core_masked")
+        if "{text}" not in self.prompt_template:
+            raise ValueError(f"prompt_template must contain '{{text}}', got {self.prompt_template!r}")
         if not 0.0 <= self.counterfactual_fraction <= 1.0 or not 0.0 < self.context_fraction < 1.0:
             raise ValueError("counterfactual_fraction must be in [0, 1] and context_fraction in (0, 1)")
 
