@@ -104,6 +104,11 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
 
+    def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
+        """Saves the in-memory key layout (v5 would otherwise write the llava-hf legacy layout for the base),
+        so that raw state-dict loads (Trainer's best model and resume) see the same keys as the model."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

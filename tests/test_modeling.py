@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
 
@@ -29,6 +30,8 @@ def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_pa
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_cfmoe.CFMoEForMultimodalClassification"
     assert auto_map["AutoConfig"] == "configuration_cfmoe.CFMoEConfig"
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:  # raw loads (Trainer resume) need these keys
+        assert set(saved.keys()) == set(tiny_model.state_dict())
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert type(reloaded) is CFMoEForMultimodalClassification
     with torch.no_grad():

@@ -1,0 +1,57 @@
+"""The loss terms of DESIGN.md, each a small function of the model's outputs.
+
+Shapes: logits `(batch, num_labels)`, labels `(batch,)`, representations `(rows, hidden)`.
+Every term is a mean over the items of the micro-batch, so gradient accumulation over equal micro-batches
+gives the same value as one large batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None):
+    """`mean_i w_i * CE(logits_i, y_i)` (plain mean CE when `weights` is None)."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    return losses.mean() if weights is None else (weights * losses).mean()
+
+
+def product_of_experts(fused: torch.Tensor, *bias_logits: torch.Tensor) -> torch.Tensor:
+    """Combined log-probabilities `log p_fused + sum_b log p_b` with the bias branches stop-gradient."""
+    combined = F.log_softmax(fused.float(), dim=-1)
+    for logits in bias_logits:
+        combined = combined + F.log_softmax(logits.detach().float(), dim=-1)
+    return combined
+
+
+def rubi_logits(fused: torch.Tensor, *bias_logits: torch.Tensor) -> torch.Tensor:
+    """RUBi: the fused logits masked by the sigmoid of the (stop-gradient) bias branches' logits."""
+    mask = torch.sigmoid(sum(b.detach().float() for b in bias_logits))
+    return fused.float() * mask
+
+
+def bias_conflict_weights(
+    text_logits: torch.Tensor, image_logits: torch.Tensor, labels: torch.Tensor, upweight: float
+) -> torch.Tensor:
+    """`1 + upweight` for items whose combined unimodal prediction (sum of the two log-softmaxes) contradicts
+    the label, 1 otherwise: the items the direct effects cannot explain (JTT-style, no group labels)."""
+    combined = F.log_softmax(text_logits.detach().float(), -1) + F.log_softmax(image_logits.detach().float(), -1)
+    wrong = combined.argmax(-1) != labels
+    return 1.0 + upweight * wrong.float()
+
+
+def counterfactual_contrast(
+    factual: torch.Tensor, context_swapped: torch.Tensor, core_masked: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE per item: the factual representation should be closer (cosine) to its context-swapped
+    counterfactual (positive) than to its core-masked one (negative). All inputs `(rows, hidden)`, aligned."""
+    factual, positive, negative = (F.normalize(x.float(), dim=-1) for x in (factual, context_swapped, core_masked))
+    scores = torch.stack([(factual * positive).sum(-1), (factual * negative).sum(-1)], dim=-1) / temperature
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device))
+
+
+def kl_to_prior(core_masked_logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
+    """`KL(p_prior || p_core_masked)`: with its core removed, an item should carry no more than the prior."""
+    target = F.log_softmax(prior_logits.detach().float(), dim=-1)
+    return F.kl_div(F.log_softmax(core_masked_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")

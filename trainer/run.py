@@ -1,0 +1,200 @@
+"""The training job behind `examples/run_sarcasm.py` and `examples/run_sentiment.py`.
+
+With no arguments it trains the tiny offline CF-MoE on the synthetic planted-cue benchmark and evaluates
+every test split; with `--model_name_or_path` and `--dataset mmsd2 --data_dir DIR` the same code runs on a
+real checkpoint and data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import transformers
+from datasets import DatasetDict
+from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .collator import CFMoECollator
+from .data import SyntheticConfig, flip_cues, id2label, load_benchmark, make_synthetic_benchmark
+from .evaluation import build_debiasing_compute_metrics, evaluate_split
+from .plots import plot_training
+from .tiny import build_tiny_model
+from .trainer import CFMoETrainer
+from .training_args import CFMoETrainingArguments
+
+logger = logging.getLogger(__name__)
+
+CONFIG_OVERRIDES = (
+    "num_visual_experts",
+    "num_text_experts",
+    "experts_top_k",
+    "expert_intermediate_size",
+    "router_jitter",
+    "router_aux_loss_coef",
+    "classifier_dropout",
+    "prompt_template",
+)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a CF-MoE checkpoint or a LLaVA-family base (llava, llava_next, llava_onevision); "
+            "empty: the tiny offline default"
+        },
+    )
+    num_visual_experts: int | None = field(default=None, metadata={"help": "experts after the projector"})
+    num_text_experts: int | None = field(default=None, metadata={"help": "experts after the language model"})
+    experts_top_k: int | None = field(default=None, metadata={"help": "experts kept per item by the router"})
+    expert_intermediate_size: int | None = field(default=None, metadata={"help": "bottleneck width of an expert"})
+    router_jitter: float | None = field(default=None, metadata={"help": "router input noise in training"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
+    classifier_dropout: float | None = field(default=None, metadata={"help": "dropout before the heads"})
+    prompt_template: str | None = field(default=None, metadata={"help": "prompt with {image} and {text}"})
+
+    def config_kwargs(self) -> dict:
+        return {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "synthetic (the task's planted-cue benchmark), mmsd, mmsd2, mvsa_single, mvsa_multiple"},
+    )
+    data_dir: str | None = field(default=None, metadata={"help": "folder of a real data set"})
+    image_dir: str | None = field(default=None, metadata={"help": "image folder when not under data_dir"})
+    ood_file: str | None = field(default=None, metadata={"help": "DMSD-CL OOD file, evaluated as test_ood"})
+    num_train: int = field(default=4000, metadata={"help": "synthetic: training items"})
+    num_validation: int = field(default=1000, metadata={"help": "synthetic: validation items (model selection)"})
+    num_test: int = field(default=1000, metadata={"help": "synthetic: items per test split"})
+    label_noise: float = field(default=0.2, metadata={"help": "synthetic: training label noise eta"})
+    rho_train: float = field(default=0.95, metadata={"help": "synthetic: cue-label agreement in training"})
+    data_seed_offset: int = field(default=0, metadata={"help": "synthetic: data seed = training seed + offset"})
+    max_length: int | None = field(default=None, metadata={"help": "max tokens; only text is ever truncated"})
+    skip_bad_examples: bool = field(default=False, metadata={"help": "skip and count bad items instead of failing"})
+    verify_images: bool = field(default=False, metadata={"help": "open every image while loading real data"})
+
+
+# Defaults of the embedded run (the tiny model on the synthetic benchmark); any of them can be overridden.
+DEFAULT_TRAINING_ARGS = [
+    "--output_dir", "outputs/cfmoe", "--num_train_epochs", "8", "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "128", "--learning_rate", "1e-3", "--weight_decay", "0.01",
+    "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
+    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "2",
+    "--load_best_model_at_end", "True", "--metric_for_best_model", "balanced_bias_accuracy",
+    "--report_to", "none", "--dataloader_num_workers", "0",
+]  # fmt: skip
+
+
+def parse_args(task: str, argv: list[str] | None = None):
+    import sys
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, CFMoETrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    return parser.parse_args_into_dataclasses(args=DEFAULT_TRAINING_ARGS + list(argv))
+
+
+def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
+    if data_args.dataset == "synthetic":
+        config = SyntheticConfig(
+            task=task,
+            num_train=data_args.num_train,
+            num_validation=data_args.num_validation,
+            num_test=data_args.num_test,
+            label_noise=data_args.label_noise,
+            rho_train=data_args.rho_train,
+            seed=seed + data_args.data_seed_offset,
+        )
+        return make_synthetic_benchmark(config), config
+    kwargs = {"skip_bad_examples": data_args.skip_bad_examples, "verify_images": data_args.verify_images}
+    if data_args.image_dir:
+        kwargs["image_dir"] = data_args.image_dir
+    if data_args.ood_file:
+        kwargs["ood_file"] = data_args.ood_file
+    return load_benchmark(data_args.dataset, data_args.data_dir, **kwargs), None
+
+
+def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
+    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base."""
+    overrides = model_args.config_kwargs()
+    path = model_args.model_name_or_path
+    if path is None:
+        return build_tiny_model(task, seed=seed, **overrides)
+    processor = AutoProcessor.from_pretrained(path)
+    if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "cfmoe":
+        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        for name, value in overrides.items():
+            setattr(model.config, name, value)
+        return model, processor
+    from modeling_cfmoe import CFMoEForMultimodalClassification
+
+    return CFMoEForMultimodalClassification.from_base_pretrained(
+        path, id2label=labels, config_kwargs=overrides
+    ), processor
+
+
+def main(task: str, argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args = parse_args(task, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    data, synthetic = load_data(task, data_args, training_args.seed)
+    labels = (
+        id2label(task) if data_args.dataset == "synthetic" else dict(enumerate(data["train"].features["label"].names))
+    )
+    model, processor = load_model(task, model_args, labels, training_args.seed)
+    collator = CFMoECollator(
+        processor,
+        num_labels=model.config.num_labels,
+        prompt_template=model.config.prompt_template,
+        max_length=data_args.max_length,
+        skip_bad_examples=data_args.skip_bad_examples,
+        return_groups=training_args.method == "group_dro",
+    )
+    trainer = CFMoETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=build_debiasing_compute_metrics(model.config.num_labels),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":  # restart where an interrupted run stopped
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir}")
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+
+    results = {
+        "train": train_result.metrics,
+        "skipped_examples": collator.num_skipped,
+        "method": training_args.method,
+        "seed": training_args.seed,
+    }
+    collator.return_groups = False
+    eval_results = {}
+    for split in (name for name in data if name.startswith("test")):
+        flipped = flip_cues(data[split], synthetic) if synthetic is not None else None
+        eval_results[split] = evaluate_split(trainer, data[split], flipped)
+        logger.info("%s: %s", split, json.dumps(eval_results[split]))
+    results["eval"] = eval_results
+    results["data"] = (
+        asdict(synthetic) if synthetic is not None else {f.name: getattr(data_args, f.name) for f in fields(data_args)}
+    )
+    if trainer.is_world_process_zero():
+        output = Path(training_args.output_dir)
+        (output / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
+        (output / "all_results.json").write_text(json.dumps(results, indent=2, default=str))
+        plot_training(trainer.state.log_history, output / "training.png")
+    return results

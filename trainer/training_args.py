@@ -1,0 +1,58 @@
+"""`CFMoETrainingArguments`: `TrainingArguments` plus the knobs of the debiasing method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+METHODS = ("vanilla", "text_poe", "image_poe", "poe", "rubi", "cfvqa", "group_dro", "cfmoe")
+
+
+@dataclass
+class CFMoETrainingArguments(TrainingArguments):
+    """Method and loss weights. A weight of 0 switches its term off (ablations); every term that is on is
+    logged by name (`loss_<term>`) at each logging step.
+
+    Methods: `vanilla` (plain task loss), `text_poe` / `image_poe` / `poe` (product of experts with the
+    text-only / image-only / both bias branches, stop-gradient), `rubi` (RUBi's sigmoid mask), `cfvqa`
+    (branches trained jointly, TIE at test time), `group_dro` (uses group labels: a reference, not a
+    competitor), `cfmoe` (the full method).
+    """
+
+    method: str = field(default="cfmoe", metadata={"help": f"training method, one of {', '.join(METHODS)}"})
+    bias_loss_weight: float = field(default=1.0, metadata={"help": "CE of the text-only / image-only / prior branches"})
+    upweight: float = field(
+        default=20.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
+    )
+    debias_warmup_ratio: float = field(
+        default=0.25, metadata={"help": "fraction of training before bias-conflict upweighting starts (cfmoe)"}
+    )
+    counterfactual_task_weight: float = field(
+        default=1.0, metadata={"help": "CE of context-swapped rows with their source item's label (cfmoe)"}
+    )
+    contrast_loss_weight: float = field(default=0.1, metadata={"help": "counterfactual InfoNCE (cfmoe)"})
+    contrast_temperature: float = field(default=0.1, metadata={"help": "temperature of the InfoNCE"})
+    prior_kl_weight: float = field(default=0.1, metadata={"help": "KL of core-masked predictions to the prior"})
+    aux_loss_weight: float = field(default=1.0, metadata={"help": "router load-balancing loss (x the config coef)"})
+    counterfactual_fraction: float | None = field(
+        default=None, metadata={"help": "override config.counterfactual_fraction (rows with fine-grained CFs)"}
+    )
+    counterfactual_types: str | None = field(
+        default=None, metadata={"help": "override config.counterfactual_types, comma separated"}
+    )
+    context_fraction: float | None = field(default=None, metadata={"help": "override config.context_fraction"})
+    uniform_gates: bool = field(default=False, metadata={"help": "ablation: every expert weighted equally"})
+    group_dro_step_size: float = field(default=0.01, metadata={"help": "exponentiated-gradient step of group DRO"})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "kept False: the collator turns raw columns into model inputs"}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must stay False: the collator needs the raw image/text columns")
+        if not 0.0 <= self.debias_warmup_ratio <= 1.0:
+            raise ValueError(f"debias_warmup_ratio must be in [0, 1], got {self.debias_warmup_ratio}")
