@@ -101,7 +101,7 @@ def _truncate_texts(processor, images, texts, prompt_template, image_token, max_
     else:
         overhead = tokenizer(empty, padding=False)["input_ids"]
     shortened = []
-    for text, fixed in zip(texts, overhead):
+    for text, fixed in zip(texts, overhead, strict=False):
         budget = max_length - len(fixed)
         if budget < 1:
             raise BadExampleError(

@@ -87,7 +87,7 @@ class CFMoETrainer(Trainer):
         return {"task": weighted_cross_entropy(outputs.logits, labels)}
 
     def _loss_terms(self, outputs, labels, groups) -> dict[str, torch.Tensor]:
-        args, method = self.args, self.args.method
+        method = self.args.method
         fused, text, image = outputs.fused_logits, outputs.text_only_logits, outputs.image_only_logits
         if method == "vanilla":
             return {"task": weighted_cross_entropy(fused, labels)}
@@ -170,7 +170,7 @@ class CFMoETrainer(Trainer):
         """Sum each term (detached, on device: no host sync per step) until the next logging step."""
         for name, value in terms.items():
             self._sums[f"loss_{name}"] += value.detach().float()
-        for site, gates in zip(("visual", "text"), outputs.routing_gates or ()):
+        for site, gates in zip(("visual", "text"), outputs.routing_gates or (), strict=False):
             for index, share in enumerate(gates.detach().float().mean(0)):
                 self._sums[f"routing_{site}_expert_{index}"] += share
         self._micro_steps += 1
