@@ -104,6 +104,12 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
 
+    @classmethod
+    def from_pretrained(cls, *args, use_safetensors: bool | None = True, **kwargs):
+        """`PreTrainedModel.from_pretrained` that reads safetensors only: pickle weight files (`*.bin`) can run
+        code when loaded, so they are refused unless the caller opts in with `use_safetensors=False`."""
+        return super().from_pretrained(*args, use_safetensors=use_safetensors, **kwargs)
+
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Saves the in-memory key layout (v5 would otherwise write the llava-hf legacy layout for the base),
         so that raw state-dict loads (Trainer's best model and resume) see the same keys as the model."""
