@@ -32,6 +32,9 @@ class CFMoEConfig(PretrainedConfig):
         context_fraction (`float`): fraction of an item's text tokens and image patches called *context*:
             those with the largest direct effect in their unimodal branch.
         token_score_momentum (`float`): EMA momentum of the per-vocabulary direct-effect table.
+        detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
+            text-only language-model pass runs without gradient): they measure what one modality alone
+            predicts without shaping the shared base.
         inference_mode (`str`): "fused" (one pass, the default) or "tie" (subtract the direct effects).
         prompt_template (`str`): how an item becomes a prompt, with `{image}` (the processor's image token)
             and `{text}`; stored so that Hub inference builds the prompts training saw.
@@ -57,6 +60,7 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_types: list[str] | None = None,
         context_fraction: float = 0.2,
         token_score_momentum: float = 0.99,
+        detach_bias_branches: bool = False,
         inference_mode: str = "fused",
         prompt_template: str = "{image}\n{text}",
         **kwargs,
@@ -82,6 +86,7 @@ class CFMoEConfig(PretrainedConfig):
         self.counterfactual_types = list(counterfactual_types or ["context_swapped", "core_masked"])
         self.context_fraction = context_fraction
         self.token_score_momentum = token_score_momentum
+        self.detach_bias_branches = detach_bias_branches
         self.inference_mode = inference_mode
         self.prompt_template = prompt_template
         super().__init__(**kwargs)

@@ -344,14 +344,17 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         text_ids, text_mask = drop_image_tokens(
             input_ids, attention_mask, self.mllm.config.image_token_id, 0 if pad_id is None else pad_id
         )
-        text_hidden = self.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_mask, self.config.pooling))
+        detach = self.config.detach_bias_branches
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+            text_hidden = self.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
+            text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_mask, self.config.pooling))
         out.text_only_logits = self.text_head(self.dropout(text_pooled))
         prior = self.prior_logits.to(out.fused_logits.dtype).expand_as(out.fused_logits)
         if image_features is None:
             out.image_only_logits = prior
         else:
-            out.image_only_logits = self.image_head(self.dropout(pool_by_row(image_features, image_rows, batch)))
+            image_pooled = pool_by_row(image_features, image_rows, batch)
+            out.image_only_logits = self.image_head(self.dropout(image_pooled.detach() if detach else image_pooled))
         out.prior_logits = prior
         effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
         out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
@@ -370,6 +373,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         ids = text_ids[keep]
         sums = torch.zeros_like(self.token_direct_effect).index_add_(0, ids, contrib)
         counts = torch.bincount(ids, minlength=sums.shape[0]).unsqueeze(-1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(counts)
         seen = counts.squeeze(-1) > 0
         momentum = self.config.token_score_momentum
         means = sums[seen] / counts[seen]

@@ -44,9 +44,10 @@ class AttentionRouter(nn.Module):
         """pooled: `(batch, hidden)` -> gates `(batch, num_experts)`."""
         if self.training and self.jitter > 0:
             pooled = pooled * torch.empty_like(pooled).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        query = self.query(pooled).float()
-        logits = query @ self.expert_keys.float().T / (self.key_size**0.5 * self.temperature)
-        probs = logits.softmax(dim=-1)  # float32 even under autocast
+        with torch.autocast(device_type=pooled.device.type, enabled=False):  # routing stays float32
+            query = nn.functional.linear(pooled.float(), self.query.weight.float())
+            logits = query @ self.expert_keys.float().T / (self.key_size**0.5 * self.temperature)
+            probs = logits.softmax(dim=-1)
         top_probs, top_idx = probs.topk(self.top_k, dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_idx, top_probs / top_probs.sum(-1, keepdim=True))
         return RoutingResult(gates=gates, router_logits=logits)

@@ -9,6 +9,8 @@ from PIL import Image
 
 from trainer.tiny import build_tiny_model
 
+torch.set_num_threads(1)  # tests run beside other work on 2 cores; more threads only thrash
+
 
 @pytest.fixture(scope="session")
 def tiny_model_and_processor():

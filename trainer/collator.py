@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +26,12 @@ class CFMoECollator:
     """Builds `input_ids`, `attention_mask`, `pixel_values` (+ `image_sizes`...) and `labels` from items
     `{"image", "text", "label", "id"?, "group"?}`.
 
-    Truncation (`max_length`) shortens texts only: image tokens are never cut. A missing or corrupt image,
-    an empty text or a label outside `[0, num_labels)` raises [`BadExampleError`] naming the item; with
-    `skip_bad_examples=True` such items are dropped, counted in `num_skipped` and logged instead.
+    Images may be PIL images, paths or undecoded datasets dicts (`datasets.Image(decode=False)`: then a corrupt
+    file is caught here, per item, instead of inside the dataset). Truncation (`max_length`, default the
+    tokenizer's `model_max_length`) shortens texts only: image tokens are never cut. A missing or corrupt image,
+    an empty text, a text holding the image placeholder, a missing image in a batch of images, or a label outside
+    `[0, num_labels)` raises [`BadExampleError`] naming the item; with `skip_bad_examples=True` such items are
+    dropped, logged and counted in `num_skipped` (shared by the DataLoader's worker processes).
     `return_groups=True` also passes the `group` column (for group DRO; never given to the model).
     """
 
@@ -36,36 +41,72 @@ class CFMoECollator:
     max_length: int | None = None
     skip_bad_examples: bool = False
     return_groups: bool = False
-    num_skipped: int = field(default=0, init=False)
+    _skipped: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # shared memory, so that skips in DataLoader workers (forked or spawned) reach the main process's count
+        self._skipped = multiprocessing.get_context("spawn").Value("q", 0)
+
+    @property
+    def num_skipped(self) -> int:
+        """Items skipped as bad so far, over every process that shares this collator (its DataLoader workers)."""
+        return int(self._skipped.value)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images, texts, labels, groups = [], [], [], []
+        image_token = getattr(self.processor, "image_token", "<image>")
+        items = []  # (name, image, text, label, group) of the good items
         for index, feature in enumerate(features):
-            item = str(feature.get("id", f"#{index} of the batch"))
+            name = str(feature.get("id", f"#{index} of the batch")) if isinstance(feature, dict) else f"#{index}"
             try:
-                image = feature.get("image")
-                images.append(None if image is None else load_rgb_image(image, item))
-                texts.append(check_text(feature.get("text"), item))
-                labels.append(self._check_label(feature.get("label"), item))
-                groups.append(int(feature.get("group", -1)))
+                items.append(self._check_item(feature, name, image_token))
             except BadExampleError as error:
-                if not self.skip_bad_examples:
-                    raise
-                del images[len(labels) :], texts[len(labels) :]
-                self.num_skipped += 1
-                logger.warning("skipping bad example (%d skipped so far): %s", self.num_skipped, error)
-        if not labels:
+                self._bad(error)
+        with_image = [item for item in items if item[1] is not None]
+        if with_image and len(with_image) < len(items):  # a multimodal batch: items without an image are bad
+            for item in items:
+                if item[1] is None:
+                    self._bad(BadExampleError(f"item {item[0]}: no image (the other items have one); add the image"))
+            items = with_image
+        if not items:
             raise BadExampleError(f"every item of this batch of {len(features)} was bad; see the warnings above")
-        batch = dict(encode_examples(self.processor, images, texts, self.prompt_template, self.max_length))
+        _, images, texts, labels, groups = zip(*items, strict=True)
+        batch = dict(encode_examples(self.processor, list(images), list(texts), self.prompt_template, self.max_length))
         batch["labels"] = torch.tensor(labels, dtype=torch.long)
         if self.return_groups:
             batch["groups"] = torch.tensor(groups, dtype=torch.long)
         return batch
 
-    def _check_label(self, label: Any, item: str) -> int:
-        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < self.num_labels:
+    def _check_item(self, feature: Any, name: str, image_token: str) -> tuple[str, Any, str, int, int]:
+        if not isinstance(feature, dict):
+            raise BadExampleError(f"item {name}: expected a dict with image, text and label, got {type(feature)}")
+        image = feature.get("image")
+        image = None if image is None else load_rgb_image(image, name)
+        text = check_text(feature.get("text"), name, image_token)
+        label = self._check_label(feature.get("label"), name)
+        group = feature.get("group", -1)
+        try:
+            group = operator.index(group)
+        except TypeError as error:
+            raise BadExampleError(f"item {name}: group {group!r} is not an integer; fix the group column") from error
+        return name, image, text, label, group
+
+    def _check_label(self, label: Any, name: str) -> int:
+        try:
+            value = None if isinstance(label, bool) else operator.index(label)  # int, numpy or 0-d torch integers
+        except TypeError:
+            value = None
+        if value is None or not 0 <= value < self.num_labels:
             raise BadExampleError(
-                f"item {item}: label {label!r} is not a class id in [0, {self.num_labels}); map the data set's "
+                f"item {name}: label {label!r} is not a class id in [0, {self.num_labels}); map the data set's "
                 "labels to the model's id2label"
             )
-        return label
+        return value
+
+    def _bad(self, error: BadExampleError) -> None:
+        """Raise `error`, or (skip_bad_examples) log it and count the item."""
+        if not self.skip_bad_examples:
+            raise error
+        with self._skipped.get_lock():
+            self._skipped.value += 1
+            count = self._skipped.value
+        logger.warning("skipping bad example (%d skipped so far): %s", count, error)

@@ -20,26 +20,30 @@ def _logits(predictions) -> tuple[np.ndarray, ...]:
 def bias_split_accuracies(
     logits: np.ndarray, text_logits: np.ndarray, image_logits: np.ndarray, labels: np.ndarray
 ) -> dict[str, float]:
-    """Accuracy on items the bias branches get right (aligned) and wrong (conflicting), and their mean.
+    """Accuracies over groups inferred from the bias branches, with no group labels.
 
-    Needs no group labels: "conflicting" items are those whose combined unimodal prediction (sum of the
-    two log-softmaxes) contradicts the label. `balanced_bias_accuracy` is the model-selection criterion.
+    Items are grouped by which unimodal branch gets them wrong: `aligned` (both right), `text_conflicting`
+    (text-only branch wrong), `image_conflicting` (image-only branch wrong); an item can be in both
+    conflicting groups. A model that follows one modality's cue fails that modality's conflicting group, so
+    `inferred_worst_group_accuracy` (the minimum over groups of at least `MIN_GROUP_SIZE` items) is the
+    model-selection criterion; `balanced_bias_accuracy` averages the three groups.
     """
-
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     predictions = logits.argmax(-1)
-    conflicting = (log_softmax(text_logits) + log_softmax(image_logits)).argmax(-1) != labels
-    aligned_acc = accuracy(predictions[~conflicting], labels[~conflicting]) if (~conflicting).any() else 0.0
-    conflicting_acc = accuracy(predictions[conflicting], labels[conflicting]) if conflicting.any() else 0.0
-    return {
-        "bias_aligned_accuracy": aligned_acc,
-        "bias_conflicting_accuracy": conflicting_acc,
-        "balanced_bias_accuracy": (aligned_acc + conflicting_acc) / 2,
-        "bias_conflicting_fraction": float(conflicting.mean()),
+    groups = {
+        "aligned": (text_logits.argmax(-1) == labels) & (image_logits.argmax(-1) == labels),
+        "text_conflicting": text_logits.argmax(-1) != labels,
+        "image_conflicting": image_logits.argmax(-1) != labels,
     }
+    metrics, kept = {}, []
+    for name, members in groups.items():
+        acc = accuracy(predictions[members], labels[members]) if members.any() else float("nan")
+        metrics[f"{name}_accuracy"] = acc
+        metrics[f"{name}_fraction"] = float(members.mean())
+        if members.sum() >= MIN_GROUP_SIZE:
+            kept.append(acc)
+    metrics["balanced_bias_accuracy"] = float(np.mean(kept)) if kept else float("nan")
+    metrics["inferred_worst_group_accuracy"] = min(kept) if kept else float("nan")
+    return metrics
 
 
 def build_debiasing_compute_metrics(num_labels: int) -> Callable[[EvalPrediction], dict[str, float]]:

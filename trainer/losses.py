@@ -41,6 +41,18 @@ def bias_conflict_weights(
     return 1.0 + upweight * wrong.float()
 
 
+def modality_conflict_weights(
+    text_logits: torch.Tensor, image_logits: torch.Tensor, labels: torch.Tensor, upweight: float, max_weight: float
+) -> torch.Tensor:
+    """`prod_m (1 + upweight * [branch m wrong])`, capped at `max_weight`: each modality's direct effect is
+    decorrelated from the label on its own (with a cue that agrees with the label a fraction `r` of the time,
+    `upweight = r / (1 - r) - 1` makes it uninformative under the weights)."""
+    weights = torch.ones_like(labels, dtype=torch.float)
+    for logits in (text_logits, image_logits):
+        weights = weights * (1.0 + upweight * (logits.detach().argmax(-1) != labels).float())
+    return weights.clamp_max(max_weight)
+
+
 def counterfactual_contrast(
     factual: torch.Tensor, context_swapped: torch.Tensor, core_masked: torch.Tensor, temperature: float
 ) -> torch.Tensor:

@@ -12,8 +12,9 @@ import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import torch
 import transformers
-from datasets import DatasetDict
+from datasets import DatasetDict, Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -87,7 +88,7 @@ DEFAULT_TRAINING_ARGS = [
     "--per_device_eval_batch_size", "128", "--learning_rate", "1e-3", "--weight_decay", "0.01",
     "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
     "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "2",
-    "--load_best_model_at_end", "True", "--metric_for_best_model", "balanced_bias_accuracy",
+    "--load_best_model_at_end", "True", "--metric_for_best_model", "inferred_worst_group_accuracy",
     "--report_to", "none", "--dataloader_num_workers", "0",
 ]  # fmt: skip
 
@@ -139,6 +140,16 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     ), processor
 
 
+def _count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
+    """Items the collator skipped as bad (training and evaluation), summed over the processes."""
+    skipped = collator.num_skipped
+    if trainer.accelerator.num_processes > 1:
+        skipped = int(trainer.accelerator.reduce(torch.tensor(skipped, device=trainer.args.device), reduction="sum"))
+    if skipped:
+        logger.warning("%d bad example(s) were skipped (--skip_bad_examples); the warnings above name them", skipped)
+    return skipped
+
+
 def main(task: str, argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args = parse_args(task, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -146,6 +157,9 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     data, synthetic = load_data(task, data_args, training_args.seed)
+    # images are decoded by the collator, item by item, so that a corrupt file is named there (or skipped and
+    # counted with --skip_bad_examples) instead of failing inside the dataset
+    data = data.cast_column("image", Image(decode=False))
     labels = (
         id2label(task) if data_args.dataset == "synthetic" else dict(enumerate(data["train"].features["label"].names))
     )
@@ -172,6 +186,12 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir}")
+    if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
+        # the Trainer would silently restart at step 0 from such a folder's weights
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json); "
+            "pick another checkpoint-* folder or 'last'"
+        )
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()
@@ -189,6 +209,7 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         eval_results[split] = evaluate_split(trainer, data[split], flipped)
         logger.info("%s: %s", split, json.dumps(eval_results[split]))
     results["eval"] = eval_results
+    results["skipped_examples"] = _count_skipped(trainer, collator)
     results["data"] = (
         asdict(synthetic) if synthetic is not None else {f.name: getattr(data_args, f.name) for f in fields(data_args)}
     )

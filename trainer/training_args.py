@@ -25,8 +25,19 @@ class CFMoETrainingArguments(TrainingArguments):
     upweight: float = field(
         default=20.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
     )
+    conflict_rule: str = field(
+        default="per_modality",
+        metadata={
+            "help": "which items are upweighted: per_modality (each branch's errors, weights multiply) or "
+            "combined (the summed text+image prediction is wrong)"
+        },
+    )
+    max_weight: float = field(default=100.0, metadata={"help": "cap of a per_modality item weight"})
     debias_warmup_ratio: float = field(
         default=0.25, metadata={"help": "fraction of training before bias-conflict upweighting starts (cfmoe)"}
+    )
+    fused_warmup: bool = field(
+        default=True, metadata={"help": "train the fused head during the warm-up (False: bias branches only)"}
     )
     counterfactual_task_weight: float = field(
         default=1.0, metadata={"help": "CE of context-swapped rows with their source item's label (cfmoe)"}
@@ -47,6 +58,13 @@ class CFMoETrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "kept False: the collator turns raw columns into model inputs"}
     )
+    nan_policy: str = field(
+        default="raise",
+        metadata={
+            "help": "a NaN/inf loss term in training: raise (stop before the update, naming the term), skip (drop "
+            "that optimizer step's update, log and count it) or ignore (no check; saves one host sync per step)"
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,5 +72,9 @@ class CFMoETrainingArguments(TrainingArguments):
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must stay False: the collator needs the raw image/text columns")
+        if self.nan_policy not in ("raise", "skip", "ignore"):
+            raise ValueError(f"nan_policy must be raise, skip or ignore, got {self.nan_policy!r}")
+        if self.conflict_rule not in ("per_modality", "combined"):
+            raise ValueError(f"conflict_rule must be per_modality or combined, got {self.conflict_rule!r}")
         if not 0.0 <= self.debias_warmup_ratio <= 1.0:
             raise ValueError(f"debias_warmup_ratio must be in [0, 1], got {self.debias_warmup_ratio}")

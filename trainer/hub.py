@@ -1,0 +1,265 @@
+"""Model card and Hub upload of a CF-MoE checkpoint folder.
+
+`model.push_to_hub` would replace README.md with a generic card, so [`push_folder_to_hub`] uploads the folder
+itself after [`complete_hub_folder`] has checked it and added what remote loading needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+import modeling_cfmoe
+from modeling_cfmoe.pipeline_cfmoe import TASK, custom_pipelines_config
+
+CARD_TAG = "cfmoe"
+TAGS = ["multimodal", "debiasing", "mixture-of-experts", "counterfactual", "custom_code", CARD_TAG]
+CONFIG_SETTINGS = (
+    "num_visual_experts",
+    "num_text_experts",
+    "experts_top_k",
+    "expert_intermediate_size",
+    "router_aux_loss_coef",
+    "counterfactual_types",
+    "counterfactual_fraction",
+    "context_fraction",
+    "inference_mode",
+    "prompt_template",
+)
+METRIC_ORDER = ("accuracy", "macro_f1", "binary_f1", "worst_group_accuracy", "cue_reliance")
+# never uploaded: intermediate checkpoints, TensorBoard logs, pickles (weights here are safetensors only)
+IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "__pycache__/*"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+BIBTEX = """@inproceedings{wu2025beyond,
+  title         = {Beyond Spurious Signals: Debiasing Multimodal Large Language Models via Counterfactual
+                   Inference and Adaptive Expert Routing},
+  author        = {Wu and Huang and Wu},
+  booktitle     = {Findings of the Association for Computational Linguistics: EMNLP 2025},
+  year          = {2025},
+  eprint        = {2509.15361},
+  archivePrefix = {arXiv}
+}"""
+
+
+def method_settings_from_config(config) -> dict[str, Any]:
+    """The CF-MoE settings of a model config worth a line in the card (experts, routing, counterfactuals)."""
+    return {name: getattr(config, name) for name in CONFIG_SETTINGS if getattr(config, name, None) is not None}
+
+
+def write_model_card(
+    output_dir: str | Path,
+    *,
+    base_model: str | None,
+    dataset_name: str,
+    method_settings: Mapping[str, Any],
+    eval_results: Mapping[str, Mapping[str, float]],
+    routing_shares: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+    model_name: str | None = None,
+    dataset_id: str | None = None,
+    task: str = "sarcasm-detection",
+    pipeline_tag: str = "image-text-to-text",
+    license: str = "apache-2.0",
+    synthetic: bool = False,
+) -> ModelCard:
+    """Writes `output_dir/README.md`: metadata (tags, base model, model-index of `eval_results`) and the body.
+
+    eval_results: `{split: {metric: value}}`, e.g. `{"test_ood": {"accuracy": 0.81, "macro_f1": 0.8}}`.
+    routing_shares: `{site: [share of expert 0, ...]}` or the trainer's logged `routing_<site>_expert_<i>` keys.
+    base_model: a Hub id (None for a locally built base: left out of the metadata).
+    repo_id: the Hub id used in the card's loading example; model_name defaults to its last part.
+    synthetic: the results come from the planted-cue benchmark; the card says so next to the numbers.
+    """
+    output_dir = Path(output_dir)
+    model_name = model_name or (repo_id or str(output_dir.resolve())).rpartition("/")[2]
+    dataset_id = dataset_id or re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-")
+    task_name = f"Multimodal {task.replace('-', ' ')}"
+    results = [
+        EvalResult(
+            task_type=pipeline_tag,
+            task_name=task_name,
+            dataset_type=dataset_id,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=metric,
+            metric_name=f"{_pretty(metric)} ({split})",
+            metric_value=float(value),
+        )
+        for split, metrics in eval_results.items()
+        for metric, value in metrics.items()
+        if math.isfinite(value)  # the Hub rejects NaN in model-index (e.g. worst-group with too few items)
+    ]
+    data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=[*TAGS, task],
+        eval_results=results or None,
+    )
+    body = _card_body(
+        model_name, base_model, dataset_name, task_name, method_settings, eval_results, routing_shares, synthetic
+    )
+    body += f"{_usage_section(repo_id or 'REPO_ID')}\n\n## Citation\n\n```bibtex\n{BIBTEX}\n```\n"
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(output_dir / "README.md")
+    return card
+
+
+def _pretty(metric: str) -> str:
+    return metric.replace("_", " ").capitalize().replace("f1", "F1")
+
+
+def _card_body(model_name, base_model, dataset_name, task_name, settings, eval_results, routing, synthetic) -> str:
+    base = f"`{base_model}`" if base_model else "a LLaVA-family model built locally from a config (not on the Hub)"
+    sections = [
+        f"# {model_name}\n\n"
+        f"A {task_name.lower()} classifier: {base} wrapped by CF-MoE, counterfactual debiasing with adaptive "
+        "expert routing. Visual debiasing experts sit after the vision projector and language debiasing experts "
+        "after the language model, each chosen per item by an attention router; text-only, image-only and prior "
+        "branches estimate the direct effects of each modality, and training contrasts factual with "
+        "counterfactual (core-masked, context-swapped) rows so that the fused prediction rests on the indirect "
+        "(multimodal) effect rather than on single-modality shortcuts. Inference is one forward pass.\n\n"
+        "This is an independent implementation of the method of Wu, Huang and Wu (Findings of EMNLP 2025, "
+        "arXiv 2509.15361), built from its abstract; it is not the authors' code.",
+        f"## Training\n\n- Base model: {base}\n- Data set: {dataset_name}\n\n"
+        + _table(["Setting", "Value"], [[f"`{k}`", f"`{v}`"] for k, v in settings.items()]),
+        _results_section(eval_results, dataset_name, synthetic),
+    ]
+    if routing:
+        sections.append(_routing_section(routing))
+    sections += [
+        "## Intended use\n\n"
+        f"Research on robust multimodal classification ({task_name.lower()}) of image-text posts, and a "
+        "baseline for debiasing studies: score an (image, text) pair, and inspect with `return_effects=True` how "
+        "much of a prediction each modality contributes directly (NDE) versus jointly (TIE).",
+        "## Limitations\n\n"
+        "- Sarcasm and sentiment data sets (MMSD, MMSD2.0, MVSA) are small, English, Twitter-derived and full "
+        "of spurious cues (hashtags, emoji, image styles); a model trained on them inherits their gaps.\n"
+        "- Debiasing removes what a single modality predicts on its own. It does not fix label noise, biases "
+        "that only appear in the combination of text and image, cues absent from training, or annotator "
+        "disagreement about what counts as sarcastic; out-of-distribution accuracy can still drop.\n"
+        "- Results on the synthetic planted-cue benchmark show the mechanism at work on a tiny model; they are "
+        "not MMSD2.0 (or any real data set) figures.\n"
+        "- Not meant for decisions about people (moderation, profiling) without human review.",
+    ]
+    return "\n\n".join(sections) + "\n\n"
+
+
+def _usage_section(repo: str) -> str:
+    return (
+        "## How to use\n\n"
+        "```python\n"
+        "from transformers import AutoModel, AutoProcessor, pipeline\n\n"
+        f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)\n'
+        f'processor = AutoProcessor.from_pretrained("{repo}")\n\n'
+        f'classifier = pipeline(model="{repo}", trust_remote_code=True)  # task "{TASK}"\n'
+        'classifier({"image": "post.jpg", "text": "what a lovely monday"}, return_effects=True)\n'
+        "# [{'label': ..., 'score': ..., 'effects': {'TE': ..., 'NDE_T': ..., 'NDE_V': ..., 'TIE': ...}}, ...]\n"
+        "```\n\n"
+        'Inference Endpoints use `handler.py` (inputs `{"image": <base64>, "text": str}` or a list).'
+    )
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _results_section(eval_results, dataset_name, synthetic) -> str:
+    metrics = sorted({m for values in eval_results.values() for m in values}, key=_metric_rank)
+    rows = [[split] + [_number(values.get(metric)) for metric in metrics] for split, values in eval_results.items()]
+    note = (
+        f"\n\n> These numbers come from {dataset_name}, the synthetic benchmark with planted spurious cues: "
+        "they are not MMSD2.0 results and do not predict accuracy on real posts."
+        if synthetic
+        else ""
+    )
+    return f"## Evaluation\n\n{_table(['Split', *map(_pretty, metrics)], rows)}{note}"
+
+
+def _metric_rank(metric: str) -> tuple[int, str]:
+    return (METRIC_ORDER.index(metric) if metric in METRIC_ORDER else len(METRIC_ORDER), metric)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _routing_section(routing: Mapping[str, Any]) -> str:
+    shares: dict[str, dict[int, float]] = {}
+    for key, value in routing.items():
+        logged = re.fullmatch(r"routing_(\w+)_expert_(\d+)", key)
+        if logged:
+            shares.setdefault(logged[1], {})[int(logged[2])] = float(value)
+        else:
+            shares[key] = dict(enumerate(map(float, value)))
+    width = max(max(site) + 1 for site in shares.values())
+    rows = [[site] + [_number(values.get(i)) for i in range(width)] for site, values in shares.items()]
+    return "## Routing\n\nMean gate of each expert per MoE site (top-k gates sum to one per item):\n\n" + _table(
+        ["Site", *(f"Expert {i}" for i in range(width))], rows
+    )
+
+
+def complete_hub_folder(folder: str | Path) -> list[str]:
+    """Checks that `folder` is a complete CF-MoE checkpoint and adds what is missing and can be added: our remote
+    code files (from the installed `modeling_cfmoe`), `handler.py` and `custom_pipelines` in config.json.
+    Returns the names it added; raises `ValueError` listing what cannot be fixed here."""
+    folder = Path(folder)
+    problems = []
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if "AutoModel" not in config.get("auto_map", {}):
+        problems.append("config.json with auto_map (save the model with save_pretrained; merge a LoRA run first)")
+    if not any((folder / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
+        problems.append("model.safetensors (save_pretrained writes it)")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES) or not any(
+        (folder / name).exists() for name in PROCESSOR_FILES
+    ):
+        problems.append("the processor files (processor.save_pretrained(folder))")
+    if not _is_our_card(folder / "README.md"):
+        problems.append("README.md written by trainer.hub.write_model_card")
+    if problems:
+        raise ValueError(f"{folder} cannot be pushed; missing: " + "; ".join(problems))
+    added = []
+    for source in sorted(Path(modeling_cfmoe.__file__).parent.glob("*.py")):
+        if source.name != "__init__.py" and not (folder / source.name).exists():
+            shutil.copyfile(source, folder / source.name)  # handler.py lands at the repo root, as Endpoints expect
+            added.append(source.name)
+    if TASK not in config.get("custom_pipelines", {}):
+        config["custom_pipelines"] = {**config.get("custom_pipelines", {}), **custom_pipelines_config()}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        added.append("config.json:custom_pipelines")
+    return added
+
+
+def _is_our_card(path: Path) -> bool:
+    return path.exists() and CARD_TAG in (ModelCard.load(path).data.tags or [])
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    commit_message: str = "Upload CF-MoE model",
+    token: str | None = None,
+):
+    """Completes `folder` ([`complete_hub_folder`]), creates `repo_id` if needed and uploads the folder in one
+    commit (checkpoints, logs and pickles left out). Returns the commit info."""
+    complete_hub_folder(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message, ignore_patterns=IGNORE_PATTERNS
+    )
