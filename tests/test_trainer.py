@@ -147,3 +147,14 @@ def test_accelerate_launch_end_to_end_writes_results_and_components(tmp_path):
     logged = {k.removeprefix("loss_") for entry in history for k in entry if k.startswith("loss_")}
     assert CFMOE_COMPONENTS <= logged
     assert any("eval_inferred_worst_group_accuracy" in entry for entry in history)
+
+
+def test_lora_run_writes_adapter_base_merged_and_card(tmp_path):
+    main("sarcasm", [*TINY_DATA, "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
+                     "8", "--use_lora", "True", "--merge_lora", "True", "--eval_strategy", "no", "--save_strategy",
+                     "no", "--load_best_model_at_end", "False"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "base/config.json", "merged/model.safetensors",
+                 "merged/pipeline_cfmoe.py", "README.md"):
+        assert (tmp_path / name).is_file(), name
+    card = (tmp_path / "README.md").read_text()
+    assert "model-index" in card and "test_ood" in card

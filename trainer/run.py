@@ -18,9 +18,11 @@ from datasets import DatasetDict, Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
 from .collator import CFMoECollator
 from .data import SyntheticConfig, flip_cues, id2label, load_benchmark, make_synthetic_benchmark
 from .evaluation import build_debiasing_compute_metrics, evaluate_split
+from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .plots import plot_training
 from .tiny import build_tiny_model
 from .trainer import CFMoETrainer
@@ -28,6 +30,16 @@ from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
 
+LOSS_SETTINGS = (
+    "upweight",
+    "conflict_rule",
+    "debias_warmup_ratio",
+    "counterfactual_task_weight",
+    "contrast_loss_weight",
+    "prior_kl_weight",
+    "bias_loss_weight",
+    "aux_loss_weight",
+)
 CONFIG_OVERRIDES = (
     "num_visual_experts",
     "num_text_experts",
@@ -57,6 +69,17 @@ class ModelArguments:
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
     classifier_dropout: float | None = field(default=None, metadata={"help": "dropout before the heads"})
     prompt_template: str | None = field(default=None, metadata={"help": "prompt with {image} and {text}"})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the base; experts, routers, heads trained fully"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str | None = field(
+        default=None, metadata={"help": "regex of LoRA targets; default: the base LM's attention and MLP projections"}
+    )
+    lora_include_vision: bool = field(default=False, metadata={"help": "LoRA on the vision tower too"})
+    merge_lora: bool = field(default=False, metadata={"help": "also write a merged full checkpoint to OUTPUT/merged"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load the base in NF4 (QLoRA with --use_lora)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "load the base in LLM.int8"})
 
     def config_kwargs(self) -> dict:
         return {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}
@@ -122,14 +145,35 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
 
 
 def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
-    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base."""
+    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
+    and wrapped with LoRA when asked."""
+    model, processor = _load_base_model(task, model_args, labels, seed)
+    if model_args.use_lora:
+        if model_args.load_in_4bit or model_args.load_in_8bit:
+            model = prepare_for_kbit_training(model)
+        model = apply_lora(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            include_vision=model_args.lora_include_vision,
+        )
+    return model, processor
+
+
+def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
     overrides = model_args.config_kwargs()
     path = model_args.model_name_or_path
+    quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit)
     if path is None:
+        if quantization is not None:
+            raise ValueError("--load_in_4bit / --load_in_8bit quantise a checkpoint: give --model_name_or_path")
         return build_tiny_model(task, seed=seed, **overrides)
     processor = AutoProcessor.from_pretrained(path)
+    load_kwargs = {"quantization_config": quantization} if quantization is not None else {}
     if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "cfmoe":
-        model = AutoModel.from_pretrained(path, trust_remote_code=True)
+        model = AutoModel.from_pretrained(path, trust_remote_code=True, **load_kwargs)
         for name, value in overrides.items():
             setattr(model.config, name, value)
         return model, processor
@@ -164,6 +208,7 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         id2label(task) if data_args.dataset == "synthetic" else dict(enumerate(data["train"].features["label"].names))
     )
     model, processor = load_model(task, model_args, labels, training_args.seed)
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, with our own card
     collator = CFMoECollator(
         processor,
         num_labels=model.config.num_labels,
@@ -193,7 +238,6 @@ def main(task: str, argv: list[str] | None = None) -> dict:
             "pick another checkpoint-* folder or 'last'"
         )
     train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
     trainer.save_state()
 
     results = {
@@ -213,9 +257,54 @@ def main(task: str, argv: list[str] | None = None) -> dict:
     results["data"] = (
         asdict(synthetic) if synthetic is not None else {f.name: getattr(data_args, f.name) for f in fields(data_args)}
     )
+    save_model(trainer, processor, model_args, Path(training_args.output_dir))
     if trainer.is_world_process_zero():
         output = Path(training_args.output_dir)
         (output / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
         (output / "all_results.json").write_text(json.dumps(results, indent=2, default=str))
         plot_training(trainer.state.log_history, output / "training.png")
+        write_card(trainer, model_args, data_args, eval_results, synthetic is not None, task)
+        if push_to_hub:
+            push_folder_to_hub(
+                output,
+                training_args.hub_model_id or output.name,
+                private=bool(training_args.hub_private_repo),
+                token=training_args.hub_token,
+            )
     return results
+
+
+def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments, output: Path) -> None:
+    """The final model as a complete Hub folder: weights (or adapter + base), remote code, processor, pipeline."""
+    if model_args.use_lora:
+        if trainer.is_world_process_zero():
+            save_lora_run(trainer.model, processor, output)
+            if model_args.merge_lora:
+                merge_lora_run(output, output / "merged")
+        return
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        complete_hub_folder(output)
+
+
+def write_card(
+    trainer, model_args: ModelArguments, data_args: DataArguments, eval_results: dict, synthetic: bool, task: str
+) -> None:
+    args = trainer.args
+    settings = {
+        **method_settings_from_config(trainer.model.config),
+        "method": args.method,
+        **{name: getattr(args, name) for name in LOSS_SETTINGS},
+    }
+    last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
+    write_model_card(
+        args.output_dir,
+        base_model=model_args.model_name_or_path,
+        dataset_name=f"synthetic planted-cue {task} benchmark" if synthetic else data_args.dataset,
+        method_settings=settings,
+        eval_results=eval_results,
+        routing_shares={k: v for k, v in last_log.items() if k.startswith("routing_")},
+        repo_id=args.hub_model_id,
+        task="sarcasm-detection" if task == "sarcasm" else "sentiment-analysis",
+        synthetic=synthetic,
+    )
