@@ -407,6 +407,14 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         patch_scores = patch_scores.amax(-1) - patch_scores.amin(-1)
         dense_scores = torch.zeros(image_mask.shape, device=input_ids.device).masked_scatter(image_mask, patch_scores)
         image_context = top_fraction(dense_scores, image_mask, config.context_fraction)
+        # a modality left out of the counterfactuals is kept whole: neither its core nor its context is edited
+        if "text" not in config.counterfactual_modalities:
+            text_candidates = text_context = torch.zeros_like(text_context)
+        if "image" not in config.counterfactual_modalities:
+            image_context = torch.zeros_like(image_context)
+            image_mask_cf = torch.zeros_like(image_mask)
+        else:
+            image_mask_cf = image_mask
 
         embeds, masks, sources, kinds = [], [], [], []
         per_item = image_mask.sum(1)
@@ -415,7 +423,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             kind = COUNTERFACTUAL_KINDS[name]
             row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows]
             if kind == CORE_MASKED:
-                core = (text_candidates & ~text_context) | (image_mask & ~image_context)
+                core = (text_candidates & ~text_context) | (image_mask_cf & ~image_context)
                 row_mask = row_mask & ~core[rows]
             else:
                 row_mask = row_mask & ~text_context[rows]

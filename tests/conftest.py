@@ -14,7 +14,7 @@ torch.set_num_threads(1)  # tests run beside other work on 2 cores; more threads
 
 @pytest.fixture(scope="session")
 def tiny_model_and_processor():
-    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0)
+    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0, counterfactual_fraction=0.25)
     return model, processor
 
 

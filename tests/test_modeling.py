@@ -161,7 +161,9 @@ def test_tie_inference_mode_subtracts_direct_effects(tiny_model, tiny_batch):
 @pytest.mark.parametrize("model_type", ["llava", "llava_next", "llava_onevision"])
 def test_base_families_forward_and_backward(model_type):
     torch.manual_seed(0)
-    config = CFMoEConfig(base_config=tiny_base_config(model_type, vocab_size=64).to_dict(), num_labels=3)
+    config = CFMoEConfig(
+        base_config=tiny_base_config(model_type, vocab_size=64).to_dict(), num_labels=3, counterfactual_fraction=0.5
+    )
     model = CFMoEForMultimodalClassification(config).train()
     if model_type == "llava":
         pixel_values, extra = torch.randn(2, 3, 32, 32), {}

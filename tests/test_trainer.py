@@ -77,6 +77,7 @@ def test_vanilla_logs_only_the_task_loss_and_ablations_switch_terms_off(tmp_path
         contrast_loss_weight=0.0,
         prior_kl_weight=0.0,
         counterfactual_fraction=1.0,
+        fused_warmup=True,
     )
     logged = {k.removeprefix("loss_") for k in ablated.state.log_history[0] if k.startswith("loss_")}
     assert logged == CFMOE_COMPONENTS - {"contrast", "prior_kl"}
@@ -134,6 +135,7 @@ def test_accelerate_launch_end_to_end_writes_results_and_components(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                str(REPO / "examples" / "run_sarcasm.py"), *TINY_DATA, "--output_dir", str(tmp_path),
                "--max_steps", "6", "--logging_steps", "3", "--per_device_train_batch_size", "8",
+               "--counterfactual_fraction", "0.25", "--fused_warmup", "True",
                "--eval_strategy", "steps", "--eval_steps", "3",
                "--save_strategy", "steps", "--save_steps", "3"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
@@ -150,11 +152,36 @@ def test_accelerate_launch_end_to_end_writes_results_and_components(tmp_path):
 
 
 def test_lora_run_writes_adapter_base_merged_and_card(tmp_path):
-    main("sarcasm", [*TINY_DATA, "--output_dir", str(tmp_path), "--max_steps", "2", "--per_device_train_batch_size",
-                     "8", "--use_lora", "True", "--merge_lora", "True", "--eval_strategy", "no", "--save_strategy",
-                     "no", "--load_best_model_at_end", "False"])
-    for name in ("adapter_model.safetensors", "adapter_config.json", "base/config.json", "merged/model.safetensors",
-                 "merged/pipeline_cfmoe.py", "README.md"):
+    main(
+        "sarcasm",
+        [
+            *TINY_DATA,
+            "--output_dir",
+            str(tmp_path),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "8",
+            "--use_lora",
+            "True",
+            "--merge_lora",
+            "True",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "False",
+        ],
+    )
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "base/config.json",
+        "merged/model.safetensors",
+        "merged/pipeline_cfmoe.py",
+        "README.md",
+    ):
         assert (tmp_path / name).is_file(), name
     card = (tmp_path / "README.md").read_text()
     assert "model-index" in card and "test_ood" in card

@@ -264,6 +264,8 @@ def main(task: str, argv: list[str] | None = None) -> dict:
         (output / "all_results.json").write_text(json.dumps(results, indent=2, default=str))
         plot_training(trainer.state.log_history, output / "training.png")
         write_card(trainer, model_args, data_args, eval_results, synthetic is not None, task)
+        if not model_args.use_lora:  # a full model: remote code, handler and pipeline beside it, ready to push
+            complete_hub_folder(output)
         if push_to_hub:
             push_folder_to_hub(
                 output,
@@ -275,16 +277,13 @@ def main(task: str, argv: list[str] | None = None) -> dict:
 
 
 def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments, output: Path) -> None:
-    """The final model as a complete Hub folder: weights (or adapter + base), remote code, processor, pipeline."""
-    if model_args.use_lora:
-        if trainer.is_world_process_zero():
-            save_lora_run(trainer.model, processor, output)
-            if model_args.merge_lora:
-                merge_lora_run(output, output / "merged")
-        return
-    trainer.save_model()
-    if trainer.is_world_process_zero():
-        complete_hub_folder(output)
+    """The final model: weights (or LoRA adapter + `base/`, and `merged/` when asked) and processor."""
+    if not model_args.use_lora:
+        trainer.save_model()
+    elif trainer.is_world_process_zero():
+        save_lora_run(trainer.model, processor, output)
+        if model_args.merge_lora:
+            merge_lora_run(output, output / "merged")
 
 
 def write_card(

@@ -76,6 +76,9 @@ class CFMoETrainer(Trainer):
             config.counterfactual_fraction = args.counterfactual_fraction
         if args.counterfactual_types is not None:
             config.counterfactual_types = [t.strip() for t in args.counterfactual_types.split(",") if t.strip()]
+        config.counterfactual_modalities = [
+            name for name, on in (("text", args.text_counterfactuals), ("image", args.image_counterfactuals)) if on
+        ]
         if args.context_fraction is not None:
             config.context_fraction = args.context_fraction
         if args.method == "cfvqa":

@@ -23,7 +23,7 @@ class CFMoETrainingArguments(TrainingArguments):
     method: str = field(default="cfmoe", metadata={"help": f"training method, one of {', '.join(METHODS)}"})
     bias_loss_weight: float = field(default=1.0, metadata={"help": "CE of the text-only / image-only / prior branches"})
     upweight: float = field(
-        default=20.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
+        default=19.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
     )
     conflict_rule: str = field(
         default="per_modality",
@@ -37,7 +37,7 @@ class CFMoETrainingArguments(TrainingArguments):
         default=0.25, metadata={"help": "fraction of training before bias-conflict upweighting starts (cfmoe)"}
     )
     fused_warmup: bool = field(
-        default=True, metadata={"help": "train the fused head during the warm-up (False: bias branches only)"}
+        default=False, metadata={"help": "train the fused head during the warm-up (False: bias branches only)"}
     )
     counterfactual_task_weight: float = field(
         default=1.0, metadata={"help": "CE of context-swapped rows with their source item's label (cfmoe)"}
@@ -52,6 +52,8 @@ class CFMoETrainingArguments(TrainingArguments):
     counterfactual_types: str | None = field(
         default=None, metadata={"help": "override config.counterfactual_types, comma separated"}
     )
+    text_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the text"})
+    image_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the image"})
     context_fraction: float | None = field(default=None, metadata={"help": "override config.context_fraction"})
     uniform_gates: bool = field(default=False, metadata={"help": "ablation: every expert weighted equally"})
     group_dro_step_size: float = field(default=0.01, metadata={"help": "exponentiated-gradient step of group DRO"})
@@ -74,6 +76,11 @@ class CFMoETrainingArguments(TrainingArguments):
             raise ValueError("remove_unused_columns must stay False: the collator needs the raw image/text columns")
         if self.nan_policy not in ("raise", "skip", "ignore"):
             raise ValueError(f"nan_policy must be raise, skip or ignore, got {self.nan_policy!r}")
+        if not (self.text_counterfactuals or self.image_counterfactuals):
+            raise ValueError(
+                "text_counterfactuals and image_counterfactuals cannot both be False; set "
+                "counterfactual_fraction 0 to switch the counterfactual rows off"
+            )
         if self.conflict_rule not in ("per_modality", "combined"):
             raise ValueError(f"conflict_rule must be per_modality or combined, got {self.conflict_rule!r}")
         if not 0.0 <= self.debias_warmup_ratio <= 1.0:
