@@ -1,0 +1,169 @@
+"""The compute budget of a training step, by counting calls, rows and tokens (never by timing).
+
+Budget of one `cfmoe` training step (docs/cost.md), for B items of padded length L (N image tokens each):
+- the vision tower runs once, on the B images (not again for any branch or counterfactual row);
+- language-model call 1: the B factual rows plus `ceil(counterfactual_fraction * B)` rows per entry of
+  `counterfactual_types`, all at length L (a shorter second call for rows compacted to their kept tokens
+  is allowed: it only lowers the count);
+- the text-only call: the B text-only rows, at most as long as the longest text (no image token);
+- the image-only branch and the prior take no language-model call.
+`vanilla` (and default inference): one language-model call of the B factual rows at length L.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from trainer.tiny import IMAGE_SIZE, PATCH_SIZE, tiny_base_config
+from trainer.trainer import CFMoETrainer
+from trainer.training_args import CFMoETrainingArguments
+
+IMAGE_TOKEN, PAD, BOS, VOCAB = 4, 0, 1, 64
+N_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2  # the tiny tower's patches; its CLS feature is dropped
+
+
+@dataclass
+class Calls:
+    """What the hooks saw: images per vision-tower call, and per language-model call its rows, length,
+    attended tokens and whether an image token was among its input ids."""
+
+    vision: list[int] = field(default_factory=list)
+    lm: list[dict] = field(default_factory=list)
+
+
+def record_calls(model: CFMoEForMultimodalClassification) -> tuple[Calls, list]:
+    calls = Calls()
+
+    def on_vision(module, args, kwargs):
+        calls.vision.append((args[0] if args else kwargs["pixel_values"]).shape[0])
+
+    def on_lm(module, args, kwargs):
+        ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs["attention_mask"]
+        rows, length = (ids if ids is not None else embeds).shape[:2]
+        has_image = ids is not None and bool((ids == IMAGE_TOKEN).any())
+        calls.lm.append(
+            {
+                "rows": rows,
+                "length": length,
+                "attended": int(mask.sum()),
+                "input_ids": ids is not None,
+                "image_ids": has_image,
+            }
+        )
+
+    handles = [
+        model.mllm.vision_tower.register_forward_pre_hook(on_vision, with_kwargs=True),
+        model.mllm.language_model.register_forward_pre_hook(on_lm, with_kwargs=True),
+    ]
+    return calls, handles
+
+
+def tiny_model(**config_kwargs) -> CFMoEForMultimodalClassification:
+    base = tiny_base_config(vocab_size=VOCAB, image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return CFMoEForMultimodalClassification(CFMoEConfig(base_config=base.to_dict(), num_labels=2, **config_kwargs))
+
+
+def batch_of(batch: int, text_lengths: list[int]) -> dict[str, torch.Tensor]:
+    """`<s> <image>*N text <pad>...` rows with the given text lengths (right padding), images, labels."""
+    gen = torch.Generator().manual_seed(1)
+    length = 1 + N_IMAGE + max(text_lengths)
+    input_ids = torch.full((batch, length), PAD)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, n_text in enumerate(text_lengths):
+        input_ids[row, 0] = BOS
+        input_ids[row, 1 : 1 + N_IMAGE] = IMAGE_TOKEN
+        input_ids[row, 1 + N_IMAGE : 1 + N_IMAGE + n_text] = torch.randint(5, VOCAB, (n_text,), generator=gen)
+        attention_mask[row, : 1 + N_IMAGE + n_text] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=gen),
+        "labels": torch.randint(0, 2, (batch,), generator=gen),
+    }
+
+
+def train_step_calls(model, method: str, inputs: dict, tmp_path, **overrides) -> Calls:
+    """One training step (compute_loss + backward) through `CFMoETrainer`, with the full objective on."""
+    args = CFMoETrainingArguments(output_dir=str(tmp_path), method=method, report_to="none", use_cpu=True, **overrides)
+    trainer = CFMoETrainer(model=model, args=args)
+    trainer.state.global_step, trainer.state.max_steps = 100, 100  # past the warm-up: upweighting on
+    model.train()
+    calls, handles = record_calls(model)
+    try:
+        trainer.compute_loss(model, inputs).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+TEXT_LENGTHS = [7, 3, 5, 6, 2]  # B = 5: ceil(0.25 * 5) = 2 rows per counterfactual type
+
+
+@pytest.mark.parametrize(
+    "fraction, types",
+    [
+        (None, None),  # the default configuration
+        (0.25, "context_swapped,core_masked"),
+        (0.5, "core_masked"),
+        (1.0, "context_swapped,core_masked"),
+        (0.0, "context_swapped,core_masked"),
+    ],
+)
+def test_cfmoe_step_stays_within_the_documented_budget(tmp_path, fraction, types):
+    model = tiny_model()
+    inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
+    batch, length = inputs["input_ids"].shape
+    calls = train_step_calls(
+        model, "cfmoe", inputs, tmp_path, counterfactual_fraction=fraction, counterfactual_types=types
+    )
+    config = model.config
+    n_cf = math.ceil(config.counterfactual_fraction * batch) * len(config.counterfactual_types)
+
+    assert calls.vision == [batch], "the vision tower runs once per step, on each image once"
+    text_calls = [c for c in calls.lm if c["input_ids"]]
+    row_calls = [c for c in calls.lm if not c["input_ids"]]  # merged image + text embeddings
+    assert len(text_calls) == 1 and len(row_calls) <= 2, calls.lm
+    (text_only,) = text_calls
+    assert not text_only["image_ids"], "the text-only rows hold no image token"
+    assert text_only["rows"] == batch and text_only["length"] <= 1 + max(TEXT_LENGTHS)
+    assert text_only["attended"] == sum(1 + n for n in TEXT_LENGTHS), "every text token, nothing else"
+    factual = row_calls[0]
+    assert factual["length"] == length and factual["rows"] >= batch, "the factual rows, at full length"
+    assert sum(c["rows"] for c in row_calls) == batch + n_cf
+    assert all(c["length"] <= length for c in row_calls)
+    budget = (batch + n_cf) * length + batch * (1 + max(TEXT_LENGTHS))
+    assert sum(c["rows"] * c["length"] for c in calls.lm) <= budget
+
+
+def test_vanilla_step_is_one_language_model_call_of_the_batch(tmp_path):
+    model = tiny_model()
+    inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
+    calls = train_step_calls(model, "vanilla", inputs, tmp_path)
+    assert calls.vision == [len(TEXT_LENGTHS)]
+    assert [(c["rows"], c["length"]) for c in calls.lm] == [tuple(inputs["input_ids"].shape)]
+
+
+@pytest.mark.parametrize("mode, lm_calls", [("fused", 1), ("tie", 2)])
+def test_inference_budget(mode, lm_calls):
+    """Default inference is one pass; the optional `tie` mode adds the short text-only call, no fine-grained
+    counterfactual rows."""
+    model = tiny_model(inference_mode=mode).eval()
+    inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
+    inputs.pop("labels")
+    calls, handles = record_calls(model)
+    with torch.no_grad():
+        model(**inputs)
+    for handle in handles:
+        handle.remove()
+    assert calls.vision == [len(TEXT_LENGTHS)]
+    assert len(calls.lm) == lm_calls
+    assert (calls.lm[0]["rows"], calls.lm[0]["length"]) == tuple(inputs["input_ids"].shape)
+    if mode == "tie":
+        assert calls.lm[1]["rows"] == len(TEXT_LENGTHS) and not calls.lm[1]["image_ids"]
