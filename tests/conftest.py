@@ -9,7 +9,19 @@ from PIL import Image
 
 from trainer.tiny import build_tiny_model
 
-torch.set_num_threads(1)  # tests run beside other work on 2 cores; more threads only thrash
+torch.set_num_threads(1)
+
+# prepended to scripts run in a subprocess that must not import our packages (remote-code checks)
+BLOCK_OUR_PACKAGES = """
+import builtins
+_real_import = builtins.__import__
+def _guarded(name, *args, **kwargs):
+    if name.split(".")[0] in ("modeling_cfmoe", "trainer"):
+        raise ImportError(f"{name} must not be importable here")
+    return _real_import(name, *args, **kwargs)
+builtins.__import__ = _guarded
+"""
+# tests run beside other work on 2 cores; more threads only thrash
 
 
 @pytest.fixture(scope="session")

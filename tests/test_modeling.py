@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BLOCK_OUR_PACKAGES
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
@@ -38,15 +39,9 @@ def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_pa
         torch.testing.assert_close(reloaded(**tiny_batch).logits, tiny_model(**tiny_batch).logits, rtol=0, atol=0)
 
 
-REMOTE_LOADER = textwrap.dedent(
+REMOTE_LOADER = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
-    import builtins, sys
-    real_import = builtins.__import__
-    def guarded(name, *args, **kwargs):
-        if name.split(".")[0] in ("modeling_cfmoe", "trainer"):
-            raise ImportError(f"{name} must not be importable here")
-        return real_import(name, *args, **kwargs)
-    builtins.__import__ = guarded
+    import sys
     import torch
     from transformers import AutoModel
     model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()

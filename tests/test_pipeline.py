@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_images
+from conftest import BLOCK_OUR_PACKAGES, random_images
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
 import modeling_cfmoe
@@ -142,15 +142,9 @@ def test_handler_decodes_base64_and_lists(pipe):
         handler({"image": "", "text": "hi"})
 
 
-REMOTE_PIPELINE = textwrap.dedent(
+REMOTE_PIPELINE = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
-    import builtins, json, sys
-    real_import = builtins.__import__
-    def guarded(name, *args, **kwargs):
-        if name.split(".")[0] in ("modeling_cfmoe", "trainer"):
-            raise ImportError(f"{name} must not be importable here")
-        return real_import(name, *args, **kwargs)
-    builtins.__import__ = guarded
+    import json, sys
     from transformers import pipeline
     folder, request = sys.argv[1], json.loads(open(sys.argv[2]).read())
     pipe = pipeline(model=folder, trust_remote_code=True)
