@@ -275,3 +275,24 @@ def test_text_only_model_runs_without_images(tiny_model):
         out = tiny_model(input_ids=ids, attention_mask=(ids != 0).long(), return_counterfactuals=True)
     torch.testing.assert_close(out.image_only_logits, out.prior_logits)
     assert out.router_logits[0].shape == (2, tiny_model.config.num_text_experts)
+
+
+def test_make_tiny_model_script_writes_an_offline_checkpoint(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_tiny_model.py"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, str(script), "--output_dir", str(tmp_path / "tiny"), "--task", "sentiment"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    model = AutoModel.from_pretrained(tmp_path / "tiny", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "tiny")
+    assert model.config.num_labels == 3 and model.config.id2label[1] == "neutral"
+    batch = processor(images=[Image.new("RGB", (32, 32))], text=["<image>\nhappy day"], return_tensors="pt")
+    with torch.no_grad():
+        assert model(**batch).logits.shape == (1, 3)

@@ -140,9 +140,11 @@ def build_tiny_model(task: str = "sarcasm", model_type: str = "llava", seed: int
     return CFMoEForMultimodalClassification(config), processor
 
 
-def write_tiny_checkpoint(output_dir: str | Path, task: str = "sarcasm", seed: int = 0, **config_kwargs) -> Path:
+def write_tiny_checkpoint(
+    output_dir: str | Path, task: str = "sarcasm", seed: int = 0, model_type: str = "llava", **config_kwargs
+) -> Path:
     """Write a complete, offline-loadable checkpoint folder (model, remote code, processor)."""
-    model, processor = build_tiny_model(task, seed=seed, **config_kwargs)
+    model, processor = build_tiny_model(task, model_type=model_type, seed=seed, **config_kwargs)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     return Path(output_dir)
