@@ -6,6 +6,7 @@ from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .counterfactual import CausalEffects, causal_effects, drop_image_tokens
 from .modeling_cfmoe import CFMoEForMultimodalClassification, CFMoEOutput, CFMoEPreTrainedModel
 from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
+from .pipeline_cfmoe import MultimodalDebiasedClassificationPipeline, save_pipeline
 
 AutoConfig.register(CFMoEConfig.model_type, CFMoEConfig, exist_ok=True)
 AutoModel.register(CFMoEConfig, CFMoEForMultimodalClassification, exist_ok=True)
@@ -24,4 +25,6 @@ __all__ = [
     "causal_effects",
     "drop_image_tokens",
     "load_balancing_loss",
+    "MultimodalDebiasedClassificationPipeline",
+    "save_pipeline",
 ]
