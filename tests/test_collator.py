@@ -40,15 +40,6 @@ def image_token_counts(processor, batch) -> list[int]:
     return (batch["input_ids"] == token).sum(1).tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: fastest for the tiny model, and no oversubscription of shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def collator(processor):
     return CFMoECollator(processor, num_labels=2)

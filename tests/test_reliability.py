@@ -33,15 +33,6 @@ CHECKPOINT_PICKLES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_
 KL_TO_PRIOR = trainer_module.kl_to_prior
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: fastest for the tiny model, and no oversubscription of shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_data():
     """8 training items: two optimizer steps of 4."""

@@ -17,6 +17,7 @@ from trainer.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = ["--num_train", "64", "--num_validation", "32", "--num_test", "32"]
+NO_EVAL_OR_SAVE = ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
 CFMOE_COMPONENTS = {"task", "cf_task", "bias_text", "bias_image", "bias_prior", "contrast", "prior_kl", "aux"}
 
 
@@ -116,12 +117,7 @@ def test_short_vanilla_run_learns(tmp_path):
             "4",
             "--logging_steps",
             "4",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--load_best_model_at_end",
-            "False",
+            *NO_EVAL_OR_SAVE,
         ],
     )
     losses = [
@@ -166,12 +162,7 @@ def test_lora_run_writes_adapter_base_merged_and_card(tmp_path):
             "True",
             "--merge_lora",
             "True",
-            "--eval_strategy",
-            "no",
-            "--save_strategy",
-            "no",
-            "--load_best_model_at_end",
-            "False",
+            *NO_EVAL_OR_SAVE,
         ],
     )
     for name in (

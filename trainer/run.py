@@ -242,7 +242,6 @@ def main(task: str, argv: list[str] | None = None) -> dict:
 
     results = {
         "train": train_result.metrics,
-        "skipped_examples": collator.num_skipped,
         "method": training_args.method,
         "seed": training_args.seed,
     }

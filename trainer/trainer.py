@@ -3,8 +3,10 @@
 For the full method (`method="cfmoe"`), one forward gives the factual, text-only, image-only and prior
 branches and the fine-grained counterfactual rows, and
 
-    L = L_task(w)                  weighted CE of the fused head; w_i = 1 + upweight if the bias
-                                   branches' combined prediction contradicts y_i (after the warm-up)
+    L = L_task(w)                  weighted CE of the fused head; after the warm-up
+                                   w_i = prod_m (1 + upweight * [bias branch m wrong on item i])
+                                   (`conflict_rule="combined"`: 1 + upweight where their summed
+                                   prediction is wrong)
       + L_cf_task                  CE of context-swapped rows with their item's label (decorrelated cues)
       + L_bias                     CE of the text-only, image-only and prior branches
       + L_contrast                 InfoNCE: factual ~ context-swapped, not ~ core-masked
@@ -116,17 +118,17 @@ class CFMoETrainer(Trainer):
             return {"task": weighted_cross_entropy(fused, labels)}
         if method == "group_dro":
             return {"task": self._group_dro_loss(fused, labels, groups), **self._aux(outputs)}
-        bias_terms = self._bias_terms(outputs, labels)
+        terms = {**self._bias_terms(outputs, labels), **self._aux(outputs)}
         if method in ("text_poe", "image_poe", "poe"):
             branches = {"text_poe": (text,), "image_poe": (image,), "poe": (text, image)}[method]
-            return {"task": weighted_cross_entropy(product_of_experts(fused, *branches), labels), **bias_terms}
+            return {"task": weighted_cross_entropy(product_of_experts(fused, *branches), labels), **terms}
         if method == "rubi":
-            return {"task": weighted_cross_entropy(rubi_logits(fused, text, image), labels), **bias_terms}
+            return {"task": weighted_cross_entropy(rubi_logits(fused, text, image), labels), **terms}
         if method == "cfvqa":  # SUM fusion trained jointly; the TIE is used at test time
-            return {"task": weighted_cross_entropy(fused + text + image, labels), **bias_terms}
-        return self._cfmoe_terms(outputs, labels, bias_terms)
+            return {"task": weighted_cross_entropy(fused + text + image, labels), **terms}
+        return self._cfmoe_terms(outputs, labels, terms)
 
-    def _cfmoe_terms(self, outputs, labels, bias_terms) -> dict[str, torch.Tensor]:
+    def _cfmoe_terms(self, outputs, labels, shared_terms) -> dict[str, torch.Tensor]:
         args = self.args
         weights = None
         warming_up = self.state.global_step < args.debias_warmup_ratio * self.state.max_steps
@@ -136,7 +138,7 @@ class CFMoETrainer(Trainer):
                 weights = bias_conflict_weights(text, image, labels, args.upweight)
             else:
                 weights = modality_conflict_weights(text, image, labels, args.upweight, args.max_weight)
-        terms = dict(bias_terms)
+        terms = dict(shared_terms)
         if args.fused_warmup or not warming_up:
             terms["task"] = weighted_cross_entropy(outputs.fused_logits, labels, weights)
         if outputs.counterfactual_logits is not None:
@@ -158,7 +160,6 @@ class CFMoETrainer(Trainer):
                 terms["prior_kl"] = args.prior_kl_weight * kl_to_prior(
                     outputs.counterfactual_logits[masked], outputs.prior_logits[source[masked]]
                 )
-        terms.update(self._aux(outputs))
         if weights is not None:
             self._sums["upweighted_fraction"] += (weights > 1).float().mean().detach()
         return terms
@@ -166,12 +167,11 @@ class CFMoETrainer(Trainer):
     def _bias_terms(self, outputs, labels) -> dict[str, torch.Tensor]:
         weight = self.args.bias_loss_weight
         if weight == 0:
-            return self._aux(outputs)
+            return {}
         return {
             "bias_text": weight * weighted_cross_entropy(outputs.text_only_logits, labels),
             "bias_image": weight * weighted_cross_entropy(outputs.image_only_logits, labels),
             "bias_prior": weight * weighted_cross_entropy(outputs.prior_logits, labels),
-            **self._aux(outputs),
         }
 
     def _aux(self, outputs) -> dict[str, torch.Tensor]:
