@@ -176,3 +176,25 @@ def test_lora_run_writes_adapter_base_merged_and_card(tmp_path):
         assert (tmp_path / name).is_file(), name
     card = (tmp_path / "README.md").read_text()
     assert "model-index" in card and "test_ood" in card
+
+
+def test_load_in_8bit_quantises_a_stock_base_and_keeps_the_heads(tmp_path):
+    import bitsandbytes as bnb
+    from transformers import LlavaForConditionalGeneration
+
+    from trainer.run import ModelArguments, load_model
+    from trainer.tiny import tiny_base_config
+
+    _, processor = build_tiny_model("sarcasm")
+    stock = LlavaForConditionalGeneration(
+        tiny_base_config("llava", vocab_size=len(processor.tokenizer), image_token_id=4, pad_token_id=0)
+    )
+    stock.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model, _ = load_model(
+        "sarcasm", ModelArguments(model_name_or_path=str(tmp_path), load_in_8bit=True), {0: "no", 1: "yes"}, seed=0
+    )
+    assert isinstance(model.mllm.language_model.layers[0].mlp.up_proj, bnb.nn.Linear8bitLt)
+    assert (
+        type(model.fused_head) is torch.nn.Linear and type(model.mllm.multi_modal_projector.linear_1) is torch.nn.Linear
+    )

@@ -179,9 +179,10 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
         return model, processor
     from modeling_cfmoe import CFMoEForMultimodalClassification
 
-    return CFMoEForMultimodalClassification.from_base_pretrained(
-        path, id2label=labels, config_kwargs=overrides
-    ), processor
+    model = CFMoEForMultimodalClassification.from_base_pretrained(
+        path, id2label=labels, config_kwargs=overrides, **load_kwargs
+    )
+    return model, processor
 
 
 def _count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
