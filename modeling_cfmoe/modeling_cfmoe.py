@@ -359,7 +359,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
         out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
         out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
-        if self.training:
+        if self.training and self.config.counterfactual_fraction > 0:  # only counterfactual rows read the table
             self._update_token_direct_effect(text_ids, text_mask, text_hidden)
 
     @torch.no_grad()

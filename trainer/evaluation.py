@@ -8,7 +8,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import EvalPrediction, Trainer
 
-from .metrics import accuracy, binary_f1, cue_reliance, group_accuracies, macro_f1
+from .metrics import accuracy, binary_f1, cue_reliance, macro_f1, worst_group_accuracy
 
 MIN_GROUP_SIZE = 10  # worst-group accuracy ignores groups smaller than this (too noisy to rank)
 
@@ -76,11 +76,9 @@ def evaluate_split(trainer: Trainer, dataset: Dataset, flipped: Dataset | None =
     if int(labels.max()) <= 1:
         metrics["binary_f1"] = binary_f1(predictions, labels)
     if "group" in dataset.column_names:
-        groups = np.asarray(dataset["group"])
-        sizes = np.bincount(groups)
-        per_group = group_accuracies(predictions, labels, groups)
-        kept = [acc for group, acc in per_group.items() if sizes[group] >= MIN_GROUP_SIZE]
-        metrics["worst_group_accuracy"] = min(kept) if kept else float("nan")
+        metrics["worst_group_accuracy"] = worst_group_accuracy(
+            predictions, labels, np.asarray(dataset["group"]), MIN_GROUP_SIZE
+        )
     if flipped is not None:
         metrics["cue_reliance"] = cue_reliance(predictions, predict_labels(trainer, flipped))
     return metrics

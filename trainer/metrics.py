@@ -80,9 +80,13 @@ def group_accuracies(predictions: ArrayLike, references: ArrayLike, groups: Arra
     return {int(g): float(np.mean(correct[group_ids == g])) for g in np.unique(group_ids)}
 
 
-def worst_group_accuracy(predictions: ArrayLike, references: ArrayLike, groups: ArrayLike) -> float:
-    """Lowest accuracy over the groups that hold at least one item."""
-    return min(group_accuracies(predictions, references, groups).values())
+def worst_group_accuracy(
+    predictions: ArrayLike, references: ArrayLike, groups: ArrayLike, min_group_size: int = 1
+) -> float:
+    """Lowest accuracy over the groups that hold at least ``min_group_size`` items (NaN when none does)."""
+    sizes = np.bincount(_labels(groups, "groups"))
+    kept = [acc for g, acc in group_accuracies(predictions, references, groups).items() if sizes[g] >= min_group_size]
+    return min(kept) if kept else float("nan")
 
 
 def cue_reliance(predictions: ArrayLike, flipped_predictions: ArrayLike) -> float:
