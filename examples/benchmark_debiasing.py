@@ -54,6 +54,7 @@ TASK = "sarcasm"
 # Extra argv of `trainer.run.main(TASK, argv)` per method; edit the method configurations here.
 # Ablations (names starting with "cfmoe_") list only what they change: the "cfmoe" entry is prepended to them.
 FULL_METHOD = "cfmoe"
+NO_SPLIT = ["--counterfactual_fraction", "0", "--factual_task_weight", "1", "--upweight", "19"]
 ABLATION_PREFIX = f"{FULL_METHOD}_"
 RUNS: dict[str, list[str]] = {
     # peers: same model, same data, same budget
@@ -69,13 +70,14 @@ RUNS: dict[str, list[str]] = {
     # ablations of cfmoe (each adds its flags to the cfmoe entry)
     "cfmoe_single_expert": ["--num_visual_experts", "1", "--num_text_experts", "1", "--experts_top_k", "1"],
     "cfmoe_uniform_gates": ["--uniform_gates", "True"],
-    "cfmoe_combined_rule": ["--conflict_rule", "combined"],  # DESIGN.md's JTT lead: one error set, text+image
-    "cfmoe_no_upweight": ["--upweight", "0"],  # bias branches trained, no reweighting
-    # the fine-grained counterfactual rows are off in cfmoe (they lowered OOD accuracy); these switch them on
-    "cfmoe_cf_rows": ["--counterfactual_fraction", "0.25"],  # core/context split, both modalities, all terms
-    "cfmoe_cf_rows_no_text_cf": ["--counterfactual_fraction", "0.25", "--text_counterfactuals", "False"],
-    "cfmoe_cf_rows_no_visual_cf": ["--counterfactual_fraction", "0.25", "--image_counterfactuals", "False"],
-    "cfmoe_cf_rows_no_contrast": ["--counterfactual_fraction", "0.25", "--contrast_loss_weight", "0"],
+    "cfmoe_no_text_cf": ["--text_counterfactuals", "False"],  # only the image context is swapped
+    "cfmoe_no_visual_cf": ["--image_counterfactuals", "False"],  # only the text context is swapped
+    "cfmoe_with_contrast": ["--counterfactual_types", "context_swapped,core_masked"],  # + core-masked rows, contrast
+    "cfmoe_with_factual_task": ["--factual_task_weight", "1"],  # the fused head also learns from factual rows
+    # no core/context split: whole-modality counterfactuals only (the text-only and image-only branches), used to
+    # reweight the factual rows per modality (w = prod_m (1 + 19 [branch m wrong])), or with DESIGN.md's JTT rule
+    "cfmoe_no_split": [*NO_SPLIT],
+    "cfmoe_no_split_combined_rule": [*NO_SPLIT, "--conflict_rule", "combined"],
 }
 REFERENCES = ("oracle_unbiased", "group_dro")
 

@@ -26,13 +26,17 @@ class CFMoEConfig(PretrainedConfig):
         router_aux_loss_coef (`float`): weight of the load-balancing loss in `aux_loss`.
         pooling (`str`): "mean" over attended tokens or "last" attended token.
         classifier_dropout (`float`): dropout before the heads.
-        counterfactual_fraction (`float`): fraction of rows that get core-masked and context-swapped
-            counterfactual rows when counterfactuals are asked for in training. Off (0) by default: on the
-            synthetic benchmark they lowered OOD accuracy (README, results).
-        counterfactual_types (`list[str]`): any of "context_swapped", "core_masked".
+        counterfactual_fraction (`float`): fraction of the items that get fine-grained counterfactual rows
+            when counterfactuals are asked for in training.
+        counterfactual_types (`list[str]`): any of "context_swapped" (the item's context replaced by
+            another item's, its core kept) and "core_masked" (its core removed, its context kept).
         counterfactual_modalities (`list[str]`): which modalities the counterfactual rows edit ("text", "image").
-        context_fraction (`float`): fraction of an item's text tokens and image patches called *context*:
-            those with the largest direct effect in their unimodal branch.
+        context_fraction (`float`): fraction of an item's text tokens (and, with `image_context="patches"`,
+            image patches) called *context*: those with the largest direct effect in their unimodal branch.
+        image_context (`str`): what *context* is in an image. "global": the image-level component, i.e. the
+            mean of its projected features, which is all the image-only head reads; each patch's deviation
+            from it is core. "patches": the `context_fraction` patches contributing most to the image-only
+            head.
         token_score_momentum (`float`): EMA momentum of the per-vocabulary direct-effect table.
         detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
             text-only language-model pass runs without gradient): they measure what one modality alone
@@ -58,10 +62,11 @@ class CFMoEConfig(PretrainedConfig):
         router_aux_loss_coef: float = 0.01,
         pooling: str = "mean",
         classifier_dropout: float = 0.0,
-        counterfactual_fraction: float = 0.0,
+        counterfactual_fraction: float = 1.0,
         counterfactual_types: list[str] | None = None,
         counterfactual_modalities: list[str] | None = None,
-        context_fraction: float = 0.2,
+        context_fraction: float = 0.05,
+        image_context: str = "global",
         token_score_momentum: float = 0.99,
         detach_bias_branches: bool = False,
         inference_mode: str = "fused",
@@ -86,9 +91,10 @@ class CFMoEConfig(PretrainedConfig):
         self.pooling = pooling
         self.classifier_dropout = classifier_dropout
         self.counterfactual_fraction = counterfactual_fraction
-        self.counterfactual_types = list(counterfactual_types or ["context_swapped", "core_masked"])
+        self.counterfactual_types = list(counterfactual_types or ["context_swapped"])
         self.counterfactual_modalities = list(counterfactual_modalities or ["text", "image"])
         self.context_fraction = context_fraction
+        self.image_context = image_context
         self.token_score_momentum = token_score_momentum
         self.detach_bias_branches = detach_bias_branches
         self.inference_mode = inference_mode
@@ -111,6 +117,8 @@ class CFMoEConfig(PretrainedConfig):
         unknown = set(self.counterfactual_types) - {"context_swapped", "core_masked"}
         if unknown:
             raise ValueError(f"unknown counterfactual_types {sorted(unknown)}; use context_swapped, core_masked")
+        if self.image_context not in ("global", "patches"):
+            raise ValueError(f"image_context must be 'global' or 'patches', got {self.image_context!r}")
         if "{text}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain '{{text}}', got {self.prompt_template!r}")
         if not set(self.counterfactual_modalities) <= {"text", "image"}:

@@ -86,3 +86,24 @@ def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, fraction: float
     masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
     rank = masked.argsort(dim=1, descending=True).argsort(dim=1)
     return candidates & (rank < k.unsqueeze(1))
+
+
+def swap_context_tokens(
+    embeds: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Context transplant in text: the k-th context token of each drawn row takes the embedding of the k-th
+    context token of its partner item.
+
+    embeds `(batch, length, dim)`, context `(batch, length)` bool, rows / partner `(n,)` item indices.
+    Returns the rows' embeddings `(n, length, dim)` and `(n, length)` bool: context positions left without a
+    partner token (the partner has fewer), to be masked out.
+    """
+    rank = (context.long().cumsum(1) - 1).clamp_min(0)
+    table = torch.zeros_like(embeds)  # (batch, length, dim): item i's k-th context token at position k
+    items, positions = context.nonzero(as_tuple=True)
+    table[items, rank[items, positions]] = embeds[items, positions]
+    row_context, row_rank = context[rows], rank[rows]
+    donated = table[partner].gather(1, row_rank.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    available = row_rank < context.sum(1)[partner].unsqueeze(1)
+    swapped = torch.where((row_context & available).unsqueeze(-1), donated, embeds[rows])
+    return swapped, row_context & ~available

@@ -36,6 +36,7 @@ from .counterfactual import (
     drop_image_tokens,
     pool_by_row,
     pool_tokens,
+    swap_context_tokens,
     top_fraction,
 )
 from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
@@ -382,67 +383,79 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         self.token_direct_effect[seen] = momentum * self.token_direct_effect[seen] + (1 - momentum) * means
 
     def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, image_features):
-        """Core-masked and context-swapped rows for a random `counterfactual_fraction` of the items.
+        """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Context = the text tokens and image patches with the largest direct effect in their unimodal
-        branch (text: the running per-token table; image: each patch's contribution to the image-only
-        head); core = the rest. Context-swapped rows drop the text context and take the image context
-        patches of another item of the batch; core-masked rows drop the core text tokens and core patches.
-        Returns `(embeds, mask, source, kind)` or None when no row is drawn.
+        Text context = the `context_fraction` tokens with the largest direct effect in the text-only branch
+        (the running per-token table); core = the other text tokens. Image context (`config.image_context`):
+        "global", the image's mean projected feature (what the image-only head reads), core = each patch's
+        deviation from it; or "patches", the patches contributing most to the image-only head. A
+        context-swapped row takes the context of its partner (the next item of the batch) and keeps its
+        own core; a core-masked row keeps only its context. Returns `(embeds, mask, source, kind)` or None.
         """
         config, batch = self.config, input_ids.shape[0]
         n_rows = int(math.ceil(config.counterfactual_fraction * batch)) if config.counterfactual_fraction else 0
         if n_rows == 0:
             return None
         rows = torch.randperm(batch, device=input_ids.device)[:n_rows]
+        partner = (rows + 1) % batch
+        edit_text = "text" in config.counterfactual_modalities
+        edit_image = "image" in config.counterfactual_modalities
         # text split: never touch the first attended token (keeps every causal query attended)
         first = (attention_mask.long().cumsum(1) == 1) & attention_mask
-        text_candidates = attention_mask & ~image_mask & ~first
+        text_candidates = attention_mask & ~image_mask & ~first & edit_text
         token_scores = self.token_direct_effect[input_ids]
         text_context = top_fraction(
             token_scores.amax(-1) - token_scores.amin(-1), text_candidates, config.context_fraction
         )
-        # image split: each patch's logit contribution to the image-only head
-        patch_scores = (self.image_head(image_features.detach()) - self.image_head.bias).float()
-        patch_scores = patch_scores.amax(-1) - patch_scores.amin(-1)
-        dense_scores = torch.zeros(image_mask.shape, device=input_ids.device).masked_scatter(image_mask, patch_scores)
-        image_context = top_fraction(dense_scores, image_mask, config.context_fraction)
-        # a modality left out of the counterfactuals is kept whole: neither its core nor its context is edited
-        if "text" not in config.counterfactual_modalities:
-            text_candidates = text_context = torch.zeros_like(text_context)
-        if "image" not in config.counterfactual_modalities:
-            image_context = torch.zeros_like(image_context)
-            image_mask_cf = torch.zeros_like(image_mask)
+        patches = config.image_context == "patches"
+        if patches:
+            image_context = self._image_context_patches(image_mask, image_features) & edit_image
         else:
-            image_mask_cf = image_mask
+            means = pool_by_row(image_features, image_mask.nonzero()[:, 0], batch).to(inputs_embeds.dtype)
+            row_images = image_mask[rows]
+            image_item = rows[row_images.nonzero()[:, 0]]  # the item of each of the rows' image tokens
+            image_partner = partner[row_images.nonzero()[:, 0]]
 
         embeds, masks, sources, kinds = [], [], [], []
-        per_item = image_mask.sum(1)
-        can_swap = bool((per_item == per_item[0]).all())
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
             row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows]
             if kind == CORE_MASKED:
-                core = (text_candidates & ~text_context) | (image_mask_cf & ~image_context)
-                row_mask = row_mask & ~core[rows]
+                row_mask = row_mask & ~(text_candidates & ~text_context)[rows]
+                if patches:
+                    row_mask = row_mask & ~(image_mask & ~image_context & edit_image)[rows]
+                elif edit_image:  # every patch reduced to the image's mean: its deviation (core) removed
+                    row_embeds = row_embeds.masked_scatter(row_images.unsqueeze(-1), means[image_item])
             else:
-                row_mask = row_mask & ~text_context[rows]
-                if can_swap:
-                    row_embeds = self._swap_image_context(row_embeds, inputs_embeds, image_mask, image_context, rows)
-                elif not getattr(self, "_warned_swap", False):
-                    warnings.warn(
-                        "items differ in image token counts: context swaps keep their own image", stacklevel=2
-                    )
-                    self._warned_swap = True
+                row_embeds, missing = swap_context_tokens(inputs_embeds, text_context, rows, partner)
+                row_mask = row_mask & ~missing
+                if patches:
+                    row_embeds = self._swap_image_patches(row_embeds, inputs_embeds, image_mask, image_context, rows)
+                elif edit_image:  # the partner's image-level component under this item's patch deviations
+                    shifted = row_embeds[row_images] - means[image_item] + means[image_partner]
+                    row_embeds = row_embeds.masked_scatter(row_images.unsqueeze(-1), shifted)
             embeds.append(row_embeds)
             masks.append(row_mask)
             sources.append(rows)
             kinds.append(torch.full_like(rows, kind))
         return torch.cat(embeds), torch.cat(masks), torch.cat(sources), torch.cat(kinds)
 
-    @staticmethod
-    def _swap_image_context(row_embeds, inputs_embeds, image_mask, image_context, rows):
-        """Replace each drawn row's image-context positions by the same positions of the next item."""
+    def _image_context_patches(self, image_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """`(batch, length)` bool: the `context_fraction` image patches contributing most to the image head."""
+        patch_scores = (self.image_head(image_features.detach()) - self.image_head.bias).float()
+        patch_scores = patch_scores.amax(-1) - patch_scores.amin(-1)
+        dense_scores = torch.zeros(image_mask.shape, device=image_mask.device).masked_scatter(image_mask, patch_scores)
+        return top_fraction(dense_scores, image_mask, self.config.context_fraction)
+
+    def _swap_image_patches(self, row_embeds, inputs_embeds, image_mask, image_context, rows):
+        """Replace each drawn row's image-context patches by the same patches of the next item (needs equal
+        image-token counts; otherwise the rows keep their own image, with a warning)."""
+        per_item = image_mask.sum(1)
+        if not bool((per_item == per_item[0]).all()):
+            if not getattr(self, "_warned_swap", False):
+                warnings.warn("items differ in image token counts: context swaps keep their own image", stacklevel=2)
+                self._warned_swap = True
+            return row_embeds
         partner = (rows + 1) % inputs_embeds.shape[0]
         # with equal image-token counts, the k-th image token of two items is the same patch
         grid = inputs_embeds[image_mask].view(inputs_embeds.shape[0], -1, inputs_embeds.shape[-1])

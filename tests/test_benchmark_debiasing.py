@@ -91,12 +91,12 @@ def test_table_holds_every_method_and_ablations_inherit_cfmoe(bench):
     ablations = {
         "cfmoe_single_expert",
         "cfmoe_uniform_gates",
-        "cfmoe_combined_rule",
-        "cfmoe_no_upweight",
-        "cfmoe_cf_rows",
-        "cfmoe_cf_rows_no_text_cf",
-        "cfmoe_cf_rows_no_visual_cf",
-        "cfmoe_cf_rows_no_contrast",
+        "cfmoe_no_text_cf",
+        "cfmoe_no_visual_cf",
+        "cfmoe_with_contrast",
+        "cfmoe_with_factual_task",
+        "cfmoe_no_split",
+        "cfmoe_no_split_combined_rule",
     }
     assert required | ablations <= set(bench.RUNS)
     for name in ablations:
@@ -149,23 +149,20 @@ def test_results_json_schema_and_mean_std(bench, tmp_path):
 
 
 def test_ablation_cost_flagging(bench, tmp_path):
-    for method, ood in {"cfmoe": 0.90, "cfmoe_cf_rows_no_contrast": 0.89, "cfmoe_uniform_gates": 0.80}.items():
+    for method, ood in {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80}.items():
         write_fake_run(tmp_path / f"runs/{method}/seed0", ood=ood)
     write_fake_run(tmp_path / "runs/cfmoe_single_expert/seed0", ood=0.95)
-    methods = ["cfmoe", "cfmoe_cf_rows_no_contrast", "cfmoe_uniform_gates", "cfmoe_single_expert"]
+    methods = ["cfmoe", "cfmoe_with_contrast", "cfmoe_uniform_gates", "cfmoe_single_expert"]
     report = bench.write_report(tmp_path, bench.plan_runs(tmp_path, methods, [0], []), SETTINGS)
 
     costs = bench.ablation_costs(report["results"])
     assert set(costs) == set(methods[1:])
-    assert (
-        costs["cfmoe_cf_rows_no_contrast"]["cost"] == pytest.approx(0.01)
-        and costs["cfmoe_cf_rows_no_contrast"]["cheap"]
-    )
+    assert costs["cfmoe_with_contrast"]["cost"] == pytest.approx(0.01) and costs["cfmoe_with_contrast"]["cheap"]
     assert costs["cfmoe_uniform_gates"]["cost"] == pytest.approx(0.10) and not costs["cfmoe_uniform_gates"]["cheap"]
     assert costs["cfmoe_single_expert"]["cheap"]  # better than the full method: costs nothing
-    assert "Cheap ablations: cfmoe_cf_rows_no_contrast, cfmoe_single_expert." in report["markdown"]
+    assert "Cheap ablations: cfmoe_with_contrast, cfmoe_single_expert." in report["markdown"]
     assert "| cfmoe_uniform_gates | 0.800 ± 0.000 | +10.0 | no |" in report["markdown"]
-    assert bench.ablation_costs({"cfmoe_cf_rows_no_contrast": report["results"]["cfmoe_cf_rows_no_contrast"]}) == {}
+    assert bench.ablation_costs({"cfmoe_with_contrast": report["results"]["cfmoe_with_contrast"]}) == {}
 
 
 def test_resume_skips_finished_runs(bench, tmp_path, capsys):
@@ -198,19 +195,19 @@ def test_rejected_argv_reported_as_skipped(bench, tmp_path, capsys):
     def check(argv):
         return "unknown flag --text_counterfactuals" if "--text_counterfactuals" in argv else None
 
-    runs = bench.plan_runs(tmp_path, ["cfmoe", "cfmoe_cf_rows_no_text_cf"], [0, 1], [])
+    runs = bench.plan_runs(tmp_path, ["cfmoe", "cfmoe_no_text_cf"], [0, 1], [])
     calls: list = []
     bench.execute(runs, threads=1, check=check, launch=fake_launch(calls))
     assert sorted(calls) == [("cfmoe", 0), ("cfmoe", 1)]
-    skipped = [r for r in runs if r.method == "cfmoe_cf_rows_no_text_cf"]
+    skipped = [r for r in runs if r.method == "cfmoe_no_text_cf"]
     assert all(r.status == "skipped" and "--text_counterfactuals" in r.reason for r in skipped)
-    assert capsys.readouterr().out.count("skipping cfmoe_cf_rows_no_text_cf") == 1  # checked once per method
+    assert capsys.readouterr().out.count("skipping cfmoe_no_text_cf") == 1  # checked once per method
 
     report = bench.write_report(tmp_path, runs, SETTINGS)
-    assert "cfmoe_cf_rows_no_text_cf" not in report["results"]
-    assert "| cfmoe_cf_rows_no_text_cf | 0 | skipped | argv rejected by the parser: unknown flag" in report["markdown"]
+    assert "cfmoe_no_text_cf" not in report["results"]
+    assert "| cfmoe_no_text_cf | 0 | skipped | argv rejected by the parser: unknown flag" in report["markdown"]
     records = json.loads((tmp_path / "runs.json").read_text())
-    assert [r["status"] for r in records if r["method"] == "cfmoe_cf_rows_no_text_cf"] == ["skipped", "skipped"]
+    assert [r["status"] for r in records if r["method"] == "cfmoe_no_text_cf"] == ["skipped", "skipped"]
 
 
 def test_failed_run_is_reported_and_the_rest_go_on(bench, tmp_path):

@@ -90,9 +90,10 @@ def batch_of(batch: int, text_lengths: list[int]) -> dict[str, torch.Tensor]:
 
 def train_step_calls(model, method: str, inputs: dict, tmp_path, **overrides) -> Calls:
     """One training step (compute_loss + backward) through `CFMoETrainer`, with the full objective on."""
+    overrides = {"factual_task_weight": 1.0, "upweight": 19.0, **overrides}  # every term on
     args = CFMoETrainingArguments(output_dir=str(tmp_path), method=method, report_to="none", use_cpu=True, **overrides)
     trainer = CFMoETrainer(model=model, args=args)
-    trainer.state.global_step, trainer.state.max_steps = 100, 100  # past the warm-up: upweighting on
+    trainer.state.global_step, trainer.state.max_steps = 100, 100  # past the warm-up: the fused terms on
     model.train()
     calls, handles = record_calls(model)
     try:

@@ -115,12 +115,13 @@ def test_vision_tower_runs_once_with_all_branches(tiny_model_and_processor, tiny
         handle.remove()
         model.eval()
     assert calls == [4]
-    assert out.counterfactual_logits.shape[0] == 2 * 1  # 25% of 4 rows, two counterfactual kinds
+    assert out.counterfactual_logits.shape[0] == 1  # 25% of 4 rows, one counterfactual kind (context-swapped)
 
 
 def test_counterfactual_rows_do_not_change_factual_rows(tiny_model_and_processor, tiny_batch):
     model = tiny_model_and_processor[0]
     model.train()
+    model.config.counterfactual_types = ["context_swapped", "core_masked"]
     try:
         torch.manual_seed(0)
         with_cf = model(**tiny_batch, return_counterfactuals=True)
@@ -128,6 +129,7 @@ def test_counterfactual_rows_do_not_change_factual_rows(tiny_model_and_processor
         without = model(**tiny_batch)
     finally:
         model.eval()
+        model.config.counterfactual_types = ["context_swapped"]
     torch.testing.assert_close(with_cf.fused_logits, without.fused_logits, rtol=1e-5, atol=1e-6)
     assert set(with_cf.counterfactual_kind.tolist()) == {0, 1}
 

@@ -44,7 +44,8 @@ def make_trainer(tmp_path: Path, data, **extra) -> CFMoETrainer:
     model, processor = build_tiny_model("sarcasm", seed=0)
     options = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, weight_decay=0.1, logging_steps=1,
                    save_strategy="no", report_to="none", use_cpu=True, seed=0, counterfactual_fraction=1.0,
-                   disable_tqdm=True)  # fmt: skip
+                   counterfactual_types="context_swapped,core_masked", debias_warmup_ratio=0.0,
+                   factual_task_weight=1.0, upweight=19.0, disable_tqdm=True)  # fmt: skip
     args = CFMoETrainingArguments(output_dir=str(tmp_path), **{**options, **extra})
     collator = CFMoECollator(processor, num_labels=2)
     return CFMoETrainer(model=model, args=args, train_dataset=data["train"], data_collator=collator)

@@ -55,7 +55,8 @@ def _train_one_step(tmp_path: Path, data, batch_size: int, accumulation: int, **
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_data):
     # upweighting on from step 0; the per-micro-batch balance loss and the random counterfactual rows are the
     # two terms that cannot match a large batch exactly, so they are off here
-    extra = dict(method="cfmoe", debias_warmup_ratio=0.0, counterfactual_fraction=0.0, aux_loss_weight=0.0)
+    extra = dict(method="cfmoe", debias_warmup_ratio=0.0, counterfactual_fraction=0.0, aux_loss_weight=0.0,
+                 factual_task_weight=1.0, upweight=19.0)  # fmt: skip
     big = _train_one_step(tmp_path / "big", tiny_data, 8, 1, **extra)
     accumulated = _train_one_step(tmp_path / "ga", tiny_data, 4, 2, **extra)
     big_log, ga_log = big.state.log_history[0], accumulated.state.log_history[0]
@@ -78,6 +79,8 @@ def test_vanilla_logs_only_the_task_loss_and_ablations_switch_terms_off(tmp_path
         contrast_loss_weight=0.0,
         prior_kl_weight=0.0,
         counterfactual_fraction=1.0,
+        counterfactual_types="context_swapped,core_masked",
+        factual_task_weight=1.0,
         fused_warmup=True,
     )
     logged = {k.removeprefix("loss_") for k in ablated.state.log_history[0] if k.startswith("loss_")}
@@ -131,7 +134,8 @@ def test_accelerate_launch_end_to_end_writes_results_and_components(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
                str(REPO / "examples" / "run_sarcasm.py"), *TINY_DATA, "--output_dir", str(tmp_path),
                "--max_steps", "6", "--logging_steps", "3", "--per_device_train_batch_size", "8",
-               "--counterfactual_fraction", "0.25", "--fused_warmup", "True",
+               "--counterfactual_fraction", "0.25", "--counterfactual_types", "context_swapped,core_masked",
+               "--factual_task_weight", "1", "--fused_warmup", "True",
                "--eval_strategy", "steps", "--eval_steps", "3",
                "--save_strategy", "steps", "--save_steps", "3"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
@@ -198,3 +202,18 @@ def test_load_in_8bit_quantises_a_stock_base_and_keeps_the_heads(tmp_path):
     assert (
         type(model.fused_head) is torch.nn.Linear and type(model.mllm.multi_modal_projector.linear_1) is torch.nn.Linear
     )
+
+
+def test_warmup_checkpoints_are_never_the_best_model_and_cfmoe_needs_a_fused_signal(tmp_path):
+    model, _ = build_tiny_model("sarcasm", seed=0)
+    args = CFMoETrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, metric_for_best_model="accuracy", max_steps=8
+    )  # cfmoe, debias_warmup_ratio 0.25: steps 0 and 1 train the bias branches only
+    trainer = CFMoETrainer(model=model, args=args)
+    trainer.state.max_steps = 8
+    trainer.state.global_step = 2  # after steps 0 and 1: the fused head is untrained
+    assert not trainer._determine_best_metric({"eval_accuracy": 0.99}, None)
+    trainer.state.global_step = 3
+    assert trainer._determine_best_metric({"eval_accuracy": 0.5}, None)
+    with pytest.raises(ValueError, match="context-swapped rows only, but there are none"):
+        CFMoETrainer(model=model, args=CFMoETrainingArguments(str(tmp_path), counterfactual_fraction=0.0))

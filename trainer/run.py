@@ -49,6 +49,8 @@ CONFIG_OVERRIDES = (
     "router_aux_loss_coef",
     "classifier_dropout",
     "prompt_template",
+    "image_context",
+    "detach_bias_branches",
 )
 
 
@@ -69,6 +71,12 @@ class ModelArguments:
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
     classifier_dropout: float | None = field(default=None, metadata={"help": "dropout before the heads"})
     prompt_template: str | None = field(default=None, metadata={"help": "prompt with {image} and {text}"})
+    image_context: str | None = field(
+        default=None, metadata={"help": "what counterfactual rows treat as image context: global or patches"}
+    )
+    detach_bias_branches: bool | None = field(
+        default=None, metadata={"help": "bias branches read stop-gradient states (probes; they never shape the base)"}
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the base; experts, routers, heads trained fully"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})

@@ -3,17 +3,19 @@
 For the full method (`method="cfmoe"`), one forward gives the factual, text-only, image-only and prior
 branches and the fine-grained counterfactual rows, and
 
-    L = L_task(w)                  weighted CE of the fused head; after the warm-up
-                                   w_i = prod_m (1 + upweight * [bias branch m wrong on item i])
-                                   (`conflict_rule="combined"`: 1 + upweight where their summed
-                                   prediction is wrong)
-      + L_cf_task                  CE of context-swapped rows with their item's label (decorrelated cues)
+    L = L_cf_task                  CE of the fused head on context-swapped rows (an item's core, another item's
+                                   context) with the item's label: the context no longer follows the label
+      + L_task(w)                  CE of the fused head on the factual rows (factual_task_weight, 0 by default),
+                                   optionally weighted w_i = prod_m (1 + upweight * [bias branch m wrong on i])
+                                   (`conflict_rule="combined"`: 1 + upweight where their summed prediction is wrong)
       + L_bias                     CE of the text-only, image-only and prior branches
-      + L_contrast                 InfoNCE: factual ~ context-swapped, not ~ core-masked
+      + L_contrast                 InfoNCE: factual ~ context-swapped, not ~ core-masked (with core-masked rows)
       + L_prior_kl                 core-masked predictions -> prior
       + L_aux                      router load balancing
 
-each with its weight in [`CFMoETrainingArguments`], logged as `loss_<term>`.
+During the first `debias_warmup_ratio` of training only L_bias and L_aux are on (the bias branches fill the
+token table that picks the text context). Every term has its weight in [`CFMoETrainingArguments`] and is
+logged as `loss_<term>`.
 """
 
 from __future__ import annotations
@@ -85,6 +87,15 @@ class CFMoETrainer(Trainer):
             config.context_fraction = args.context_fraction
         if args.method == "cfvqa":
             config.inference_mode = "tie"
+        if args.method != "cfmoe":  # only cfmoe reads the fine-grained counterfactual rows: do not build them
+            config.counterfactual_fraction = 0.0
+        cf_rows = config.counterfactual_fraction > 0 and "context_swapped" in config.counterfactual_types
+        if args.method == "cfmoe" and not (args.factual_task_weight or (cf_rows and args.counterfactual_task_weight)):
+            raise ValueError(
+                "method cfmoe with factual_task_weight 0 trains the fused head on context-swapped rows only, but "
+                "there are none (counterfactual_fraction 0, no context_swapped type or counterfactual_task_weight "
+                "0): set --factual_task_weight 1 or --counterfactual_fraction > 0"
+            )
         for module in self.model.modules():
             if isinstance(module, DebiasingMoE):
                 module.uniform_gates = args.uniform_gates
@@ -128,19 +139,33 @@ class CFMoETrainer(Trainer):
             return {"task": weighted_cross_entropy(fused + text + image, labels), **terms}
         return self._cfmoe_terms(outputs, labels, terms)
 
+    def _bias_only_warmup(self, step: int | None = None) -> bool:
+        """Whether optimizer step `step` (default: the current one) lies in cfmoe's first `debias_warmup_ratio`
+        of training, when only the bias branches (and the token table) learn, not the fused head."""
+        args, step = self.args, self.state.global_step if step is None else step
+        warmup_steps = args.debias_warmup_ratio * self.state.max_steps
+        return args.method == "cfmoe" and not args.fused_warmup and step < warmup_steps
+
+    def _determine_best_metric(self, metrics, trial) -> bool:
+        if self._bias_only_warmup(self.state.global_step - 1):  # every step so far was warm-up
+            return False  # the fused head has not been trained: never the best model
+        return super()._determine_best_metric(metrics, trial)
+
     def _cfmoe_terms(self, outputs, labels, shared_terms) -> dict[str, torch.Tensor]:
         args = self.args
+        terms = dict(shared_terms)
+        if self._bias_only_warmup():
+            return terms
         weights = None
-        warming_up = self.state.global_step < args.debias_warmup_ratio * self.state.max_steps
-        if args.upweight > 0 and not warming_up:
+        if args.upweight > 0:
             text, image = outputs.text_only_logits, outputs.image_only_logits
             if args.conflict_rule == "combined":
                 weights = bias_conflict_weights(text, image, labels, args.upweight)
             else:
                 weights = modality_conflict_weights(text, image, labels, args.upweight, args.max_weight)
-        terms = dict(shared_terms)
-        if args.fused_warmup or not warming_up:
-            terms["task"] = weighted_cross_entropy(outputs.fused_logits, labels, weights)
+            self._sums["upweighted_fraction"] += (weights > 1).float().mean().detach()
+        if args.factual_task_weight > 0:
+            terms["task"] = args.factual_task_weight * weighted_cross_entropy(outputs.fused_logits, labels, weights)
         if outputs.counterfactual_logits is not None:
             kind, source = outputs.counterfactual_kind, outputs.counterfactual_source
             swapped, masked = kind == CONTEXT_SWAPPED, kind == CORE_MASKED
@@ -160,8 +185,6 @@ class CFMoETrainer(Trainer):
                 terms["prior_kl"] = args.prior_kl_weight * kl_to_prior(
                     outputs.counterfactual_logits[masked], outputs.prior_logits[source[masked]]
                 )
-        if weights is not None:
-            self._sums["upweighted_fraction"] += (weights > 1).float().mean().detach()
         return terms
 
     def _bias_terms(self, outputs, labels) -> dict[str, torch.Tensor]:

@@ -22,8 +22,15 @@ class CFMoETrainingArguments(TrainingArguments):
 
     method: str = field(default="cfmoe", metadata={"help": f"training method, one of {', '.join(METHODS)}"})
     bias_loss_weight: float = field(default=1.0, metadata={"help": "CE of the text-only / image-only / prior branches"})
+    factual_task_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "CE of the fused head on the factual rows (cfmoe); 0: the fused head learns from the "
+            "context-swapped counterfactual rows only, where the context no longer follows the label"
+        },
+    )
     upweight: float = field(
-        default=19.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
+        default=0.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
     )
     conflict_rule: str = field(
         default="per_modality",
@@ -34,13 +41,17 @@ class CFMoETrainingArguments(TrainingArguments):
     )
     max_weight: float = field(default=100.0, metadata={"help": "cap of a per_modality item weight"})
     debias_warmup_ratio: float = field(
-        default=0.25, metadata={"help": "fraction of training before bias-conflict upweighting starts (cfmoe)"}
+        default=0.25,
+        metadata={
+            "help": "fraction of training in which only the bias branches learn (cfmoe): the fused head's terms, "
+            "and the counterfactual rows they read, start after it"
+        },
     )
     fused_warmup: bool = field(
         default=False, metadata={"help": "train the fused head during the warm-up (False: bias branches only)"}
     )
     counterfactual_task_weight: float = field(
-        default=1.0, metadata={"help": "CE of context-swapped rows with their source item's label (cfmoe)"}
+        default=1.0, metadata={"help": "CE of the fused head on context-swapped rows, with their item's label"}
     )
     contrast_loss_weight: float = field(default=0.1, metadata={"help": "counterfactual InfoNCE (cfmoe)"})
     contrast_temperature: float = field(default=0.1, metadata={"help": "temperature of the InfoNCE"})
