@@ -413,8 +413,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         else:
             means = pool_by_row(image_features, image_mask.nonzero()[:, 0], batch).to(inputs_embeds.dtype)
             row_images = image_mask[rows]
-            image_item = rows[row_images.nonzero()[:, 0]]  # the item of each of the rows' image tokens
-            image_partner = partner[row_images.nonzero()[:, 0]]
+            token_row = row_images.nonzero()[:, 0]  # the drawn row of each of the rows' image tokens
+            image_item, image_partner = rows[token_row], partner[token_row]
 
         embeds, masks, sources, kinds = [], [], [], []
         for name in config.counterfactual_types:
@@ -430,7 +430,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 row_embeds, missing = swap_context_tokens(inputs_embeds, text_context, rows, partner)
                 row_mask = row_mask & ~missing
                 if patches:
-                    row_embeds = self._swap_image_patches(row_embeds, inputs_embeds, image_mask, image_context, rows)
+                    row_embeds = self._swap_image_patches(
+                        row_embeds, inputs_embeds, image_mask, image_context, rows, partner
+                    )
                 elif edit_image:  # the partner's image-level component under this item's patch deviations
                     shifted = row_embeds[row_images] - means[image_item] + means[image_partner]
                     row_embeds = row_embeds.masked_scatter(row_images.unsqueeze(-1), shifted)
@@ -447,8 +449,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         dense_scores = torch.zeros(image_mask.shape, device=image_mask.device).masked_scatter(image_mask, patch_scores)
         return top_fraction(dense_scores, image_mask, self.config.context_fraction)
 
-    def _swap_image_patches(self, row_embeds, inputs_embeds, image_mask, image_context, rows):
-        """Replace each drawn row's image-context patches by the same patches of the next item (needs equal
+    def _swap_image_patches(self, row_embeds, inputs_embeds, image_mask, image_context, rows, partner):
+        """Replace each drawn row's image-context patches by the same patches of its partner (needs equal
         image-token counts; otherwise the rows keep their own image, with a warning)."""
         per_item = image_mask.sum(1)
         if not bool((per_item == per_item[0]).all()):
@@ -456,7 +458,6 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 warnings.warn("items differ in image token counts: context swaps keep their own image", stacklevel=2)
                 self._warned_swap = True
             return row_embeds
-        partner = (rows + 1) % inputs_embeds.shape[0]
         # with equal image-token counts, the k-th image token of two items is the same patch
         grid = inputs_embeds[image_mask].view(inputs_embeds.shape[0], -1, inputs_embeds.shape[-1])
         context = image_context[image_mask].view(inputs_embeds.shape[0], -1)[rows]

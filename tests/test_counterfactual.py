@@ -78,3 +78,15 @@ def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
         changed = slice(0, IMAGE_TOKENS) if edited == "image" else slice(IMAGE_TOKENS, None)
         torch.testing.assert_close(cf_embeds[:, kept], embeds[source][:, kept])
         assert not torch.allclose(cf_embeds[:, changed], embeds[source][:, changed])
+
+
+def test_patch_context_swaps_the_top_patches_with_the_partners_same_patches():
+    model, _ = build_tiny_model("sarcasm", seed=0, counterfactual_fraction=1.0, image_context="patches")
+    model.config.context_fraction = 0.25  # one of the four patches
+    ids, embeds, mask, image_mask, features = _rows_inputs(model)
+    cf_embeds, cf_mask, source, _ = model._counterfactual_rows(ids, embeds, mask, image_mask, features)
+    for row, item in enumerate(source.tolist()):
+        partner = (item + 1) % ids.shape[0]
+        changed = ~torch.isclose(cf_embeds[row, :IMAGE_TOKENS], embeds[item, :IMAGE_TOKENS]).all(-1)
+        assert int(changed.sum()) == 1
+        torch.testing.assert_close(cf_embeds[row, :IMAGE_TOKENS][changed], embeds[partner, :IMAGE_TOKENS][changed])
