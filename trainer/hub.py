@@ -30,6 +30,7 @@ CONFIG_SETTINGS = (
     "counterfactual_types",
     "counterfactual_fraction",
     "context_fraction",
+    "image_context",
     "inference_mode",
     "prompt_template",
 )

@@ -31,6 +31,7 @@ from .training_args import CFMoETrainingArguments
 logger = logging.getLogger(__name__)
 
 LOSS_SETTINGS = (
+    "factual_task_weight",
     "upweight",
     "conflict_rule",
     "debias_warmup_ratio",
