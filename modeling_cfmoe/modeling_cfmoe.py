@@ -228,6 +228,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         return_counterfactuals: bool = False,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
+        counterfactual_rows: bool = True,
     ) -> CFMoEOutput:
         r"""
         input_ids / attention_mask: `(batch, length)` with the base's image placeholder tokens.
@@ -236,6 +237,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         labels: `(batch,)` class ids in `[0, num_labels)`.
         return_counterfactuals: also compute the text-only, image-only and prior branches, the effects and,
             in training, the fine-grained counterfactual rows (`config.counterfactual_fraction`).
+        counterfactual_rows: False skips the fine-grained rows (the branches stay), for a training step whose
+            loss does not read them.
         """
         config = self.config
         batch = input_ids.shape[0]
@@ -263,8 +266,10 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         # 2. factual rows (+ counterfactual rows in training) through the language model in one call
         rows_embeds, rows_mask = inputs_embeds, attention_mask
         cf_source = cf_kind = None
-        if return_counterfactuals and self.training and image_features is not None:
-            cf = self._counterfactual_rows(input_ids, inputs_embeds, attention_mask, image_mask, image_features)
+        if return_counterfactuals and counterfactual_rows and self.training and image_features is not None:
+            cf = self._counterfactual_rows(
+                input_ids, inputs_embeds, attention_mask, image_mask, image_features, image_rows
+            )
             if cf is not None:
                 cf_embeds, cf_mask, cf_source, cf_kind = cf
                 rows_embeds = torch.cat([inputs_embeds, cf_embeds])
@@ -382,7 +387,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         means = sums[seen] / counts[seen]
         self.token_direct_effect[seen] = momentum * self.token_direct_effect[seen] + (1 - momentum) * means
 
-    def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, image_features):
+    def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, image_features, image_rows):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
         Text context = the `context_fraction` tokens with the largest direct effect in the text-only branch
@@ -411,7 +416,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         if patches:
             image_context = self._image_context_patches(image_mask, image_features) & edit_image
         else:
-            means = pool_by_row(image_features, image_mask.nonzero()[:, 0], batch).to(inputs_embeds.dtype)
+            means = pool_by_row(image_features, image_rows, batch).to(inputs_embeds.dtype)
             row_images = image_mask[rows]
             token_row = row_images.nonzero()[:, 0]  # the drawn row of each of the rows' image tokens
             image_item, image_partner = rows[token_row], partner[token_row]

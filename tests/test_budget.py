@@ -88,12 +88,13 @@ def batch_of(batch: int, text_lengths: list[int]) -> dict[str, torch.Tensor]:
     }
 
 
-def train_step_calls(model, method: str, inputs: dict, tmp_path, **overrides) -> Calls:
-    """One training step (compute_loss + backward) through `CFMoETrainer`, with the full objective on."""
+def train_step_calls(model, method: str, inputs: dict, tmp_path, step: int = 100, **overrides) -> Calls:
+    """One training step (compute_loss + backward) through `CFMoETrainer` at `step` of 100 (default: past the
+    warm-up), with the full objective on."""
     overrides = {"factual_task_weight": 1.0, "upweight": 19.0, **overrides}  # every term on
     args = CFMoETrainingArguments(output_dir=str(tmp_path), method=method, report_to="none", use_cpu=True, **overrides)
     trainer = CFMoETrainer(model=model, args=args)
-    trainer.state.global_step, trainer.state.max_steps = 100, 100  # past the warm-up: the fused terms on
+    trainer.state.global_step, trainer.state.max_steps = step, 100
     model.train()
     calls, handles = record_calls(model)
     try:
@@ -149,6 +150,15 @@ def test_vanilla_step_is_one_language_model_call_of_the_batch(tmp_path):
     calls = train_step_calls(model, "vanilla", inputs, tmp_path)
     assert calls.vision == [len(TEXT_LENGTHS)]
     assert [(c["rows"], c["length"]) for c in calls.lm] == [tuple(inputs["input_ids"].shape)]
+
+
+@pytest.mark.parametrize("method, step", [("cfmoe", 0), ("text_poe", 100)])
+def test_no_counterfactual_rows_where_the_loss_does_not_read_them(tmp_path, method, step):
+    """cfmoe's bias-only warm-up and the peer methods: the factual rows and the short text-only rows only."""
+    model = tiny_model()
+    inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
+    calls = train_step_calls(model, method, inputs, tmp_path, step=step, counterfactual_fraction=1.0)
+    assert [c["rows"] for c in calls.lm] == [len(TEXT_LENGTHS)] * 2
 
 
 @pytest.mark.parametrize("mode, lm_calls", [("fused", 1), ("tie", 2)])

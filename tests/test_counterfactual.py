@@ -25,7 +25,8 @@ def test_swap_context_tokens_takes_the_partners_context_in_order():
 
 
 def _rows_inputs(model, batch: int = 3, text: int = 5):
-    """input_ids `<image> x 4` + text tokens, random embeddings; the image features are the image positions."""
+    """input_ids `<image> x 4` + text tokens, random embeddings; the image features are the image positions,
+    with the item of each."""
     image_id = model.mllm.config.image_token_id
     ids = torch.randint(10, 200, (batch, IMAGE_TOKENS + text))
     ids[:, :IMAGE_TOKENS] = image_id
@@ -33,16 +34,16 @@ def _rows_inputs(model, batch: int = 3, text: int = 5):
     mask = torch.ones_like(ids, dtype=torch.bool)
     image_mask = ids == image_id
     embeds = torch.randn(batch, ids.shape[1], DIM)
-    return ids, embeds, mask, image_mask, embeds[image_mask]
+    return ids, embeds, mask, image_mask, embeds[image_mask], image_mask.nonzero()[:, 0]
 
 
 def test_context_swapped_rows_take_the_partners_context_and_keep_their_core():
     model, _ = build_tiny_model("sarcasm", seed=0, counterfactual_fraction=1.0)
     model.config.counterfactual_types = ["context_swapped", "core_masked"]
     model.token_direct_effect[250] = torch.tensor([2.0, -2.0])
-    ids, embeds, mask, image_mask, features = _rows_inputs(model)
+    ids, embeds, mask, image_mask, features, image_rows = _rows_inputs(model)
     torch.manual_seed(0)
-    cf_embeds, cf_mask, source, kind = model._counterfactual_rows(ids, embeds, mask, image_mask, features)
+    cf_embeds, cf_mask, source, kind = model._counterfactual_rows(ids, embeds, mask, image_mask, features, image_rows)
 
     images = embeds[:, :IMAGE_TOKENS]
     means = images.mean(1, keepdim=True)
@@ -70,10 +71,10 @@ def test_context_swapped_rows_take_the_partners_context_and_keep_their_core():
 def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
     model, _ = build_tiny_model("sarcasm", seed=0, counterfactual_fraction=1.0)
     model.token_direct_effect[250] = torch.tensor([2.0, -2.0])
-    ids, embeds, mask, image_mask, features = _rows_inputs(model)
+    ids, embeds, mask, image_mask, features, image_rows = _rows_inputs(model)
     for edited in ("text", "image"):
         model.config.counterfactual_modalities = [edited]
-        cf_embeds, _, source, _ = model._counterfactual_rows(ids, embeds, mask, image_mask, features)
+        cf_embeds, _, source, _ = model._counterfactual_rows(ids, embeds, mask, image_mask, features, image_rows)
         kept = slice(IMAGE_TOKENS, None) if edited == "image" else slice(0, IMAGE_TOKENS)
         changed = slice(0, IMAGE_TOKENS) if edited == "image" else slice(IMAGE_TOKENS, None)
         torch.testing.assert_close(cf_embeds[:, kept], embeds[source][:, kept])
@@ -83,8 +84,8 @@ def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
 def test_patch_context_swaps_the_top_patches_with_the_partners_same_patches():
     model, _ = build_tiny_model("sarcasm", seed=0, counterfactual_fraction=1.0, image_context="patches")
     model.config.context_fraction = 0.25  # one of the four patches
-    ids, embeds, mask, image_mask, features = _rows_inputs(model)
-    cf_embeds, cf_mask, source, _ = model._counterfactual_rows(ids, embeds, mask, image_mask, features)
+    ids, embeds, mask, image_mask, features, image_rows = _rows_inputs(model)
+    cf_embeds, cf_mask, source, _ = model._counterfactual_rows(ids, embeds, mask, image_mask, features, image_rows)
     for row, item in enumerate(source.tolist()):
         partner = (item + 1) % ids.shape[0]
         changed = ~torch.isclose(cf_embeds[row, :IMAGE_TOKENS], embeds[item, :IMAGE_TOKENS]).all(-1)

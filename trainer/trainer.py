@@ -87,8 +87,6 @@ class CFMoETrainer(Trainer):
             config.context_fraction = args.context_fraction
         if args.method == "cfvqa":
             config.inference_mode = "tie"
-        if args.method != "cfmoe":  # only cfmoe reads the fine-grained counterfactual rows: do not build them
-            config.counterfactual_fraction = 0.0
         cf_rows = config.counterfactual_fraction > 0 and "context_swapped" in config.counterfactual_types
         if args.method == "cfmoe" and not (args.factual_task_weight or (cf_rows and args.counterfactual_task_weight)):
             raise ValueError(
@@ -105,7 +103,9 @@ class CFMoETrainer(Trainer):
         inputs = dict(inputs)
         labels, groups = inputs.pop("labels"), inputs.pop("groups", None)
         uses_branches = self.args.method != "vanilla" or not model.training
-        outputs = model(**inputs, return_counterfactuals=uses_branches)
+        # only cfmoe's loss reads the fine-grained counterfactual rows, and not during its bias-only warm-up
+        uses_rows = self.args.method == "cfmoe" and not self._bias_only_warmup()
+        outputs = model(**inputs, return_counterfactuals=uses_branches, counterfactual_rows=uses_rows)
         terms = self._loss_terms(outputs, labels, groups) if model.training else self._eval_terms(outputs, labels)
         loss = sum(terms.values())
         if model.training:
