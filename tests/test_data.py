@@ -14,13 +14,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trainer.data import (
+    CUE_SETTINGS,
     HASHTAGS,
+    MARK_SIZE,
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
+    NO_CUE,
     POSITIVE_WORDS,
+    PRESENCE_COLOUR,
+    PRESENCE_WORDS,
     SyntheticConfig,
     flip_cues,
     group_index,
+    group_parts,
     id2label,
     load_benchmark,
     load_dmsd_ood,
@@ -207,6 +213,83 @@ def test_flip_cues_changes_only_the_cues(task):
         back = flip_cues(back, config)
     np.testing.assert_array_equal(pixels(back), pixels(data))
     assert back["text"] == data["text"]
+
+
+def small_setting(name: str, num_test: int = 200):
+    config = SyntheticConfig(cue_setting=name, num_train=400, num_validation=20, num_test=num_test)
+    return config, make_synthetic_benchmark(config)
+
+
+@pytest.mark.parametrize("name", [n for n in CUE_SETTINGS if n != "all_forms"])
+def test_every_cue_setting_plants_cues_at_its_rate_and_flips_them(name):
+    config, data = small_setting(name)
+    for split in ("train", "test_ood", "test_neutral"):
+        label = col(data[split], "label")
+        for cue in ("text_cue", "image_cue"):
+            values = col(data[split], cue)
+            carried = values != NO_CUE
+            assert abs(np.mean(values[carried] == label[carried]) - RHO[split]) < 0.08
+    flipped = flip_cues(data["test_iid"], config)
+    for cue in ("text_cue", "image_cue"):
+        before, after = col(data["test_iid"], cue), col(flipped, cue)
+        np.testing.assert_array_equal(after == NO_CUE, before == NO_CUE)
+        assert np.all(after[before != NO_CUE] == 1 - before[before != NO_CUE])
+    parts = np.stack([col(flipped, name) for name in ("label", "text_cue", "image_cue")], axis=1)
+    assert [group_parts(int(group), 2) for group in col(flipped, "group")] == [tuple(map(int, p)) for p in parts]
+
+
+def cue_words(text: str) -> list[str]:
+    cues = set(PRESENCE_WORDS).union(*HASHTAGS["sarcasm"])
+    return [word for word in text.split() if word in cues]
+
+
+def test_local_mark_is_a_two_word_cue_anywhere_and_a_small_square():
+    config, data = small_setting("local_mark", num_test=100)
+    test, flipped = data["test_iid"], flip_cues(data["test_iid"], config)
+    positions = set()
+    for row, other in zip(test.remove_columns("image"), flipped.remove_columns("image"), strict=True):
+        words = cue_words(row["text"])
+        assert len(words) == 2 and set(words) <= set(HASHTAGS["sarcasm"][row["text_cue"]])
+        positions.add(row["text"].split().index(words[0]))
+        assert [w for w in row["text"].split() if w not in words] == [
+            w for w in other["text"].split() if w not in cue_words(other["text"])
+        ]
+    assert len(positions) > 3  # not always at the same place
+    changed = np.abs(pixels(flipped) - pixels(test)).max(axis=-1) > 0
+    assert np.all(changed.sum(axis=(1, 2)) == MARK_SIZE**2)  # only the mark's pixels differ
+    corners = {tuple(np.argwhere(mask)[0]) for mask in changed}
+    assert len(corners) > 10
+
+
+def test_presence_shared_cues_appear_and_vanish_together():
+    _, data = small_setting("presence_shared")
+    test = data["test_neutral"]
+    text_cue, image_cue = col(test, "text_cue"), col(test, "image_cue")
+    np.testing.assert_array_equal(text_cue, image_cue)  # one shared draw
+    has_words = np.array([len(cue_words(t)) == 3 and t.split()[0] in PRESENCE_WORDS for t in test["text"]])
+    np.testing.assert_array_equal(has_words, text_cue == 1)
+    border = pixels(test)[:, 0, :, :].mean(axis=1)  # the top row
+    framed = np.abs(border - np.asarray(PRESENCE_COLOUR)).max(axis=1) < 30
+    np.testing.assert_array_equal(framed, image_cue == 1)
+
+
+def test_mixed_items_carry_one_cue_decided_by_their_source():
+    _, data = small_setting("mixed")
+    train = data["train"]
+    source = col(train, "source")
+    assert abs(np.mean(source == "text") - 0.5) < 0.01
+    np.testing.assert_array_equal(col(train, "text_cue") == NO_CUE, source == "image")
+    np.testing.assert_array_equal(col(train, "image_cue") == NO_CUE, source == "text")
+    assert all(not cue_words(t) for t in train.select(np.flatnonzero(source == "image"))["text"])
+
+
+def test_all_forms_draws_every_form_and_reports_it():
+    config, data = small_setting("all_forms")
+    train = data["train"]
+    assert set(col(train, "text_form")) == set(range(len(config.cues.text)))
+    assert set(col(train, "image_form")) == set(range(len(config.cues.image)))
+    with pytest.raises(ValueError, match="cue_setting"):
+        SyntheticConfig(cue_setting="watermark")
 
 
 def test_flip_cues_rejects_other_task():
