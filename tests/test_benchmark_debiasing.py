@@ -1,4 +1,5 @@
-"""Aggregation and report code of `examples/benchmark_debiasing.py`, on fake run folders (no training)."""
+"""`examples/benchmark_debiasing.py` and `trainer.benchmarking`: aggregation and report on fake run folders, and
+one tiny real benchmark over both regimes (a pretrained base, runs of the real run script)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer import benchmarking as bm
+from trainer.data import NO_CUE, group_index
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_debiasing.py"
+SETTINGS = {"mode": "quick", "common": ["--num_train", "64"], "jobs": 1, "threads": 1}
+SETTING = "scratch/tint_hashtag"
 
 
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location("benchmark_debiasing", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_debiasing"] = module  # dataclasses look their module up
+    sys.modules["benchmark_debiasing"] = module
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("benchmark_debiasing", None)
 
 
-SETTINGS = {"mode": "quick", "common": ["--num_train", "64"], "jobs": 1, "threads": 1}
+def plan(bench, root: Path, methods, seeds, regimes=("scratch",), cues=("tint_hashtag",)) -> list[bm.Run]:
+    return bm.plan_runs(root, bench.TABLE, methods, seeds, regimes, cues, [], bench.PRETRAINED_RECIPE)
 
 
 def split_scores(acc: float, f1: float, worst: float = 0.5, reliance: float = 0.1) -> dict[str, float]:
@@ -86,131 +93,113 @@ def accept_all(argv):
     return None
 
 
-def test_table_holds_every_method_and_ablations_inherit_cfmoe(bench):
+def test_table_and_plan(bench, tmp_path):
     required = {"vanilla", "text_poe", "image_poe", "rubi", "cfvqa", "cfmoe", "oracle_unbiased", "group_dro"}
-    ablations = {
-        "cfmoe_single_expert",
-        "cfmoe_uniform_gates",
-        "cfmoe_no_text_cf",
-        "cfmoe_no_visual_cf",
-        "cfmoe_with_contrast",
-        "cfmoe_with_factual_task",
-        "cfmoe_no_split",
-        "cfmoe_no_split_combined_rule",
-    }
-    assert required | ablations <= set(bench.RUNS)
+    ablations = {name for name in bench.RUNS if name.startswith("cfmoe_")}
+    assert required <= set(bench.RUNS) and len(ablations) == 8
     for name in ablations:
-        assert bench.kind_of(name) == "ablation"
-        argv = bench.run_argv(name)
-        assert (
-            argv[: len(bench.RUNS["cfmoe"])] == bench.RUNS["cfmoe"]
-            and argv[-len(bench.RUNS[name]) :] == (bench.RUNS[name])
-        )
-    assert bench.run_argv("oracle_unbiased") == bench.RUNS["oracle_unbiased"]
-    assert bench.kind_of("group_dro") == "reference" and bench.kind_of("rubi") == "peer"
-    run = bench.plan_runs(Path("out"), ["rubi"], [2], ["--num_train", "8"])[0]
-    assert run.argv == [
-        *["--num_train", "8", "--method", "rubi"],
-        *["--output_dir", str(Path("out/runs/rubi/seed2")), "--seed", "2", "--report_to", "none"],
-    ]
+        assert bench.TABLE.kind(name) == "ablation"
+        assert bench.TABLE.argv(name) == [*bench.RUNS["cfmoe"], *bench.RUNS[name]]
+    assert bench.TABLE.kind("group_dro") == "reference" and bench.TABLE.kind("rubi") == "peer"
+    scratch, pretrained = plan(bench, tmp_path, ["rubi"], [2], ("scratch", "pretrained"), ("mixed",))
+    assert scratch.setting == "scratch/mixed" and scratch.run_dir == tmp_path / "runs/scratch/mixed/rubi/seed2"
+    fixed = ["--cue_setting", "mixed", "--output_dir", str(scratch.run_dir), "--seed", "2", "--report_to", "none"]
+    assert scratch.argv == ["--method", "rubi", *fixed]
+    base = ["--model_name_or_path", str(tmp_path / "bases/seed2"), "--freeze_vision_tower", "True"]
+    fixed[3] = str(pretrained.run_dir)
+    assert pretrained.argv == [*bench.PRETRAINED_RECIPE, "--method", "rubi", *base, *fixed]
+    assert bench.names("mixed, local_mark", ["local_mark", "mixed"], "x") == ["mixed", "local_mark"]
+    with pytest.raises(SystemExit, match="unknown regime"):
+        bench.names("scratch,finetuned", bm.REGIMES, "regime")
 
 
-def test_results_json_schema_and_mean_std(bench, tmp_path):
-    write_fake_run(tmp_path / "runs/vanilla/seed0", iid=0.9, ood=0.1, neutral=0.5, worst=0.2, f1=(0.9, 0.1, 0.5))
-    write_fake_run(tmp_path / "runs/vanilla/seed1", iid=0.8, ood=0.3, neutral=0.6, worst=0.4, f1=(0.6, 0.3, 0.3))
-    write_fake_run(tmp_path / "runs/cfmoe/seed0", ood=0.7, reliance=0.25)
-    runs = bench.plan_runs(tmp_path, ["vanilla", "cfmoe"], [0, 1], [])
-    bench.write_report(tmp_path, runs, SETTINGS)
+def test_results_json_schema_robust_acc_and_ranking(bench, tmp_path):
+    root = tmp_path / "runs/scratch/tint_hashtag"
+    write_fake_run(root / "vanilla/seed0", iid=0.9, ood=0.1, neutral=0.5, worst=0.2, f1=(0.9, 0.1, 0.5))
+    write_fake_run(root / "vanilla/seed1", iid=0.8, ood=0.3, neutral=0.6, worst=0.4, f1=(0.6, 0.3, 0.3))
+    write_fake_run(root / "cfvqa/seed0", iid=0.05, ood=0.95)  # inverts the cues: high ood, robust 0.05
+    write_fake_run(root / "cfmoe/seed0", iid=0.8, ood=0.7, reliance=0.25)
+    write_fake_run(tmp_path / "runs/scratch/mixed/vanilla/seed0", iid=0.7, ood=0.6)
+    runs = plan(bench, tmp_path, ["vanilla", "cfvqa", "cfmoe"], [0, 1], cues=("tint_hashtag", "mixed"))
+    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results) == ["vanilla", "cfmoe"]
-    for metrics in results.values():
-        assert set(metrics) == set(bench.METRICS)
+    assert list(results) == [SETTING, "scratch/mixed"] and list(results["scratch/mixed"]) == ["vanilla"]
+    for metrics in results[SETTING].values():
+        assert list(metrics) == list(bm.METRICS) and bm.METRICS[0] == "robust_acc"
         assert all(set(summary) == {"mean", "std", "n"} for summary in metrics.values())
-    vanilla = results["vanilla"]
-    assert vanilla["iid_acc"]["mean"] == pytest.approx(0.85) and vanilla["iid_acc"]["n"] == 2
-    assert vanilla["ood_acc"]["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    vanilla = results[SETTING]["vanilla"]
+    assert vanilla["robust_acc"]["mean"] == pytest.approx(0.2) and vanilla["robust_acc"]["n"] == 2  # min per run
+    assert vanilla["robust_acc"]["std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert vanilla["iid_acc"]["mean"] == pytest.approx(0.85)
     assert vanilla["worst_group_acc"]["mean"] == pytest.approx(0.3)  # test_neutral's worst group
     assert vanilla["macro_f1"]["mean"] == pytest.approx(np.mean([0.5, 0.4]))  # mean over the three splits
-    assert results["cfmoe"]["cue_reliance"] == {"mean": 0.25, "std": 0.0, "n": 1}  # test_neutral's
+    assert results[SETTING]["cfvqa"]["robust_acc"]["mean"] == pytest.approx(0.05)
+    assert results[SETTING]["cfmoe"]["cue_reliance"] == {"mean": 0.25, "std": 0.0, "n": 1}
 
-    text = (tmp_path / "results.md").read_text()
+    text = report["markdown"]
     assert "synthetic planted-cue data, not mmsd2.0 figures" in text.lower()
-    assert "| vanilla | peer | 2 | 0.850 ± 0.071 | 0.200 ± 0.141 |" in text
-    assert "| cfmoe | 1 | missing |" in text  # cfmoe seed 1 never ran
-    for name in bench.METRICS:
+    section = text.split(f"## {SETTING}\n")[1]
+    order = [line.split(" | ")[0].strip("| ") for line in section.splitlines()[3:6]]
+    assert order == ["cfmoe", "vanilla", "cfvqa"]  # ranked on robust_acc, not ood
+    assert "| vanilla | peer | 2 | 0.200 ± 0.141 | 0.850 ± 0.071 | 0.200 ± 0.141 |" in section
+    assert f"| method | kind | {SETTING} | scratch/mixed |" in text and "| cfvqa | peer | 0.050 ± 0.000 | n/a |" in text
+    assert f"| {SETTING} | cfmoe | 1 | missing |" in text  # cfmoe seed 1 never ran
+    for name in bm.METRICS:
         assert f"- `{name}`:" in text
-    assert (tmp_path / "results.png").stat().st_size > 0
+    assert [p.name for p in report["plots"]] == ["scratch_tint_hashtag.png", "scratch_mixed.png"]
+    assert all(p.stat().st_size > 0 for p in report["plots"])
     records = json.loads((tmp_path / "runs.json").read_text())
-    assert {(r["method"], r["seed"], r["status"]) for r in records} >= {
-        ("cfmoe", 1, "missing"),
-        ("vanilla", 0, "cached"),
+    assert {(r["setting"], r["method"], r["seed"], r["status"]) for r in records} >= {
+        (SETTING, "cfmoe", 1, "missing"),
+        ("scratch/mixed", "vanilla", 0, "cached"),
     }
 
 
-def test_ablation_cost_flagging(bench, tmp_path):
-    for method, ood in {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80}.items():
-        write_fake_run(tmp_path / f"runs/{method}/seed0", ood=ood)
-    write_fake_run(tmp_path / "runs/cfmoe_single_expert/seed0", ood=0.95)
-    methods = ["cfmoe", "cfmoe_with_contrast", "cfmoe_uniform_gates", "cfmoe_single_expert"]
-    report = bench.write_report(tmp_path, bench.plan_runs(tmp_path, methods, [0], []), SETTINGS)
+def test_ablation_cost_on_robust_acc(bench, tmp_path):
+    robust = {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80, "cfmoe_single_expert": 0.95}
+    for method, value in robust.items():
+        write_fake_run(tmp_path / f"runs/scratch/tint_hashtag/{method}/seed0", iid=0.99, ood=value)
+    report = bm.write_report(tmp_path, plan(bench, tmp_path, list(robust), [0]), bench.TABLE, SETTINGS)
 
-    costs = bench.ablation_costs(report["results"])
-    assert set(costs) == set(methods[1:])
+    costs = bm.ablation_costs(report["results"][SETTING], bench.TABLE)
+    assert set(costs) == set(robust) - {"cfmoe"}
     assert costs["cfmoe_with_contrast"]["cost"] == pytest.approx(0.01) and costs["cfmoe_with_contrast"]["cheap"]
     assert costs["cfmoe_uniform_gates"]["cost"] == pytest.approx(0.10) and not costs["cfmoe_uniform_gates"]["cheap"]
     assert costs["cfmoe_single_expert"]["cheap"]  # better than the full method: costs nothing
     assert "Cheap ablations: cfmoe_with_contrast, cfmoe_single_expert." in report["markdown"]
     assert "| cfmoe_uniform_gates | 0.800 ± 0.000 | +10.0 | no |" in report["markdown"]
-    assert bench.ablation_costs({"cfmoe_with_contrast": report["results"]["cfmoe_with_contrast"]}) == {}
 
 
 def test_resume_skips_finished_runs(bench, tmp_path, capsys):
-    runs = bench.plan_runs(tmp_path, ["vanilla", "cfmoe"], [0, 1], [])
-    write_fake_run(tmp_path / "runs/cfmoe/seed0", ood=0.77)
-    (tmp_path / "runs/cfmoe/seed0/benchmark_run.json").write_text(
+    runs = plan(bench, tmp_path, ["vanilla", "cfmoe"], [0, 1])
+    write_fake_run(runs[1].run_dir, ood=0.77)
+    (runs[1].run_dir / "benchmark_run.json").write_text(
         json.dumps({"argv": runs[1].argv, "wall_s": 12.0, "cpu_s": 10.0})
     )
-    write_fake_run(tmp_path / "runs/vanilla/seed1", routing=False)  # trained; only its routing study is left
+    write_fake_run(runs[2].run_dir, routing=False)  # vanilla seed 1: trained; only its routing study is left
     calls: list = []
-    bench.execute(runs, threads=1, check=accept_all, launch=fake_launch(calls))
+    bm.execute(runs, threads=1, check=accept_all, launch=fake_launch(calls))
 
     assert sorted(calls) == [("cfmoe", 1), ("vanilla", 0), ("vanilla", 1)]
-    status = {(r.method, r.seed): r.status for r in runs}
-    assert status == {("vanilla", 0): "ok", ("cfmoe", 0): "cached", ("vanilla", 1): "cached", ("cfmoe", 1): "ok"}
+    assert [r.status for r in runs] == ["ok", "cached", "cached", "ok"]
     assert runs[1].wall_s == 12.0 and runs[1].cpu_s == 10.0  # cached times read back
-    meta = json.loads((tmp_path / "runs/vanilla/seed0/benchmark_run.json").read_text())
+    meta = json.loads((runs[0].run_dir / "benchmark_run.json").read_text())
     assert meta["argv"] == runs[0].argv and meta["cpu_s"] == 3.0
     assert "3 run(s) to do, 2 already trained" in capsys.readouterr().out
 
     calls.clear()  # a second invocation finds everything done
-    again = bench.plan_runs(tmp_path, ["vanilla", "cfmoe"], [0, 1], [])
-    bench.execute(again, threads=1, check=accept_all, launch=fake_launch(calls))
+    again = plan(bench, tmp_path, ["vanilla", "cfmoe"], [0, 1])
+    bm.execute(again, threads=1, check=accept_all, launch=fake_launch(calls))
     assert calls == [] and {r.status for r in again} == {"cached"}
-    report = bench.write_report(tmp_path, again, SETTINGS)
-    assert report["results"]["cfmoe"]["ood_acc"]["mean"] == pytest.approx((0.77 + 0.6) / 2)
+    report = bm.write_report(tmp_path, again, bench.TABLE, SETTINGS)
+    assert report["results"][SETTING]["cfmoe"]["ood_acc"]["mean"] == pytest.approx((0.77 + 0.6) / 2)
 
 
-def test_rejected_argv_reported_as_skipped(bench, tmp_path, capsys):
+def test_rejected_and_failed_runs_are_reported(bench, tmp_path, capsys):
     def check(argv):
         return "unknown flag --text_counterfactuals" if "--text_counterfactuals" in argv else None
 
-    runs = bench.plan_runs(tmp_path, ["cfmoe", "cfmoe_no_text_cf"], [0, 1], [])
-    calls: list = []
-    bench.execute(runs, threads=1, check=check, launch=fake_launch(calls))
-    assert sorted(calls) == [("cfmoe", 0), ("cfmoe", 1)]
-    skipped = [r for r in runs if r.method == "cfmoe_no_text_cf"]
-    assert all(r.status == "skipped" and "--text_counterfactuals" in r.reason for r in skipped)
-    assert capsys.readouterr().out.count("skipping cfmoe_no_text_cf") == 1  # checked once per method
-
-    report = bench.write_report(tmp_path, runs, SETTINGS)
-    assert "cfmoe_no_text_cf" not in report["results"]
-    assert "| cfmoe_no_text_cf | 0 | skipped | argv rejected by the parser: unknown flag" in report["markdown"]
-    records = json.loads((tmp_path / "runs.json").read_text())
-    assert [r["status"] for r in records if r["method"] == "cfmoe_no_text_cf"] == ["skipped", "skipped"]
-
-
-def test_failed_run_is_reported_and_the_rest_go_on(bench, tmp_path):
     calls: list = []
     ok = fake_launch(calls)
 
@@ -220,51 +209,87 @@ def test_failed_run_is_reported_and_the_rest_go_on(bench, tmp_path):
             return 1, "Traceback ...\nRuntimeError: boom"
         return ok(run, threads)
 
-    runs = bench.plan_runs(tmp_path, ["rubi", "vanilla"], [0], [])
-    bench.execute(runs, threads=1, check=accept_all, launch=launch)
-    assert [r.status for r in runs] == ["failed", "ok"]
-    assert "RuntimeError: boom" in runs[0].reason
-    report = bench.write_report(tmp_path, runs, SETTINGS)
-    assert list(report["results"]) == ["vanilla"]
-    assert "| rubi | 0 | failed | exit code 1: RuntimeError: boom (log: " in report["markdown"]
+    runs = plan(bench, tmp_path, ["cfmoe", "cfmoe_no_text_cf", "rubi"], [0, 1])
+    bm.execute(runs, threads=1, check=check, launch=launch)
+    assert sorted(calls) == [("cfmoe", 0), ("cfmoe", 1)]
+    status = {(r.method, r.seed): r.status for r in runs}
+    assert status[("cfmoe_no_text_cf", 1)] == "skipped" and status[("rubi", 0)] == "failed"
+    assert capsys.readouterr().out.count("skipping scratch/tint_hashtag cfmoe_no_text_cf") == 1  # checked once
+
+    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
+    assert list(report["results"][SETTING]) == ["cfmoe"]
+    text = report["markdown"]
+    assert f"| {SETTING} | cfmoe_no_text_cf | 0 | skipped | argv rejected by the parser: unknown flag" in text
+    assert f"| {SETTING} | rubi | 0 | failed | exit code 1: RuntimeError: boom (log: " in text
 
 
 def test_routing_study_summaries(bench, tmp_path):
-    assert bench.group_parts(6, 2) == (1, 1, 0)
-    assert [bench.cue_category(1, *cues) for cues in ((1, 1), (0, 1), (1, 0), (0, 0))] == list(bench.CATEGORIES)
+    gid = {cues: int(group_index(*cues, 2)) for cues in ((0, 0, 0), (0, 1, 1), (0, 0, 1), (0, 1, 0), (1, 1, 1))}
+    assert [bm.cue_category(1, *cues) for cues in ((1, 1), (0, 1), (1, 0), (0, 0))] == list(bm.CATEGORIES)
+    assert bm.cue_category(1, NO_CUE, 1) == "aligned" and bm.cue_category(1, NO_CUE, 0) == "image_conflicting"
     gates = {"visual": np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]), "text": np.full((3, 2), 0.5)}
-    routed = bench.routing_by_group(gates, np.array([0, 0, 3]), num_labels=2)
+    groups = np.array([gid[0, 0, 0], gid[0, 0, 0], gid[0, 1, 1]])
+    routed = bm.routing_by_group(gates, groups, num_labels=2)
+    aligned = routed["groups"][str(gid[0, 0, 0])]
     assert routed["overall"] == {"n": 3, "visual": [0.5, 0.5], "text": [0.5, 0.5]}
-    assert routed["groups"]["0"]["category"] == "aligned" and routed["groups"]["0"]["visual"] == [0.75, 0.25]
+    assert aligned["category"] == "aligned" and aligned["visual"] == [0.75, 0.25]
     assert routed["categories"]["both_conflicting"] == {"n": 1, "visual": [0.0, 1.0], "text": [0.5, 0.5]}
-    assert bench.separation(routed["groups"], "visual") == pytest.approx(0.75)  # |[.75, .25] - [0, 1]| / 2
-    assert bench.separation(routed["groups"], "text") == pytest.approx(0.0)
-    single_cue = bench.routing_by_group(gates, np.array([0, 1, 2]), num_labels=2)  # 1: image cue moved, 2: text
-    assert bench.cue_sensitivity(single_cue["groups"], "visual", "image_cue") == pytest.approx(0.5)
-    assert bench.cue_sensitivity(single_cue["groups"], "visual", "text_cue") == pytest.approx(1.0)
-    assert bench.cue_sensitivity(single_cue["groups"], "text", "text_cue") == pytest.approx(0.0)
-    assert bench.cue_sensitivity(routed["groups"], "visual", "text_cue") is None  # groups 0, 3 differ in both
-    other_label = bench.routing_by_group(gates, np.array([0, 0, 7]), num_labels=2)  # (y=1, aligned): no conflict
-    assert bench.separation(other_label["groups"], "visual") is None
-    assert bench.balance([0.25] * 4) == pytest.approx(1.0) and bench.balance([1.0, 0.0]) == pytest.approx(0.0)
+    assert bm.separation(routed["groups"], "visual") == pytest.approx(0.75)  # |[.75, .25] - [0, 1]| / 2
+    assert bm.separation(routed["groups"], "text") == pytest.approx(0.0)
+    single_cue = bm.routing_by_group(gates, np.array([gid[0, 0, 0], gid[0, 0, 1], gid[0, 1, 0]]), num_labels=2)
+    assert bm.cue_sensitivity(single_cue["groups"], "visual", "image_cue") == pytest.approx(0.5)
+    assert bm.cue_sensitivity(single_cue["groups"], "visual", "text_cue") == pytest.approx(1.0)
+    assert bm.cue_sensitivity(single_cue["groups"], "text", "text_cue") == pytest.approx(0.0)
+    assert bm.cue_sensitivity(routed["groups"], "visual", "text_cue") is None  # the groups differ in both cues
+    other_label = bm.routing_by_group(gates, np.array([gid[0, 0, 0]] * 2 + [gid[1, 1, 1]]), num_labels=2)
+    assert bm.separation(other_label["groups"], "visual") is None
+    assert bm.balance([0.25] * 4) == pytest.approx(1.0) and bm.balance([1.0, 0.0]) == pytest.approx(0.0)
 
-    write_fake_run(tmp_path / "runs/cfmoe/seed0")
-    write_fake_run(tmp_path / "runs/vanilla/seed0", routing=False)
-    report = bench.write_report(tmp_path, bench.plan_runs(tmp_path, ["vanilla", "cfmoe"], [0], []), SETTINGS)
-    routing = json.loads((tmp_path / "routing.json").read_text())
+    runs = plan(bench, tmp_path, ["vanilla", "cfmoe"], [0])
+    write_fake_run(runs[1].run_dir)
+    write_fake_run(runs[0].run_dir, routing=False)
+    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
+    routing = json.loads((tmp_path / "routing.json").read_text())[SETTING]
     assert routing["cfmoe"]["seeds"]["0"]["final_training_shares"] == {"visual": [0.7, 0.3], "text": [0.6, 0.4]}
-    assert routing["cfmoe"]["seeds"]["0"]["test"]["categories"]["aligned"]["n"] == 2
     assert routing["cfmoe"]["separation"]["visual"]["mean"] == pytest.approx(1.0)
     assert "test" not in routing["vanilla"]["seeds"]["0"]
-    assert "### cfmoe: test shares per group" in report["markdown"]
+    assert "#### cfmoe: test shares per group" in report["markdown"] and "#### vanilla" not in report["markdown"]
     assert "| y=0 text=1 image=1 (both_conflicting) | 1 | 0.00 / 1.00 | 0.50 / 0.50 |" in report["markdown"]
-    assert "### vanilla" not in report["markdown"]
-    row = "| cfmoe | 0.92 ± 0.00 | 1.00 ± 0.00 | n/a | n/a | 1.00 ± 0.00 | 0.00 ± 0.00 | n/a | n/a | 0.70 / 0.30 |"
-    assert row in report["markdown"]  # balance, separation, text-cue and image-cue sensitivity per site
 
 
-def test_check_argv_uses_the_run_parser(bench):
-    assert bench.check_argv(["--method", "vanilla", "--num_train", "64"]) is None
-    assert "--no_such_flag" in bench.check_argv(["--no_such_flag", "1"])
-    assert "method must be one of" in bench.check_argv(["--method", "nope"])
-    assert "invalid int value" in bench.check_argv(["--num_train", "many"])
+def test_check_argv_uses_the_run_script_parser():
+    assert bm.check_argv(["--method", "vanilla", "--num_train", "64", "--cue_setting", "mixed"]) is None
+    assert bm.check_argv(["--model_name_or_path", "some/base", "--freeze_vision_tower", "True"]) is None
+    assert "--no_such_flag" in bm.check_argv(["--no_such_flag", "1"])
+    assert "invalid int value" in bm.check_argv(["--num_train", "many"])
+
+
+def test_tiny_benchmark_both_regimes(bench, tmp_path, capsys):
+    """The real thing at toy size: one pretrained base, cfmoe from scratch and from the base, then a resume."""
+    argv = ["--output_dir", str(tmp_path), "--regime", "scratch,pretrained", "--cue_settings", "mixed"]
+    argv += ["--methods", "cfmoe", "--seeds", "1", "--jobs", "2", "--threads", "1"]
+    argv += ["--pretrain_epochs", "1", "--pretrain_num_train", "32", "--pretrain_num_validation", "16"]
+    argv += ["--num_train", "32", "--num_validation", "16", "--num_test", "16", "--num_train_epochs", "1"]
+    report = bench.main(argv)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["scratch/mixed", "pretrained/mixed"]
+    for setting in results:
+        metrics = results[setting]["cfmoe"]
+        assert set(metrics) == set(bm.METRICS) and metrics["robust_acc"]["n"] == 1
+        regime = setting.split("/")[0]
+        evals = json.loads((tmp_path / f"runs/{regime}/mixed/cfmoe/seed0/all_results.json").read_text())["eval"]
+        expected = min(evals["test_iid"]["accuracy"], evals["test_ood"]["accuracy"])
+        assert metrics["robust_acc"]["mean"] == pytest.approx(expected)
+    assert (tmp_path / "bases/seed0/pretraining.json").is_file() and (tmp_path / "pretrained_mixed.png").is_file()
+    assert "## Pretrained bases" in report["markdown"] and "32 items x 1 epochs (all_forms)" in report["markdown"]
+    routing = json.loads((tmp_path / "routing.json").read_text())
+    assert (
+        set(routing) == {"scratch/mixed", "pretrained/mixed"}
+        and "test" in routing["pretrained/mixed"]["cfmoe"]["seeds"]["0"]
+    )
+    capsys.readouterr()
+
+    bench.main(argv)  # everything cached: no base rebuilt, no run
+    out = capsys.readouterr().out
+    assert "building the pretrained base" not in out and "0 run(s) to do, 2 already trained" in out

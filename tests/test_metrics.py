@@ -15,6 +15,7 @@ from trainer.metrics import (
     cue_reliance,
     group_accuracies,
     macro_f1,
+    robust_accuracy,
     summarize_runs,
     worst_group_accuracy,
 )
@@ -146,3 +147,10 @@ def test_summarize_runs() -> None:
     assert summarize_runs([0.5]) == {"mean": 0.5, "std": 0.0, "n": 1}
     with pytest.raises(ValueError):
         summarize_runs([])
+
+
+def test_robust_accuracy_is_the_worse_of_iid_and_ood() -> None:
+    assert robust_accuracy(0.95, 0.05) == 0.05  # follows the cues
+    assert robust_accuracy(0.03, 0.93) == 0.03  # inverts them: ood alone would rank it first
+    assert robust_accuracy(0.8, 0.8) == 0.8
+    assert np.isnan(robust_accuracy(0.8, float("nan"))) and np.isnan(robust_accuracy(float("nan"), 0.8))

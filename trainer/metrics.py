@@ -8,11 +8,12 @@ Three layers over the same functions:
   that ``evaluate`` makes into its module cache imports cleanly);
 * ``build_compute_metrics`` for ``transformers.Trainer``.
 
-``summarize_runs`` reports the spread of a metric over seeds.
+``robust_accuracy`` is the headline of a debiasing run; ``summarize_runs`` reports the spread of a metric over seeds.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -97,6 +98,15 @@ def cue_reliance(predictions: ArrayLike, flipped_predictions: ArrayLike) -> floa
     """
     preds, flipped = _pair(predictions, flipped_predictions, ("predictions", "flipped_predictions"))
     return float(np.mean(preds != flipped))
+
+
+def robust_accuracy(iid_accuracy: float, ood_accuracy: float) -> float:
+    """``min(iid_accuracy, ood_accuracy)``: high only when a model is right both where the spurious cues agree with
+    the label and where they are flipped, so neither following the cues (low OOD) nor inverting them (low IID)
+    scores. NaN when either is NaN."""
+    if math.isnan(iid_accuracy) or math.isnan(ood_accuracy):
+        return math.nan
+    return float(min(iid_accuracy, ood_accuracy))
 
 
 def _classification_scores(predictions: np.ndarray, references: np.ndarray, binary: bool) -> dict[str, float]:
