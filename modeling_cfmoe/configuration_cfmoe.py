@@ -31,12 +31,12 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_types (`list[str]`): any of "context_swapped" (the item's context replaced by
             another item's, its core kept) and "core_masked" (its core removed, its context kept).
         counterfactual_modalities (`list[str]`): which modalities the counterfactual rows edit ("text", "image").
-        context_fraction (`float`): fraction of an item's text tokens (and, with `image_context="patches"`,
-            image patches) called *context*: those with the largest direct effect in their unimodal branch.
-        image_context (`str`): what *context* is in an image. "global": the image-level component, i.e. the
-            mean of its projected features, which is all the image-only head reads; each patch's deviation
-            from it is core. "patches": the `context_fraction` patches contributing most to the image-only
-            head.
+        text_context_threshold (`float`): a token is text *context* when its direct effect in the text-only
+            branch (the running per-token table) is at least this fraction of the strongest token's; a row
+            without such a token has no text context.
+        image_context_threshold (`float`): image *context* is the image's global colour plus the pixels whose
+            attribution to the image-only branch exceeds the image's median by this many median absolute
+            deviations; an image whose attribution is flat has no local context.
         token_score_momentum (`float`): EMA momentum of the per-vocabulary direct-effect table.
         detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
             text-only language-model pass runs without gradient): they measure what one modality alone
@@ -65,8 +65,8 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_fraction: float = 1.0,
         counterfactual_types: list[str] | None = None,
         counterfactual_modalities: list[str] | None = None,
-        context_fraction: float = 0.05,
-        image_context: str = "global",
+        text_context_threshold: float = 0.5,
+        image_context_threshold: float = 6.0,
         token_score_momentum: float = 0.99,
         detach_bias_branches: bool = False,
         inference_mode: str = "fused",
@@ -93,8 +93,8 @@ class CFMoEConfig(PretrainedConfig):
         self.counterfactual_fraction = counterfactual_fraction
         self.counterfactual_types = list(counterfactual_types or ["context_swapped"])
         self.counterfactual_modalities = list(counterfactual_modalities or ["text", "image"])
-        self.context_fraction = context_fraction
-        self.image_context = image_context
+        self.text_context_threshold = text_context_threshold
+        self.image_context_threshold = image_context_threshold
         self.token_score_momentum = token_score_momentum
         self.detach_bias_branches = detach_bias_branches
         self.inference_mode = inference_mode
@@ -117,16 +117,25 @@ class CFMoEConfig(PretrainedConfig):
         unknown = set(self.counterfactual_types) - {"context_swapped", "core_masked"}
         if unknown:
             raise ValueError(f"unknown counterfactual_types {sorted(unknown)}; use context_swapped, core_masked")
-        if self.image_context not in ("global", "patches"):
-            raise ValueError(f"image_context must be 'global' or 'patches', got {self.image_context!r}")
         if "{text}" not in self.prompt_template:
             raise ValueError(f"prompt_template must contain '{{text}}', got {self.prompt_template!r}")
         if not set(self.counterfactual_modalities) <= {"text", "image"}:
             raise ValueError(
                 f"counterfactual_modalities must be a subset of text, image: {self.counterfactual_modalities}"
             )
-        if not 0.0 <= self.counterfactual_fraction <= 1.0 or not 0.0 < self.context_fraction < 1.0:
-            raise ValueError("counterfactual_fraction must be in [0, 1] and context_fraction in (0, 1)")
+        if not 0.0 <= self.counterfactual_fraction <= 1.0:
+            raise ValueError(f"counterfactual_fraction must be in [0, 1], got {self.counterfactual_fraction}")
+        if not 0.0 < self.text_context_threshold <= 1.0 or self.image_context_threshold <= 0:
+            raise ValueError(
+                "text_context_threshold must be in (0, 1] and image_context_threshold > 0, got "
+                f"{self.text_context_threshold} and {self.image_context_threshold}"
+            )
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
+        """The base's text config: what `resize_token_embeddings` and generic code update and read (vocab size)."""
+        if self.base_config is None:
+            return super().get_text_config(decoder=decoder, encoder=encoder)
+        return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
 
     @property
     def hidden_size(self) -> int:

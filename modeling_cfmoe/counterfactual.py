@@ -1,6 +1,6 @@
 """Counterfactual states and rows: text-only sequences, core/context splits, causal effects.
 
-Notation (DESIGN.md): `Z(t, v)` factual logits, `Z(t, v*)` text-only, `Z(t*, v)` image-only,
+Notation (docs/method.md): `Z(t, v)` factual logits, `Z(t, v*)` text-only, `Z(t*, v)` image-only,
 `Z(t*, v*)` the learned prior. All helpers are vectorised over rows: no Python loop over items.
 """
 
@@ -54,8 +54,25 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Te
 def pool_by_row(values: torch.Tensor, row_index: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Mean of `values` `(n, dim)` grouped by `row_index` `(n,)` -> `(num_rows, dim)`; rows with none get 0."""
     sums = values.new_zeros(num_rows, values.shape[-1]).index_add_(0, row_index, values)
-    counts = torch.bincount(row_index, minlength=num_rows).clamp_min(1).to(values.dtype)
-    return sums / counts.unsqueeze(-1)
+    counts = values.new_zeros(num_rows).index_add_(0, row_index, values.new_ones(row_index.shape[0]))
+    return sums / counts.clamp_min(1).unsqueeze(-1)
+
+
+def left_align(values: torch.Tensor, keep: torch.Tensor, fill: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept positions of each row moved to its front, in order.
+
+    values `(rows, length, *dims)`, keep `(rows, length)` bool -> `(rows, width, *dims)` (`fill` after each row's
+    kept values) and its mask `(rows, width)` long; width = the longest row's count (the full length while
+    tracing, which reads no value on the host).
+    """
+    lengths = keep.sum(1)
+    width = keep.shape[1] if torch.compiler.is_compiling() else max(int(lengths.max()), 1)
+    target = torch.cumsum(keep.long(), dim=1) - 1
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)
+    aligned = values.new_full((keep.shape[0], width, *values.shape[2:]), fill)
+    aligned[rows[keep], target[keep]] = values[keep]
+    mask = torch.arange(width, device=keep.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return aligned, mask.long()
 
 
 def drop_image_tokens(
@@ -65,45 +82,4 @@ def drop_image_tokens(
 
     This is the `v*` state on the short sequence: a text-only branch costs text tokens only.
     """
-    keep = attention_mask.bool() & (input_ids != image_token_id)
-    lengths = keep.sum(1)
-    width = max(int(lengths.max()), 1)
-    target = torch.cumsum(keep.long(), dim=1) - 1
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(input_ids)
-    text_ids = input_ids.new_full((input_ids.shape[0], width), pad_token_id)
-    text_ids[rows[keep], target[keep]] = input_ids[keep]
-    text_mask = torch.arange(width, device=input_ids.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return text_ids, text_mask.long()
-
-
-def top_fraction(scores: torch.Tensor, candidates: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per row, the `ceil(fraction * n)` candidates with the largest score (at least one when n > 0).
-
-    scores, candidates: `(rows, length)`; returns a bool mask `(rows, length)`, a subset of candidates.
-    """
-    counts = candidates.sum(1)
-    k = torch.where(counts > 0, torch.ceil(counts * fraction).clamp_min(1), torch.zeros_like(counts)).long()
-    masked = torch.where(candidates, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float))
-    rank = masked.argsort(dim=1, descending=True).argsort(dim=1)
-    return candidates & (rank < k.unsqueeze(1))
-
-
-def swap_context_tokens(
-    embeds: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context transplant in text: the k-th context token of each drawn row takes the embedding of the k-th
-    context token of its partner item.
-
-    embeds `(batch, length, dim)`, context `(batch, length)` bool, rows / partner `(n,)` item indices.
-    Returns the rows' embeddings `(n, length, dim)` and `(n, length)` bool: context positions left without a
-    partner token (the partner has fewer), to be masked out.
-    """
-    rank = (context.long().cumsum(1) - 1).clamp_min(0)
-    table = torch.zeros_like(embeds)  # (batch, length, dim): item i's k-th context token at position k
-    items, positions = context.nonzero(as_tuple=True)
-    table[items, rank[items, positions]] = embeds[items, positions]
-    row_context, row_rank = context[rows], rank[rows]
-    donated = table[partner].gather(1, row_rank.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-    available = row_rank < context.sum(1)[partner].unsqueeze(1)
-    swapped = torch.where((row_context & available).unsqueeze(-1), donated, embeds[rows])
-    return swapped, row_context & ~available
+    return left_align(input_ids, attention_mask.bool() & (input_ids != image_token_id), pad_token_id)

@@ -1,6 +1,6 @@
 """CF-MoE: a LLaVA-family base with counterfactual branches and debiasing experts, for classification.
 
-Data flow of one forward (DESIGN.md):
+Data flow of one forward (docs/method.md):
 
     pixel_values -> vision tower -> projector -> visual MoE ----------------> image-only head  Z(t*, v)
                                                     |
@@ -26,20 +26,27 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, torch_compilable_check
 
 from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
+from .context import (
+    image_context,
+    keep_only_context,
+    pixel_saliency,
+    text_context,
+    transplant_pixels,
+    transplant_tokens,
+)
 from .counterfactual import (
     CORE_MASKED,
     COUNTERFACTUAL_KINDS,
     causal_effects,
-    drop_image_tokens,
+    left_align,
     pool_by_row,
     pool_tokens,
-    swap_context_tokens,
-    top_fraction,
 )
 from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
+from .pipeline_cfmoe import custom_pipelines_config
 
 AUTO_MAP = {
     "AutoConfig": "configuration_cfmoe.CFMoEConfig",
@@ -72,6 +79,10 @@ class CFMoEOutput(ModelOutput):
         `counterfactual_kind` `(rows,)` 0 = context-swapped, 1 = core-masked.
     router_logits / routing_gates: `(visual, text)`, each `(batch, num_experts)` for the factual rows.
     aux_loss: weighted load-balancing loss of both MoE sites (scalar).
+    hidden_states: (`output_hidden_states=True`) the language model's embeddings and every layer's output for the
+        factual rows, each `(batch, length, hidden)`.
+    attentions: (`output_attentions=True`) the language model's attention weights for the factual rows, each
+        `(batch, heads, length, length)`.
     """
 
     loss: torch.Tensor | None = None
@@ -92,6 +103,8 @@ class CFMoEOutput(ModelOutput):
     router_logits: tuple[torch.Tensor, ...] | None = None
     routing_gates: tuple[torch.Tensor, ...] | None = None
     aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class CFMoEPreTrainedModel(PreTrainedModel):
@@ -104,6 +117,8 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
+    # routing and the token table stay float32 when a checkpoint loads in half precision
+    _keep_in_fp32_modules_strict = ["router", "token_direct_effect"]
 
     @classmethod
     def from_pretrained(cls, *args, use_safetensors: bool | None = True, **kwargs):
@@ -164,9 +179,17 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         self.image_head = nn.Linear(hidden, num_labels)
         self.prior_logits = nn.Parameter(torch.zeros(num_labels))
         # running direct effect of each vocabulary token in the text-only branch: picks text *context*
-        self.register_buffer("token_direct_effect", torch.zeros(config.base_config.text_config.vocab_size, num_labels))
+        self.register_buffer(
+            "token_direct_effect",
+            torch.zeros(config.base_config.text_config.vocab_size, num_labels, dtype=torch.float32),
+        )
         self._image_feature_params = set(inspect.signature(self.mllm.get_image_features).parameters)
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        # every save_pretrained carries the pipeline: `pipeline(model=DIR, trust_remote_code=True)`
+        self.config.custom_pipelines = {
+            **(getattr(self.config, "custom_pipelines", None) or {}),
+            **custom_pipelines_config(),
+        }
         self.post_init()
 
     # ----------------------------------------------------------------------------------------- loading
@@ -218,10 +241,23 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.mllm.set_input_embeddings(value)
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resizes the base's token embeddings (and its text config's `vocab_size`) and the per-token direct-effect
+        table: new tokens start with no recorded effect."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        vocab_size, old = self.config.get_text_config().vocab_size, self.token_direct_effect
+        table = old.new_zeros(vocab_size, old.shape[1])
+        kept = min(vocab_size, old.shape[0])
+        table[:kept] = old[:kept]
+        self.token_direct_effect = table
+        return embeddings
+
     # ----------------------------------------------------------------------------------------- forward
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -229,7 +265,11 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
         counterfactual_rows: bool = True,
-    ) -> CFMoEOutput:
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CFMoEOutput | tuple:
         r"""
         input_ids / attention_mask: `(batch, length)` with the base's image placeholder tokens.
         pixel_values: the base processor's pixel values (with `image_sizes` / `batch_num_images` for
@@ -239,16 +279,29 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             in training, the fine-grained counterfactual rows (`config.counterfactual_fraction`).
         counterfactual_rows: False skips the fine-grained rows (the branches stay), for a training step whose
             loss does not read them.
+        inputs_embeds: `(batch, length, hidden)` instead of `input_ids`; image placeholders are the positions
+            holding the image token's embedding. The fine-grained rows pick text context by token id: training
+            with them needs `input_ids`.
+        output_attentions / output_hidden_states: also return the language model's attentions / hidden states
+            of the factual rows (default: the config's).
+        return_dict: a [`CFMoEOutput`] (default: `config.return_dict`) or the tuple of its non-None fields.
         """
         config = self.config
-        batch = input_ids.shape[0]
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        image_mask = self._image_mask(input_ids, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch = inputs_embeds.shape[0]
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
         attention_mask = attention_mask.bool()
         if labels is not None:
             self._check_labels(labels, batch)
-        image_mask = (input_ids == self.mllm.config.image_token_id) & attention_mask
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = image_mask & attention_mask
         text_mask = attention_mask & ~image_mask
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE, routed by the pooled item state
@@ -267,15 +320,29 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         rows_embeds, rows_mask = inputs_embeds, attention_mask
         cf_source = cf_kind = None
         if return_counterfactuals and counterfactual_rows and self.training and image_features is not None:
+            if input_ids is None:
+                raise ValueError(
+                    "counterfactual rows pick text context by token id: pass input_ids rather than inputs_embeds, "
+                    "or counterfactual_rows=False"
+                )
             cf = self._counterfactual_rows(
-                input_ids, inputs_embeds, attention_mask, image_mask, image_features, image_rows
+                input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, visual_routing.gates
             )
             if cf is not None:
                 cf_embeds, cf_mask, cf_source, cf_kind = cf
-                rows_embeds = torch.cat([inputs_embeds, cf_embeds])
-                rows_mask = torch.cat([attention_mask, cf_mask])
-        hidden = self.mllm.language_model(inputs_embeds=rows_embeds, attention_mask=rows_mask.long()).last_hidden_state
-        pooled, text_routing = self._language_moe(pool_tokens(hidden, rows_mask, config.pooling))
+                extra = cf_embeds.shape[1] - inputs_embeds.shape[1]  # tokens appended by the text transplant
+                rows_embeds = torch.cat([nn.functional.pad(inputs_embeds, (0, 0, 0, extra)), cf_embeds])
+                rows_mask = torch.cat([nn.functional.pad(attention_mask, (0, extra)), cf_mask])
+        language_out = self.mllm.language_model(
+            inputs_embeds=rows_embeds,
+            attention_mask=rows_mask.long(),
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        pooled, text_routing = self._language_moe(
+            pool_tokens(language_out.last_hidden_state, rows_mask, config.pooling)
+        )
         all_logits = self.fused_head(self.dropout(pooled))
         fused_logits = all_logits[:batch]
 
@@ -285,6 +352,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             pooled=pooled[:batch],
             router_logits=tuple(r.router_logits[:batch] for r in (visual_routing, text_routing) if r is not None),
             routing_gates=tuple(r.gates[:batch] for r in (visual_routing, text_routing) if r is not None),
+            hidden_states=_factual_rows(language_out.hidden_states, batch, attention_mask.shape[1]),
+            attentions=_factual_rows(language_out.attentions, batch, attention_mask.shape[1]),
         )
         out.aux_loss = config.router_aux_loss_coef * sum(
             load_balancing_loss(r.gates, r.router_logits) for r in (visual_routing, text_routing) if r is not None
@@ -295,65 +364,88 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
 
         # 3. counterfactual branches: Z(t, v*) on the short text-only rows, Z(t*, v) from the image features
         if return_counterfactuals or config.inference_mode == "tie":
-            self._branches(out, input_ids, attention_mask, image_features, image_rows, batch)
+            self._branches(out, input_ids, inputs_embeds, text_mask, image_features, image_rows, batch)
             if config.inference_mode == "tie" and not self.training:
                 out.logits = out.prior_logits + out.indirect_effect
         if labels is not None:
             out.loss = nn.functional.cross_entropy(out.logits.float(), labels)
-        return out
+        out = CFMoEOutput(**out)  # fields in declaration order (loss first); fields set above would come last
+        return out if return_dict else out.to_tuple()
 
     # ----------------------------------------------------------------------------------------- pieces
     def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
         if labels.shape != (batch,):
             raise ValueError(f"labels must have shape ({batch},), one class id per item; got {tuple(labels.shape)}")
         bad = (labels < 0) | (labels >= self.config.num_labels)
-        if bad.any():
-            raise ValueError(
+        torch_compilable_check(
+            ~bad.any(),
+            lambda: (
                 f"labels {labels[bad].tolist()} are outside id2label {self.config.id2label}: "
                 f"use class ids in [0, {self.config.num_labels})"
-            )
+            ),
+        )
+
+    def _image_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """`(batch, length)` bool: the image placeholders, by token id or by the image token's embedding."""
+        image_token_id = self.mllm.config.image_token_id
+        if input_ids is not None:
+            return input_ids == image_token_id
+        image_embed = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_embed).all(-1)
 
     def _image_features(
         self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor, image_kwargs: dict
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected features of every image token `(n_tokens, hidden)` and the row of each `(n_tokens,)`."""
-        n_tokens = int(image_mask.sum())
+        """Projected features of every image token `(n_tokens, hidden)` and the row of each `(n_tokens,)`.
+
+        The checks read no value on the host (`torch_compilable_check`), so that `torch.export` can trace them.
+        """
         if pixel_values is None:
             raise ValueError(
-                f"input_ids hold {n_tokens} image tokens but no pixel_values were given: pass the images "
-                "through the processor, or remove the image placeholders from the text"
+                f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given: pass the "
+                "images through the processor, or remove the image placeholders from the text"
             )
-        if n_tokens == 0:
-            raise ValueError(
-                "pixel_values were given but input_ids hold no image token "
-                f"(id {self.mllm.config.image_token_id}): build the prompt with the processor so that it "
-                "inserts the image placeholders"
-            )
+        torch_compilable_check(
+            image_mask.any(),
+            "pixel_values were given but input_ids hold no image token "
+            f"(id {self.mllm.config.image_token_id}): build the prompt with the processor so that it "
+            "inserts the image placeholders",
+        )
         kwargs = {k: v for k, v in image_kwargs.items() if k in self._image_feature_params and v is not None}
         features = self.mllm.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs).pooler_output
         features = torch.cat(list(features), dim=0)
-        if features.shape[0] != n_tokens:
-            raise ValueError(
-                f"image tokens and image features do not match: input_ids hold {n_tokens} image tokens, the "
-                f"vision tower produced {features.shape[0]} features; a truncated prompt or images that do not "
-                "belong to these texts cause this (never truncate image tokens)"
-            )
-        return features, image_mask.nonzero()[:, 0]
+        image_rows = image_mask.nonzero()[:, 0]
+        torch_compilable_check(
+            features.shape[0] == image_rows.shape[0],
+            lambda: (
+                f"image tokens and image features do not match: input_ids hold {image_rows.shape[0]} image "
+                f"tokens, the vision tower produced {features.shape[0]} features; a truncated prompt or images that "
+                "do not belong to these texts cause this (never truncate image tokens)"
+            ),
+        )
+        return features, image_rows
 
     def _language_moe(self, pooled: torch.Tensor):
         routing = self.text_moe.route(pooled)
         return self.text_moe(pooled, routing.gates), routing
 
-    def _branches(self, out: CFMoEOutput, input_ids, attention_mask, image_features, image_rows, batch) -> None:
-        """Fill the text-only, image-only, prior branches and the causal effects into `out`."""
-        pad_id = self.mllm.config.text_config.pad_token_id
-        text_ids, text_mask = drop_image_tokens(
-            input_ids, attention_mask, self.mllm.config.image_token_id, 0 if pad_id is None else pad_id
-        )
+    def _branches(self, out: CFMoEOutput, input_ids, inputs_embeds, text_mask, image_features, image_rows, batch):
+        """Fill the text-only, image-only, prior branches and the causal effects into `out`.
+
+        The text-only rows are the text positions of `inputs_embeds` `(batch, length, hidden)`, left-aligned
+        (`text_mask` `(batch, length)`): no image tokens, no padding.
+        """
         detach = self.config.detach_bias_branches
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-            text_hidden = self.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-            text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_mask, self.config.pooling))
+            text_embeds, text_only_mask = left_align(inputs_embeds, text_mask)
+            text_hidden = self.mllm.language_model(
+                inputs_embeds=text_embeds,
+                attention_mask=text_only_mask,
+                use_cache=False,
+                output_attentions=False,
+                output_hidden_states=False,
+            ).last_hidden_state
+            text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_only_mask, self.config.pooling))
         out.text_only_logits = self.text_head(self.dropout(text_pooled))
         prior = self.prior_logits.to(out.fused_logits.dtype).expand_as(out.fused_logits)
         if image_features is None:
@@ -365,19 +457,24 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
         out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
         out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
-        if self.training and self.config.counterfactual_fraction > 0:  # only counterfactual rows read the table
-            self._update_token_direct_effect(text_ids, text_mask, text_hidden)
+        # only counterfactual rows read the table, and they need token ids
+        if self.training and self.config.counterfactual_fraction > 0 and input_ids is not None:
+            self._update_token_direct_effect(left_align(input_ids, text_mask)[0], text_only_mask, text_hidden)
 
     @torch.no_grad()
     def _update_token_direct_effect(
         self, text_ids: torch.Tensor, text_mask: torch.Tensor, text_hidden: torch.Tensor
     ) -> None:
-        """EMA of each vocabulary token's logit contribution `W_text h_j` (centred over classes)."""
+        """EMA of each vocabulary token's logit contribution `W_text h_j` (centred over classes), in float32
+        whatever the table's dtype."""
         keep = text_mask.bool()
-        contrib = self.text_head(text_hidden[keep]).float() - self.text_head.bias.float()
+        hidden = text_hidden[keep]
+        # W h = head(h) - head(0): the head is called (its bias never read) so that offload hooks fire
+        contrib = (self.text_head(hidden) - self.text_head(hidden.new_zeros(1, hidden.shape[-1]))).float()
         contrib = contrib - contrib.mean(-1, keepdim=True)
         ids = text_ids[keep]
-        sums = torch.zeros_like(self.token_direct_effect).index_add_(0, ids, contrib)
+        table = self.token_direct_effect
+        sums = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, ids, contrib)
         counts = torch.bincount(ids, minlength=sums.shape[0]).unsqueeze(-1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens
             torch.distributed.all_reduce(sums)
@@ -385,89 +482,93 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         seen = counts.squeeze(-1) > 0
         momentum = self.config.token_score_momentum
         means = sums[seen] / counts[seen]
-        self.token_direct_effect[seen] = momentum * self.token_direct_effect[seen] + (1 - momentum) * means
+        table[seen] = (momentum * table[seen].float() + (1 - momentum) * means).to(table.dtype)
 
-    def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, image_features, image_rows):
+    def _counterfactual_rows(
+        self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, visual_gates
+    ):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Text context = the `context_fraction` tokens with the largest direct effect in the text-only branch
-        (the running per-token table); core = the other text tokens. Image context (`config.image_context`):
-        "global", the image's mean projected feature (what the image-only head reads), core = each patch's
-        deviation from it; or "patches", the patches contributing most to the image-only head. A
-        context-swapped row takes the context of its partner (the next item of the batch) and keeps its
-        own core; a core-masked row keeps only its context. Returns `(embeds, mask, source, kind)` or None.
+        Text context: the tokens whose direct effect in the text-only branch is strong (`context.text_context`);
+        image context: the image's global colour and the pixels that stand out in the image-only branch's
+        attribution (`context.image_context`). A context-swapped row keeps its core and takes the context of its
+        partner (the next item of the batch), in pixel space for the image: the vision tower runs on the edited
+        images, so a cue the tower spreads over every patch feature leaves with its pixels. A core-masked row keeps
+        only its own context. Returns `(embeds, mask, source, kind)` (the rows may be wider than `inputs_embeds`:
+        transplanted tokens are appended) or None.
         """
         config, batch = self.config, input_ids.shape[0]
-        n_rows = int(math.ceil(config.counterfactual_fraction * batch)) if config.counterfactual_fraction else 0
+        n_rows = math.ceil(config.counterfactual_fraction * batch)
         if n_rows == 0:
             return None
         rows = torch.randperm(batch, device=input_ids.device)[:n_rows]
         partner = (rows + 1) % batch
-        edit_text = "text" in config.counterfactual_modalities
-        edit_image = "image" in config.counterfactual_modalities
-        # text split: never touch the first attended token (keeps every causal query attended)
+        # text: never touch the first attended token (keeps every causal query attended)
         first = (attention_mask.long().cumsum(1) == 1) & attention_mask
-        text_candidates = attention_mask & ~image_mask & ~first & edit_text
-        token_scores = self.token_direct_effect[input_ids]
-        text_context = top_fraction(
-            token_scores.amax(-1) - token_scores.amin(-1), text_candidates, config.context_fraction
-        )
-        patches = config.image_context == "patches"
-        if patches:
-            image_context = self._image_context_patches(image_mask, image_features) & edit_image
-        else:
-            means = pool_by_row(image_features, image_rows, batch).to(inputs_embeds.dtype)
-            row_images = image_mask[rows]
-            token_row = row_images.nonzero()[:, 0]  # the drawn row of each of the rows' image tokens
-            image_item, image_partner = rows[token_row], partner[token_row]
+        candidates = attention_mask & ~image_mask & ~first & ("text" in config.counterfactual_modalities)
+        text = text_context(self.token_direct_effect[input_ids], candidates, config.text_context_threshold)
+        edit_image = "image" in config.counterfactual_modalities and self._one_image_per_item(pixel_values, batch)
+        if edit_image:
+            saliency = self._pixel_saliency(pixel_values, image_mask, image_kwargs, batch)
+            pixels = image_context(saliency, config.image_context_threshold)
+        row_kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
 
-        embeds, masks, sources, kinds = [], [], [], []
+        embeds, masks, kinds = [], [], []
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
-            row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows]
             if kind == CORE_MASKED:
-                row_mask = row_mask & ~(text_candidates & ~text_context)[rows]
-                if patches:
-                    row_mask = row_mask & ~(image_mask & ~image_context & edit_image)[rows]
-                elif edit_image:  # every patch reduced to the image's mean: its deviation (core) removed
-                    row_embeds = row_embeds.masked_scatter(row_images.unsqueeze(-1), means[image_item])
+                row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows] & ~(candidates & ~text)[rows]
+                images = keep_only_context(pixel_values, pixels, rows) if edit_image else None
             else:
-                row_embeds, missing = swap_context_tokens(inputs_embeds, text_context, rows, partner)
-                row_mask = row_mask & ~missing
-                if patches:
-                    row_embeds = self._swap_image_patches(
-                        row_embeds, inputs_embeds, image_mask, image_context, rows, partner
-                    )
-                elif edit_image:  # the partner's image-level component under this item's patch deviations
-                    shifted = row_embeds[row_images] - means[image_item] + means[image_partner]
-                    row_embeds = row_embeds.masked_scatter(row_images.unsqueeze(-1), shifted)
+                row_embeds, row_mask = transplant_tokens(inputs_embeds, attention_mask, text, rows, partner)
+                images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
+            if images is not None:
+                row_embeds = self._insert_images(row_embeds, image_mask[rows], images, row_kwargs, visual_gates[rows])
             embeds.append(row_embeds)
             masks.append(row_mask)
-            sources.append(rows)
             kinds.append(torch.full_like(rows, kind))
-        return torch.cat(embeds), torch.cat(masks), torch.cat(sources), torch.cat(kinds)
+        width = max(e.shape[1] for e in embeds)
+        embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
+        masks = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
+        return embeds, masks, rows.repeat(len(kinds)), torch.cat(kinds)
 
-    def _image_context_patches(self, image_mask: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """`(batch, length)` bool: the `context_fraction` image patches contributing most to the image head."""
-        patch_scores = (self.image_head(image_features.detach()) - self.image_head.bias).float()
-        patch_scores = patch_scores.amax(-1) - patch_scores.amin(-1)
-        dense_scores = torch.zeros(image_mask.shape, device=image_mask.device).masked_scatter(image_mask, patch_scores)
-        return top_fraction(dense_scores, image_mask, self.config.context_fraction)
+    def _one_image_per_item(self, pixel_values: torch.Tensor, batch: int) -> bool:
+        if pixel_values.shape[0] == batch:
+            return True
+        if not getattr(self, "_warned_images", False):
+            warnings.warn("items hold several images: counterfactual rows keep their own images", stacklevel=3)
+            self._warned_images = True
+        return False
 
-    def _swap_image_patches(self, row_embeds, inputs_embeds, image_mask, image_context, rows, partner):
-        """Replace each drawn row's image-context patches by the same patches of its partner (needs equal
-        image-token counts; otherwise the rows keep their own image, with a warning)."""
-        per_item = image_mask.sum(1)
-        if not bool((per_item == per_item[0]).all()):
-            if not getattr(self, "_warned_swap", False):
-                warnings.warn("items differ in image token counts: context swaps keep their own image", stacklevel=2)
-                self._warned_swap = True
-            return row_embeds
-        # with equal image-token counts, the k-th image token of two items is the same patch
-        grid = inputs_embeds[image_mask].view(inputs_embeds.shape[0], -1, inputs_embeds.shape[-1])
-        context = image_context[image_mask].view(inputs_embeds.shape[0], -1)[rows]
-        swapped = torch.where(context.unsqueeze(-1), grid[partner], grid[rows])
-        return row_embeds.masked_scatter(image_mask[rows].unsqueeze(-1), swapped)
+    def _pixel_saliency(self, pixel_values, image_mask, image_kwargs, batch) -> torch.Tensor:
+        """Attribution of the image-only branch's leading centred logit to each input pixel (`pixel_saliency`),
+        `(images, ..., height, width)`; the weights get no gradient from it."""
+        with torch.enable_grad():
+            pixels = pixel_values.detach().requires_grad_()
+            features, rows = self._image_features(pixels, image_mask, image_kwargs)
+            logits = self.image_head(pool_by_row(features, rows, batch)).float()
+            leading = (logits - logits.mean(-1, keepdim=True)).amax(-1).sum()
+            (gradient,) = torch.autograd.grad(leading, pixels)
+        return pixel_saliency(pixel_values.detach(), gradient)
+
+    def _insert_images(self, row_embeds, row_image_mask, images, image_kwargs, gates) -> torch.Tensor:
+        """`row_embeds` `(n, width, hidden)` with its image positions holding the features of `images` (vision
+        tower, projector and visual MoE with the rows' own gates)."""
+        features, feature_rows = self._image_features(images, row_image_mask, image_kwargs)
+        features = self.visual_moe(features, gates[feature_rows])
+        mask = nn.functional.pad(row_image_mask, (0, row_embeds.shape[1] - row_image_mask.shape[1]))
+        return row_embeds.masked_scatter(mask.unsqueeze(-1), features.to(row_embeds.dtype))
+
+
+def _factual_rows(states: tuple[torch.Tensor, ...] | None, batch: int, length: int) -> tuple[torch.Tensor, ...] | None:
+    """Language-model hidden states `(rows, width, hidden)` or attentions `(rows, heads, width, width)` of the factual
+    rows only, `(batch, length, ...)`; the tensors themselves without counterfactual rows (gradients can be retained).
+    """
+    if not states or states[0].shape[0] == batch:
+        return states
+    if states[0].dim() == 3:
+        return tuple(state[:batch, :length] for state in states)
+    return tuple(state[:batch, :, :length, :length] for state in states)
 
 
 __all__ = ["CFMoEForMultimodalClassification", "CFMoEOutput", "CFMoEPreTrainedModel", "SUPPORTED_BASE_MODEL_TYPES"]

@@ -37,15 +37,17 @@ class AttentionRouter(nn.Module):
         self.jitter = jitter
         self.temperature = temperature
         self.key_size = max(8, hidden_size // 4)
-        self.query = nn.Linear(hidden_size, self.key_size, bias=False)
-        self.expert_keys = nn.Parameter(torch.empty(num_experts, self.key_size))
+        # float32 whatever the default dtype (the model keeps routers in float32 when loading in half precision)
+        self.query = nn.Linear(hidden_size, self.key_size, bias=False, dtype=torch.float32)
+        self.expert_keys = nn.Parameter(torch.empty(num_experts, self.key_size, dtype=torch.float32))
 
     def forward(self, pooled: torch.Tensor) -> RoutingResult:
         """pooled: `(batch, hidden)` -> gates `(batch, num_experts)`."""
         if self.training and self.jitter > 0:
             pooled = pooled * torch.empty_like(pooled).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         with torch.autocast(device_type=pooled.device.type, enabled=False):  # routing stays float32
-            query = nn.functional.linear(pooled.float(), self.query.weight.float())
+            # the module is called (not its weight read) so that offload hooks fire; routers load in float32
+            query = self.query(pooled.to(self.expert_keys.dtype)).float()
             logits = query @ self.expert_keys.float().T / (self.key_size**0.5 * self.temperature)
             probs = logits.softmax(dim=-1)
         top_probs, top_idx = probs.topk(self.top_k, dim=-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -298,3 +299,116 @@ def test_make_tiny_model_script_writes_an_offline_checkpoint(tmp_path):
     batch = processor(images=[Image.new("RGB", (32, 32))], text=["<image>\nhappy day"], return_tensors="pt")
     with torch.no_grad():
         assert model(**batch).logits.shape == (1, 3)
+
+
+# ------------------------------------------------------------------------ real checkpoints (half precision, offload)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path, dtype=dtype)
+    assert loaded.fused_head.weight.dtype == dtype
+    assert loaded.token_direct_effect.dtype == loaded.text_moe.router.query.weight.dtype == torch.float32
+    batch = dict(tiny_batch, pixel_values=tiny_batch["pixel_values"].to(dtype))
+    for model in (loaded, copy.deepcopy(loaded).to(dtype)):  # as loaded, and cast whole (the table in `dtype` too)
+        model.train()
+        out = model(**batch, return_counterfactuals=True)
+        (out.loss + out.aux_loss + out.text_only_logits.float().sum()).backward()
+        assert torch.isfinite(out.loss) and model.token_direct_effect.any()
+        assert model.fused_head.weight.grad is not None
+
+
+OFFLOAD_MAP = {
+    "mllm": "cpu",
+    "prior_logits": "cpu",
+    "token_direct_effect": "cpu",
+    **dict.fromkeys(["visual_moe", "text_moe", "fused_head", "text_head", "image_head"], "disk"),
+}
+
+
+def test_disk_offloaded_experts_and_heads_match_the_reference(tiny_model, tiny_batch, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    offloaded = CFMoEForMultimodalClassification.from_pretrained(
+        tmp_path / "ckpt", device_map=OFFLOAD_MAP, offload_folder=tmp_path / "offload"
+    ).eval()
+    assert offloaded.visual_moe.router.query.weight.device.type == "meta"  # really offloaded
+    with torch.no_grad():
+        want, got = (
+            tiny_model(**tiny_batch, return_counterfactuals=True),
+            offloaded(**tiny_batch, return_counterfactuals=True),
+        )
+    for name in ("logits", "text_only_logits", "image_only_logits", "pooled"):
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
+    for got_gates, want_gates in zip(got.routing_gates, want.routing_gates, strict=True):
+        torch.testing.assert_close(got_gates, want_gates, rtol=0, atol=0)
+    # the token table reads the text head through the module too
+    reference = copy.deepcopy(tiny_model)
+    ids, mask, hidden = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.randn(1, 3, 64)
+    for model in (reference, offloaded):
+        model._update_token_direct_effect(ids, mask, hidden)
+    torch.testing.assert_close(offloaded.token_direct_effect, reference.token_direct_effect)
+
+
+# ------------------------------------------------------------------------ transformers conventions
+def test_output_hidden_states_attentions_and_tuples(tiny_model, tiny_batch):
+    layers, (batch, length) = tiny_model.config.base_config.text_config.num_hidden_layers, tiny_batch["input_ids"].shape
+    tiny_model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = tiny_model(**tiny_batch, output_hidden_states=True, output_attentions=True)
+            as_tuple = tiny_model(**tiny_batch, return_dict=False)
+            tiny_model.config.output_hidden_states, tiny_model.config.return_dict = True, False
+            from_config = tiny_model(**tiny_batch)
+    finally:
+        tiny_model.config.output_hidden_states, tiny_model.config.return_dict = False, True
+        tiny_model.set_attn_implementation("sdpa")
+    assert len(out.hidden_states) == layers + 1 and out.hidden_states[-1].shape == (batch, length, 64)
+    assert len(out.attentions) == layers and out.attentions[0].shape == (batch, 4, length, length)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+    assert isinstance(from_config, tuple) and any(isinstance(x, tuple) and len(x) == layers + 1 for x in from_config)
+    assert tiny_model(**tiny_batch).hidden_states is None
+
+
+def test_inputs_embeds_equal_the_input_ids_path(tiny_model, tiny_batch):
+    batch = {k: v for k, v in tiny_batch.items() if k != "input_ids"}
+    embeds = tiny_model.get_input_embeddings()(tiny_batch["input_ids"])
+    with torch.no_grad():
+        by_ids = tiny_model(**tiny_batch, return_counterfactuals=True)
+        by_embeds = tiny_model(**batch, inputs_embeds=embeds, return_counterfactuals=True)
+    for name in ("logits", "text_only_logits", "image_only_logits", "loss"):
+        torch.testing.assert_close(by_embeds[name], by_ids[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        tiny_model(**tiny_batch, inputs_embeds=embeds)
+
+
+def test_language_model_never_builds_a_cache(tiny_model_and_processor, tiny_batch):
+    model = copy.deepcopy(tiny_model_and_processor[0]).train()
+    calls = []
+    model.mllm.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("use_cache")), with_kwargs=True
+    )
+    model(**tiny_batch, return_counterfactuals=True)
+    assert calls == [False, False]  # factual + counterfactual rows, text-only rows
+
+
+def test_resized_vocabulary_saves_loads_and_trains(tiny_model_and_processor, tiny_batch, tmp_path):
+    model = copy.deepcopy(tiny_model_and_processor[0])
+    old = model.config.base_config.text_config.vocab_size
+    model.resize_token_embeddings(old + 3)
+    assert model.config.get_text_config().vocab_size == model.mllm.config.text_config.vocab_size == old + 3
+    assert model.token_direct_effect.shape == (old + 3, model.config.num_labels)
+    model.save_pretrained(tmp_path)
+    reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).train()
+    assert reloaded.get_input_embeddings().num_embeddings == old + 3
+    ids = tiny_batch["input_ids"].clone()
+    ids[:, -1] = torch.where(tiny_batch["attention_mask"][:, -1].bool(), old + 2, ids[:, -1])  # the new token
+    out = reloaded(**dict(tiny_batch, input_ids=ids), return_counterfactuals=True)
+    out.loss.backward()
+    assert reloaded.token_direct_effect[old + 2].any()
+
+
+def test_torch_export_of_fused_inference(tiny_model, tiny_batch):
+    """The image checks read no value on the host (`torch_compilable_check`): the inference forward exports."""
+    args = (tiny_batch["input_ids"], tiny_batch["attention_mask"], tiny_batch["pixel_values"])
+    exported = torch.export.export(tiny_model, args=args, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(*args).logits, tiny_model(*args).logits)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import BLOCK_OUR_PACKAGES, random_images
-from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+from transformers import AutoProcessor, LlavaNextImageProcessorPil, LlavaNextProcessor
 
 import modeling_cfmoe
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
@@ -183,3 +183,45 @@ def test_saved_pipeline_and_handler_run_without_our_packages(saved_pipeline, pip
     expected = pipe(item, return_effects=True)
     for got in (out["pipeline"], out["handler"][0]):
         _assert_same(got, expected, 1e-6)
+
+
+REMOTE_TINY_PIPELINE = BLOCK_OUR_PACKAGES + textwrap.dedent(
+    """
+    import json, sys
+    from transformers import pipeline
+    pipe = pipeline(model=sys.argv[1], trust_remote_code=True)
+    assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
+    json.dump(pipe({"image": sys.argv[2], "text": "what a lovely monday"}, return_effects=True), open(sys.argv[3], "w"))
+    """
+)
+
+
+def test_make_tiny_model_folder_is_pipeline_ready_without_our_packages(tmp_path):
+    """Any save_pretrained (here the tiny-model script's) carries `custom_pipelines` and the pipeline code."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "make_tiny_model.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    made = subprocess.run(
+        [sys.executable, str(script), "--output_dir", str(tmp_path / "tiny")], capture_output=True, text=True
+    )
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert (
+        "multimodal-debiased-classification"
+        in json.loads((tmp_path / "tiny" / "config.json").read_text())["custom_pipelines"]
+    )
+    random_images(1, seed=4)[0].save(tmp_path / "image.png")
+    (tmp_path / "remote.py").write_text(REMOTE_TINY_PIPELINE)
+    result = subprocess.run(
+        [sys.executable, "remote.py", str(tmp_path / "tiny"), str(tmp_path / "image.png"), "out.json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = CFMoEForMultimodalClassification.from_pretrained(tmp_path / "tiny").eval()
+    local = MultimodalDebiasedClassificationPipeline(
+        model=model, processor=AutoProcessor.from_pretrained(tmp_path / "tiny"), device=-1
+    )
+    expected = local({"image": str(tmp_path / "image.png"), "text": "what a lovely monday"}, return_effects=True)
+    _assert_same(json.loads((tmp_path / "out.json").read_text()), expected, 1e-6)
