@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -14,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer.run import main
-
 REPO = Path(__file__).resolve().parents[1]
+run_sarcasm = runpy.run_path(str(REPO / "examples" / "run_sarcasm.py"))["main"]  # the example's main(argv)
 CONFIG = REPO / "examples" / "accelerate_configs" / "multi_cpu.yaml"
 # Loss terms that are means over items, so that the average of two half-batch gradients is the full-batch one:
 # no counterfactual rows (paired within a process's batch), no load-balancing term (a batch statistic), no router
@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     }
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
-    one_results = main("sarcasm", [*RUN, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    one_results = run_sarcasm([*RUN, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
 
     two_results = json.loads((two / "all_results.json").read_text())
     # checkpoints are staged by both processes (one RNG state each) and published whole

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import runpy
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from modeling_cfmoe.moe import AttentionRouter
 from modeling_cfmoe.preprocessing import BadExampleError
 from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
 from trainer.data import SyntheticConfig, make_synthetic_benchmark
-from trainer.run import main
 from trainer.tiny import build_tiny_model
 
+# the example's main(argv)
+run_sarcasm = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "run_sarcasm.py"))["main"]
 RUN = ["--num_train", "24", "--num_validation", "8", "--num_test", "8", "--per_device_train_batch_size", "4",
        "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
        "--load_best_model_at_end", "False", "--logging_steps", "2", "--seed", "5", "--use_cpu", "True",
@@ -183,7 +185,7 @@ def crash_while_saving(monkeypatch, step: int) -> None:
 
 
 def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, monkeypatch):
-    full = main("sarcasm", [*RUN, "--output_dir", str(tmp_path / "full")])
+    full = run_sarcasm([*RUN, "--output_dir", str(tmp_path / "full")])
     checkpoint = tmp_path / "full" / "checkpoint-6"
     files = {path.name for path in checkpoint.iterdir()}
     assert "model.safetensors" in files and not any(name.endswith(".bin") for name in files - CHECKPOINT_PICKLES)
@@ -196,7 +198,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, monke
     with monkeypatch.context() as patch:
         crash_while_saving(patch, step=6)
         with pytest.raises(KeyboardInterrupt):
-            main("sarcasm", [*RUN, "--output_dir", str(output)])
+            run_sarcasm([*RUN, "--output_dir", str(output)])
     staged = output / "_checkpoint-staging" / "checkpoint-6"
     assert (staged / "model.safetensors").is_file() and not (staged / "trainer_state.json").exists()
     assert not (output / "checkpoint-6").exists()
@@ -212,9 +214,7 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, monke
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    resumed = main(
-        "sarcasm", [*RUN, "--output_dir", str(output), "--resume_from_checkpoint", str(output / "checkpoint-2")]
-    )
+    resumed = run_sarcasm([*RUN, "--output_dir", str(output), "--resume_from_checkpoint", str(output / "checkpoint-2")])
     assert {name for name, _ in loads} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
     assert all(weights_only is True for _, weights_only in loads), loads
 
@@ -236,12 +236,12 @@ def test_interrupted_run_resumes_to_the_same_weights_and_metrics(tmp_path, monke
 
 def test_resume_refuses_a_missing_or_incomplete_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume_from_checkpoint last: no checkpoint-"):
-        main("sarcasm", [*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
+        run_sarcasm([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "last"])
     partial = tmp_path / "checkpoint-2"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint .no trainer_state.json"):
-        main("sarcasm", [*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(partial)])
+        run_sarcasm([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(partial)])
 
 
 # ------------------------------------------------------------------------------------------------ bad data, end to end
@@ -271,16 +271,16 @@ def test_bad_files_fail_early_by_name_or_are_skipped_and_counted(tmp_path, caplo
     run = [*RUN, "--dataset", "mmsd2", "--data_dir", str(root), "--per_device_train_batch_size", "8",
            "--max_steps", "1", "--save_strategy", "no"]  # fmt: skip
     with pytest.raises(ValueError, match=r"train\.json item 5 \(id '5'\): label 7 is not one of \[0, 1\]"):
-        main("sarcasm", [*run, "--output_dir", str(tmp_path / "strict")])
+        run_sarcasm([*run, "--output_dir", str(tmp_path / "strict")])
     with caplog.at_level(logging.WARNING):
-        results = main("sarcasm", [*run, "--output_dir", str(tmp_path / "skip"), "--skip_bad_examples", "True"])
+        results = run_sarcasm([*run, "--output_dir", str(tmp_path / "skip"), "--skip_bad_examples", "True"])
     assert "skipped 1 bad item(s)" in caplog.text and "label 7" in caplog.text  # the loader's skip, logged
     assert "skipping bad example (1 skipped so far): item 3: image" in caplog.text  # the truncated JPEG
     assert results["skipped_examples"] == 1
     assert json.loads((tmp_path / "skip" / "all_results.json").read_text())["skipped_examples"] == 1
     (root / "train.json").write_text(json.dumps([{"image_id": 3, "text": "x", "label": 1}]))
     with pytest.raises(BadExampleError, match=r"item 3: image .*3\.jpg cannot be decoded .*replace the file"):
-        main("sarcasm", [*run, "--output_dir", str(tmp_path / "strict")])
+        run_sarcasm([*run, "--output_dir", str(tmp_path / "strict")])
 
 
 # ------------------------------------------------------------------------------------------------ loading safety

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,10 @@ import torch
 
 from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
 from trainer.data import SyntheticConfig, make_synthetic_benchmark
-from trainer.run import main
 from trainer.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
+run_sarcasm = runpy.run_path(str(REPO / "examples" / "run_sarcasm.py"))["main"]  # the example's main(argv)
 TINY_DATA = ["--num_train", "64", "--num_validation", "32", "--num_test", "32"]
 NO_EVAL_OR_SAVE = ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
 CFMOE_COMPONENTS = {"task", "cf_task", "bias_text", "bias_image", "bias_prior", "contrast", "prior_kl", "aux"}
@@ -106,8 +107,7 @@ def test_group_dro_needs_group_labels(tmp_path, tiny_data):
 
 
 def test_short_vanilla_run_learns(tmp_path):
-    results = main(
-        "sarcasm",
+    results = run_sarcasm(
         [
             *TINY_DATA,
             "--num_train",
@@ -152,8 +152,7 @@ def test_accelerate_launch_end_to_end_writes_results_and_components(tmp_path):
 
 
 def test_lora_run_writes_adapter_base_merged_and_card(tmp_path):
-    main(
-        "sarcasm",
+    run_sarcasm(
         [
             *TINY_DATA,
             "--output_dir",
@@ -186,7 +185,8 @@ def test_load_in_8bit_quantises_a_stock_base_and_keeps_the_heads(tmp_path):
     import bitsandbytes as bnb
     from transformers import LlavaForConditionalGeneration
 
-    from trainer.run import ModelArguments, load_model
+    from trainer.arguments import ModelArguments
+    from trainer.run import load_model
     from trainer.tiny import tiny_base_config
 
     _, processor = build_tiny_model("sarcasm")

@@ -29,8 +29,9 @@ CONFIG_SETTINGS = (
     "router_aux_loss_coef",
     "counterfactual_types",
     "counterfactual_fraction",
-    "context_fraction",
-    "image_context",
+    "counterfactual_modalities",
+    "text_context_threshold",
+    "image_context_threshold",
     "inference_mode",
     "prompt_template",
 )

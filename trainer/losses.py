@@ -1,4 +1,4 @@
-"""The loss terms of DESIGN.md, each a small function of the model's outputs.
+"""The loss terms of docs/method.md (section 5), each a small function of the model's outputs.
 
 Shapes: logits `(batch, num_labels)`, labels `(batch,)`, representations `(rows, hidden)`.
 Every term is a mean over the items of the micro-batch, so gradient accumulation over equal micro-batches

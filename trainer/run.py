@@ -1,32 +1,28 @@
-"""The training job behind `examples/run_sarcasm.py` and `examples/run_sentiment.py`.
-
-With no arguments it trains the tiny offline CF-MoE on the synthetic planted-cue benchmark and evaluates
-every test split; with `--model_name_or_path` and `--dataset mmsd2 --data_dir DIR` the same code runs on a
-real checkpoint and data folder.
-"""
+"""The reusable pieces of the run scripts (`examples/run_sarcasm.py`, `examples/run_sentiment.py`): data and model
+loading, resuming, evaluation of every test split, saving, the model card and the Hub folder, the results table.
+Their arguments are in [`trainer.arguments`]."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-import transformers
 from datasets import DatasetDict, Image
-from transformers import AutoConfig, AutoModel, AutoProcessor, HfArgumentParser, set_seed
+from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
+from .arguments import DataArguments, ModelArguments
 from .collator import CFMoECollator
 from .data import SyntheticConfig, flip_cues, id2label, load_benchmark, make_synthetic_benchmark
-from .evaluation import build_debiasing_compute_metrics, evaluate_split
+from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .plots import plot_training
 from .tiny import build_tiny_model
 from .trainer import CFMoETrainer
-from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -41,121 +37,44 @@ LOSS_SETTINGS = (
     "bias_loss_weight",
     "aux_loss_weight",
 )
-CONFIG_OVERRIDES = (
-    "num_visual_experts",
-    "num_text_experts",
-    "experts_top_k",
-    "expert_intermediate_size",
-    "router_jitter",
-    "router_aux_loss_coef",
-    "classifier_dropout",
-    "prompt_template",
-    "image_context",
-    "detach_bias_branches",
-)
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "a CF-MoE checkpoint or a LLaVA-family base (llava, llava_next, llava_onevision); "
-            "empty: the tiny offline default"
-        },
-    )
-    num_visual_experts: int | None = field(default=None, metadata={"help": "experts after the projector"})
-    num_text_experts: int | None = field(default=None, metadata={"help": "experts after the language model"})
-    experts_top_k: int | None = field(default=None, metadata={"help": "experts kept per item by the router"})
-    expert_intermediate_size: int | None = field(default=None, metadata={"help": "bottleneck width of an expert"})
-    router_jitter: float | None = field(default=None, metadata={"help": "router input noise in training"})
-    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
-    classifier_dropout: float | None = field(default=None, metadata={"help": "dropout before the heads"})
-    prompt_template: str | None = field(default=None, metadata={"help": "prompt with {image} and {text}"})
-    image_context: str | None = field(
-        default=None, metadata={"help": "what counterfactual rows treat as image context: global or patches"}
-    )
-    detach_bias_branches: bool | None = field(
-        default=None, metadata={"help": "bias branches read stop-gradient states (probes; they never shape the base)"}
-    )
-    use_lora: bool = field(default=False, metadata={"help": "LoRA on the base; experts, routers, heads trained fully"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str | None = field(
-        default=None, metadata={"help": "regex of LoRA targets; default: the base LM's attention and MLP projections"}
-    )
-    lora_include_vision: bool = field(default=False, metadata={"help": "LoRA on the vision tower too"})
-    merge_lora: bool = field(default=False, metadata={"help": "also write a merged full checkpoint to OUTPUT/merged"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load the base in NF4 (QLoRA with --use_lora)"})
-    load_in_8bit: bool = field(default=False, metadata={"help": "load the base in LLM.int8"})
-
-    def config_kwargs(self) -> dict:
-        return {name: getattr(self, name) for name in CONFIG_OVERRIDES if getattr(self, name) is not None}
-
-
-@dataclass
-class DataArguments:
-    dataset: str = field(
-        default="synthetic",
-        metadata={"help": "synthetic (the task's planted-cue benchmark), mmsd, mmsd2, mvsa_single, mvsa_multiple"},
-    )
-    data_dir: str | None = field(default=None, metadata={"help": "folder of a real data set"})
-    image_dir: str | None = field(default=None, metadata={"help": "image folder when not under data_dir"})
-    ood_file: str | None = field(default=None, metadata={"help": "DMSD-CL OOD file, evaluated as test_ood"})
-    num_train: int = field(default=4000, metadata={"help": "synthetic: training items"})
-    num_validation: int = field(default=1000, metadata={"help": "synthetic: validation items (model selection)"})
-    num_test: int = field(default=1000, metadata={"help": "synthetic: items per test split"})
-    label_noise: float = field(default=0.2, metadata={"help": "synthetic: training label noise eta"})
-    rho_train: float = field(default=0.95, metadata={"help": "synthetic: cue-label agreement in training"})
-    data_seed_offset: int = field(default=0, metadata={"help": "synthetic: data seed = training seed + offset"})
-    max_length: int | None = field(default=None, metadata={"help": "max tokens; only text is ever truncated"})
-    skip_bad_examples: bool = field(default=False, metadata={"help": "skip and count bad items instead of failing"})
-    verify_images: bool = field(default=False, metadata={"help": "open every image while loading real data"})
-
-
-# Defaults of the embedded run (the tiny model on the synthetic benchmark); any of them can be overridden.
-DEFAULT_TRAINING_ARGS = [
-    "--output_dir", "outputs/cfmoe", "--num_train_epochs", "8", "--per_device_train_batch_size", "32",
-    "--per_device_eval_batch_size", "128", "--learning_rate", "1e-3", "--weight_decay", "0.01",
-    "--warmup_steps", "0.05", "--lr_scheduler_type", "cosine", "--logging_steps", "10",
-    "--eval_strategy", "epoch", "--save_strategy", "epoch", "--save_total_limit", "2",
-    "--load_best_model_at_end", "True", "--metric_for_best_model", "inferred_worst_group_accuracy",
-    "--report_to", "none", "--dataloader_num_workers", "0",
-]  # fmt: skip
-
-
-def parse_args(task: str, argv: list[str] | None = None):
-    import sys
-
-    parser = HfArgumentParser((ModelArguments, DataArguments, CFMoETrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    return parser.parse_args_into_dataclasses(args=DEFAULT_TRAINING_ARGS + list(argv))
+TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_accuracy": "worst group",
+                 "cue_reliance": "cue reliance"}  # fmt: skip
 
 
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
+    """(splits, the synthetic benchmark's config or None for real data). Images stay undecoded: the collator opens
+    them item by item, so that a corrupt file is named there (or skipped and counted with `skip_bad_examples`)."""
     if data_args.dataset == "synthetic":
-        config = SyntheticConfig(
+        synthetic = SyntheticConfig(
             task=task,
             num_train=data_args.num_train,
             num_validation=data_args.num_validation,
             num_test=data_args.num_test,
             label_noise=data_args.label_noise,
             rho_train=data_args.rho_train,
+            cue_setting=data_args.cue_setting,
             seed=seed + data_args.data_seed_offset,
         )
-        return make_synthetic_benchmark(config), config
-    kwargs = {"skip_bad_examples": data_args.skip_bad_examples, "verify_images": data_args.verify_images}
-    if data_args.image_dir:
-        kwargs["image_dir"] = data_args.image_dir
-    if data_args.ood_file:
-        kwargs["ood_file"] = data_args.ood_file
-    return load_benchmark(data_args.dataset, data_args.data_dir, **kwargs), None
+        data = make_synthetic_benchmark(synthetic)
+    else:
+        synthetic = None
+        kwargs = {"skip_bad_examples": data_args.skip_bad_examples, "verify_images": data_args.verify_images}
+        if data_args.image_dir:
+            kwargs["image_dir"] = data_args.image_dir
+        if data_args.ood_file:
+            kwargs["ood_file"] = data_args.ood_file
+        data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
+    return data.cast_column("image", Image(decode=False)), synthetic
+
+
+def labels_of(task: str, data: DatasetDict, synthetic: SyntheticConfig | None) -> dict[int, str]:
+    """Class id -> name: the task's classes on synthetic data, else the data set's own."""
+    return id2label(task) if synthetic is not None else dict(enumerate(data["train"].features["label"].names))
 
 
 def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
     """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
-    and wrapped with LoRA when asked."""
+    and wrapped with LoRA when asked, the vision tower frozen when asked."""
     model, processor = _load_base_model(task, model_args, labels, seed)
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -168,6 +87,8 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
             target_modules=model_args.lora_target_modules,
             include_vision=model_args.lora_include_vision,
         )
+    if model_args.freeze_vision_tower:
+        logger.info("vision tower frozen: %d parameters", freeze_vision_tower(model))
     return model, processor
 
 
@@ -180,7 +101,9 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
             raise ValueError("--load_in_4bit / --load_in_8bit quantise a checkpoint: give --model_name_or_path")
         return build_tiny_model(task, seed=seed, **overrides)
     processor = AutoProcessor.from_pretrained(path)
-    load_kwargs = {"quantization_config": quantization} if quantization is not None else {}
+    load_kwargs = {"dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)}
+    if quantization is not None:
+        load_kwargs["quantization_config"] = quantization
     if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "cfmoe":
         model = AutoModel.from_pretrained(path, trust_remote_code=True, **load_kwargs)
         for name, value in overrides.items():
@@ -194,7 +117,44 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
     return model, processor
 
 
-def _count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
+def freeze_vision_tower(model: PreTrainedModel) -> int:
+    """Stops training the wrapped base's vision tower (`mllm.vision_tower`, LoRA weights in it included), also
+    under a `PeftModel`. Returns the number of parameters frozen."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = list(core.mllm.vision_tower.parameters())
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return sum(parameter.numel() for parameter in parameters)
+
+
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names (`last`: the newest in `output_dir`), checked complete."""
+    resume = args.resume_from_checkpoint
+    if resume == "last":  # restart where an interrupted run stopped
+        resume = get_last_checkpoint(args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {args.output_dir}")
+    if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
+        # the Trainer would silently restart at step 0 from such a folder's weights
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json); "
+            "pick another checkpoint-* folder or 'last'"
+        )
+    return resume
+
+
+def evaluate_test_splits(
+    trainer: CFMoETrainer, data: DatasetDict, synthetic: SyntheticConfig | None
+) -> dict[str, dict[str, float]]:
+    """Metrics of every `test*` split; on synthetic data cue reliance too (against a cue-flipped copy)."""
+    results = {}
+    for split in (name for name in data if name.startswith("test")):
+        flipped = flip_cues(data[split], synthetic) if synthetic is not None else None
+        results[split] = evaluate_split(trainer, data[split], flipped)
+    return results
+
+
+def count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
     """Items the collator skipped as bad (training and evaluation), summed over the processes."""
     skipped = collator.num_skipped
     if trainer.accelerator.num_processes > 1:
@@ -204,101 +164,30 @@ def _count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
     return skipped
 
 
-def main(task: str, argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args = parse_args(task, argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
-
-    data, synthetic = load_data(task, data_args, training_args.seed)
-    # images are decoded by the collator, item by item, so that a corrupt file is named there (or skipped and
-    # counted with --skip_bad_examples) instead of failing inside the dataset
-    data = data.cast_column("image", Image(decode=False))
-    labels = (
-        id2label(task) if data_args.dataset == "synthetic" else dict(enumerate(data["train"].features["label"].names))
-    )
-    model, processor = load_model(task, model_args, labels, training_args.seed)
-    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, with our own card
-    collator = CFMoECollator(
-        processor,
-        num_labels=model.config.num_labels,
-        prompt_template=model.config.prompt_template,
-        max_length=data_args.max_length,
-        skip_bad_examples=data_args.skip_bad_examples,
-        return_groups=training_args.method == "group_dro",
-    )
-    trainer = CFMoETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        data_collator=collator,
-        processing_class=processor,
-        compute_metrics=build_debiasing_compute_metrics(model.config.num_labels),
-    )
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":  # restart where an interrupted run stopped
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {training_args.output_dir}")
-    if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
-        # the Trainer would silently restart at step 0 from such a folder's weights
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json); "
-            "pick another checkpoint-* folder or 'last'"
-        )
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-
-    results = {
-        "train": train_result.metrics,
-        "method": training_args.method,
-        "seed": training_args.seed,
-    }
-    collator.return_groups = False
-    eval_results = {}
-    for split in (name for name in data if name.startswith("test")):
-        flipped = flip_cues(data[split], synthetic) if synthetic is not None else None
-        eval_results[split] = evaluate_split(trainer, data[split], flipped)
-        logger.info("%s: %s", split, json.dumps(eval_results[split]))
-    results["eval"] = eval_results
-    results["skipped_examples"] = _count_skipped(trainer, collator)
-    results["data"] = (
+def data_record(data_args: DataArguments, synthetic: SyntheticConfig | None) -> dict:
+    """What the run trained and evaluated on, for `all_results.json`: the synthetic config, or the data arguments."""
+    return (
         asdict(synthetic) if synthetic is not None else {f.name: getattr(data_args, f.name) for f in fields(data_args)}
     )
-    save_model(trainer, processor, model_args, Path(training_args.output_dir))
-    if trainer.is_world_process_zero():
-        output = Path(training_args.output_dir)
-        (output / "eval_results.json").write_text(json.dumps(eval_results, indent=2))
-        (output / "all_results.json").write_text(json.dumps(results, indent=2, default=str))
-        plot_training(trainer.state.log_history, output / "training.png")
-        write_card(trainer, model_args, data_args, eval_results, synthetic is not None, task)
-        if not model_args.use_lora:  # a full model: remote code, handler and pipeline beside it, ready to push
-            complete_hub_folder(output)
-        if push_to_hub:
-            push_folder_to_hub(
-                output,
-                training_args.hub_model_id or output.name,
-                private=bool(training_args.hub_private_repo),
-                token=training_args.hub_token,
-            )
-    return results
 
 
-def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments, output: Path) -> None:
+def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments) -> None:
     """The final model: weights (or LoRA adapter + `base/`, and `merged/` when asked) and processor."""
     if not model_args.use_lora:
         trainer.save_model()
     elif trainer.is_world_process_zero():
+        output = Path(trainer.args.output_dir)
         save_lora_run(trainer.model, processor, output)
         if model_args.merge_lora:
             merge_lora_run(output, output / "merged")
 
 
 def write_card(
-    trainer, model_args: ModelArguments, data_args: DataArguments, eval_results: dict, synthetic: bool, task: str
+    trainer: CFMoETrainer, model_args: ModelArguments, data_args: DataArguments, eval_results: dict, task: str
 ) -> None:
+    """Our model card (`OUTPUT/README.md`): base, data, method settings, the evaluation table, routing shares."""
     args = trainer.args
+    synthetic = data_args.dataset == "synthetic"
     settings = {
         **method_settings_from_config(trainer.model.config),
         "method": args.method,
@@ -316,3 +205,31 @@ def write_card(
         task="sarcasm-detection" if task == "sarcasm" else "sentiment-analysis",
         synthetic=synthetic,
     )
+
+
+def finish_output_folder(trainer: CFMoETrainer, model_args: ModelArguments, push_to_hub: bool) -> None:
+    """`training.png`, and for a full model the remote code, handler and pipeline beside it; pushed when asked."""
+    output = Path(trainer.args.output_dir)
+    plot_training(trainer.state.log_history, output / "training.png")
+    if not model_args.use_lora:  # a LoRA run's folder is an adapter: its `merged/` is the full model
+        complete_hub_folder(output)
+    if push_to_hub:
+        args = trainer.args
+        push_folder_to_hub(
+            output, args.hub_model_id or output.name, private=bool(args.hub_private_repo), token=args.hub_token
+        )
+
+
+def split_table(eval_results: dict[str, dict[str, float]], title: str) -> str:
+    """The test splits' accuracy, macro F1, worst-group accuracy and cue reliance as a text table, and
+    `robust accuracy = min(iid, ood)` where both splits exist."""
+    metrics = [name for name in TABLE_METRICS if any(name in values for values in eval_results.values())]
+    width = max(len(split) for split in eval_results)
+    lines = [title, f"{'split':<{width}}  " + "  ".join(f"{TABLE_METRICS[name]:>12}" for name in metrics)]
+    for split, values in eval_results.items():
+        cells = (f"{values.get(name, math.nan):>12.3f}" for name in metrics)
+        lines.append(f"{split:<{width}}  " + "  ".join(cells))
+    if {"test_iid", "test_ood"} <= eval_results.keys():
+        robust = min(eval_results["test_iid"]["accuracy"], eval_results["test_ood"]["accuracy"])
+        lines.append(f"robust accuracy min(iid, ood): {robust:.3f}")
+    return "\n".join(lines)

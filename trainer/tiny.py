@@ -1,8 +1,11 @@
 """The tiny offline default: a small LLaVA-family base built from a config, a BPE tokenizer trained
-locally on the synthetic benchmark's vocabulary, and a processor. Nothing is downloaded."""
+locally on the synthetic benchmark's vocabulary (with byte fallback, so it reads any text), and a processor.
+Nothing is downloaded."""
 
 from __future__ import annotations
 
+import json
+import string
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -19,16 +22,34 @@ from transformers import (
 from .data import synthetic_vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]  # byte fallback: any character, as UTF-8 bytes
 IMAGE_SIZE, PATCH_SIZE, HIDDEN = 32, 8, 64
 
 
-def train_tiny_tokenizer(words: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
-    """A byte-free BPE tokenizer (Metaspace pre-tokenizer) over `words`, with `<image>` as a special token."""
+def train_tiny_tokenizer(words: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer (Metaspace pre-tokenizer, as Llama's) trained offline on `words`, with `<image>` special.
+
+    Every word of `words` becomes one token (while `vocab_size`, the cap of the special tokens, printable ASCII and
+    the merges, allows). Any other text is still read without `<unk>`: printable ASCII characters are in the
+    alphabet, everything else falls back to its UTF-8 bytes (256 `<0xNN>` tokens on top of `vocab_size`), and
+    decoding restores it.
+    """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    alphabet = [char for char in string.printable if not char.isspace()]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
     tokenizer.train_from_iterator([" ".join(words)] * 4, trainer=trainer)
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    for token in BYTE_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    state["model"]["byte_fallback"] = True
+    tokenizer = Tokenizer.from_str(json.dumps(state))
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
@@ -40,6 +61,7 @@ def train_tiny_tokenizer(words: list[str], vocab_size: int = 320) -> PreTrainedT
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
         model_max_length=128,
+        clean_up_tokenization_spaces=False,
     )
 
 

@@ -83,8 +83,6 @@ class CFMoETrainer(Trainer):
         config.counterfactual_modalities = [
             name for name, on in (("text", args.text_counterfactuals), ("image", args.image_counterfactuals)) if on
         ]
-        if args.context_fraction is not None:
-            config.context_fraction = args.context_fraction
         if args.method == "cfvqa":
             config.inference_mode = "tie"
         cf_rows = config.counterfactual_fraction > 0 and "context_swapped" in config.counterfactual_types

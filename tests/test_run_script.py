@@ -1,0 +1,149 @@
+"""The run scripts: defaults that depend on what is trained, a truthful `--help`, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import LlavaForConditionalGeneration
+from transformers.utils import is_torch_bf16_gpu_available
+
+from trainer.arguments import CheckpointTrainingArguments, TinyTrainingArguments, parse_args
+from trainer.run import load_model
+from trainer.tiny import build_tiny_model, tiny_base_config
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+TINY_RUN = ["--num_train", "32", "--num_validation", "16", "--num_test", "16", "--max_steps", "2",
+            "--per_device_train_batch_size", "8", "--eval_strategy", "no", "--save_strategy", "no",
+            "--load_best_model_at_end", "False", "--report_to", "none", "--disable_tqdm", "True"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory) -> Path:
+    """A stock (non-CF-MoE) tiny LLaVA checkpoint on disk, as `--model_name_or_path` takes one."""
+    folder = tmp_path_factory.mktemp("llava")
+    _, processor = build_tiny_model("sarcasm")
+    tokenizer = processor.tokenizer
+    config = tiny_base_config(
+        "llava",
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _values(args, names: str) -> dict:
+    return {name: getattr(args, name) for name in names.split()}
+
+
+TRAINING = "num_train_epochs per_device_train_batch_size gradient_accumulation_steps learning_rate weight_decay " \
+    "warmup_steps activation_checkpointing bf16 dataloader_num_workers"  # fmt: skip
+
+
+def test_tiny_default_keeps_the_tiny_recipe(tmp_path):
+    model_args, data_args, args = parse_args([])
+    assert type(args) is TinyTrainingArguments and model_args.model_name_or_path is None
+    assert _values(args, TRAINING) == dict(
+        num_train_epochs=8.0, per_device_train_batch_size=32, gradient_accumulation_steps=1, learning_rate=1e-3,
+        weight_decay=0.01, warmup_steps=0.05, activation_checkpointing=False, bf16=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    assert args.per_device_eval_batch_size == 128 and args.lr_scheduler_type == "cosine"
+    assert (args.eval_strategy, args.save_strategy, args.load_best_model_at_end) == ("epoch", "epoch", True)
+    assert args.metric_for_best_model == "inferred_worst_group_accuracy" and args.output_dir == "outputs/cfmoe"
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.freeze_vision_tower) == (16, 32, False)
+    assert (data_args.dataset, data_args.cue_setting) == ("synthetic", "tint_hashtag")
+
+
+def test_a_checkpoint_gets_the_llava_recipe_and_every_value_can_be_overridden(llava_folder, tmp_path):
+    path = ["--model_name_or_path", str(llava_folder), "--output_dir", str(tmp_path)]
+    model_args, _, args = parse_args(path)
+    assert type(args) is CheckpointTrainingArguments
+    recipe = dict(
+        num_train_epochs=1.0, per_device_train_batch_size=8, gradient_accumulation_steps=16, learning_rate=2e-5,
+        weight_decay=0.0, warmup_steps=0.03, activation_checkpointing=True, bf16=is_torch_bf16_gpu_available(),
+        dataloader_num_workers=4,
+    )  # fmt: skip
+    assert _values(args, TRAINING) == recipe
+    assert (args.lr_scheduler_type, args.eval_strategy, args.eval_steps, args.save_steps) == (
+        "cosine",
+        "steps",
+        0.1,
+        0.1,
+    )
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.dtype) == (128, 256, "float32")
+
+    model_args, _, lora = parse_args([*path, "--use_lora", "True"])
+    assert _values(lora, TRAINING) == {**recipe, "learning_rate": 2e-4}
+
+    model_args, _, overridden = parse_args([*path, "--learning_rate", "1e-5", "--no_activation_checkpointing",
+                                            "--lora_r", "8"])  # fmt: skip
+    assert (overridden.learning_rate, overridden.activation_checkpointing, model_args.lora_r) == (1e-5, False, 8)
+
+    model_args, _, small = parse_args([*path, "--recipe", "tiny"])  # a small local base: the tiny budget
+    assert type(small) is TinyTrainingArguments and model_args.lora_r == 16
+
+
+def test_freeze_vision_tower_on_a_loaded_checkpoint(llava_folder, tmp_path):
+    model_args, _, _ = parse_args(["--model_name_or_path", str(llava_folder), "--freeze_vision_tower", "True"])
+    model, _ = load_model("sarcasm", model_args, {0: "not_sarcastic", 1: "sarcastic"}, seed=0)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and not any(".vision_tower." in name for name in trainable)
+    assert any(".language_model." in name for name in trainable)
+
+
+def _option_help(text: str, option: str) -> str:
+    """The help of `--option`, whitespace normalised."""
+    text = " ".join(text.split())
+    return re.search(rf"--{option} {option.upper()}, .*? \(default: [^)]*\)", text)[0]
+
+
+def test_help_shows_the_defaults_that_run(llava_folder, capsys):
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(EXAMPLES / "run_sarcasm.py"), "--help"],
+                            capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _option_help(result.stdout, "learning_rate").endswith("(default: 0.001)")
+    assert _option_help(result.stdout, "num_train_epochs").endswith("(default: 8.0)")
+    assert _option_help(result.stdout, "per_device_train_batch_size").endswith("(default: 32)")
+    assert "llava recipe (a --model_name_or_path): 2e-05 (0.0002 with --use_lora)" in _option_help(
+        result.stdout, "learning_rate"
+    )
+
+    with pytest.raises(SystemExit):
+        parse_args(["--model_name_or_path", str(llava_folder), "--use_lora", "True", "--help"])
+    text = capsys.readouterr().out
+    assert _option_help(text, "learning_rate").endswith("(default: 0.0002)")
+    assert _option_help(text, "gradient_accumulation_steps").endswith("(default: 16)")
+    assert _option_help(text, "lora_r").endswith("(default: 128)")
+
+
+def test_run_sentiment_is_run_sarcasm_with_another_task():
+    def body(name: str) -> str:
+        text = (EXAMPLES / name).read_text()
+        return text[text.index("from __future__") :].replace(f'TASK = "{name[4:-3]}"', "TASK = ...")
+
+    assert body("run_sarcasm.py") == body("run_sentiment.py")
+
+
+def test_tiny_run_writes_results_and_prints_the_split_table(tmp_path, capsys):
+    main = runpy.run_path(str(EXAMPLES / "run_sarcasm.py"))["main"]
+    results = main([*TINY_RUN, "--output_dir", str(tmp_path), "--cue_setting", "mixed", "--method", "vanilla"])
+    saved = json.loads((tmp_path / "all_results.json").read_text())
+    assert {"eval", "train", "method", "seed", "data"} <= saved.keys() and saved["data"]["cue_setting"] == "mixed"
+    assert set(saved["eval"]) == {"test_iid", "test_ood", "test_neutral"} == set(results["eval"])
+    assert json.loads((tmp_path / "eval_results.json").read_text()) == saved["eval"]
+    assert "train_runtime" in json.loads((tmp_path / "train_results.json").read_text())
+    table = capsys.readouterr().out
+    assert "method vanilla on synthetic sarcasm benchmark, cues mixed" in table
+    assert re.search(r"test_ood( +(\d\.\d{3}|nan)){4}\n", table)  # accuracy, macro F1, worst group, cue reliance
+    assert "robust accuracy min(iid, ood):" in table
