@@ -84,14 +84,6 @@ FULL_ARGS: list[str] = []
 QUICK_ARGS: list[str] = ["--num_train", "1500", "--num_validation", "500", "--num_test", "500"]
 DEFAULT_SEEDS, QUICK_SEEDS = 3, 1
 DEFAULT_CUE_SETTINGS = ("tint_hashtag", "local_mark", "presence_shared", "mixed")
-# The run script gives a `--model_name_or_path` LLaVA-1.5's fine-tuning recipe; the tiny pretrained base keeps the
-# tiny model's (the scratch regime's), so the regimes differ only in the initialisation and the frozen vision tower.
-PRETRAINED_RECIPE = [
-    "--num_train_epochs", "8", "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1",
-    "--per_device_eval_batch_size", "128", "--learning_rate", "1e-3", "--weight_decay", "0.01",
-    "--warmup_steps", "0.05", "--eval_strategy", "epoch", "--save_strategy", "epoch",
-    "--dataloader_num_workers", "0", "--activation_checkpointing", "False", "--bf16", "False",
-]  # fmt: skip
 # the tiny model gains little from intra-op threads: one single-threaded run per core is the fastest layout
 DEFAULT_JOBS = max(1, min(4, os.cpu_count() or 1))
 # benchmark flag -> flag of `examples/make_tiny_model.py --pretrain` (unset: its defaults)
@@ -149,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pretrain_argv += [flag, str(getattr(args, name))]
     output_dir = args.output_dir.resolve()  # the runs start in the repository root
     methods = names(args.methods, list(RUNS), "method(s)")
-    runs = plan_runs(output_dir, TABLE, methods, seeds, regimes, cue_settings, common, PRETRAINED_RECIPE)
+    runs = plan_runs(output_dir, TABLE, methods, seeds, regimes, cue_settings, common)
     settings: dict[str, Any] = {"mode": "quick" if args.quick else "full", "common": common}
     settings |= {"jobs": args.jobs, "threads": threads}
     if args.dry_run:

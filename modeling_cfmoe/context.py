@@ -1,13 +1,15 @@
-"""Context discovery and transplant: which parts of an item carry a modality's direct effect, and how a
-counterfactual row takes another item's context while keeping its own core.
+"""Context discovery and transplant: which parts of an item carry a modality's direct effect, and how a counterfactual
+row takes another item's context while keeping its own core.
 
-Nothing here assumes a cue's form. Text context is every token whose direct effect in the text-only branch
-(the running per-vocabulary table) is strong against the table's strongest token: a row without such a
-token has no context, and a cue of several tokens is caught whole. Image context is the image's global colour
-component plus every pixel whose attribution to the image-only branch (gradient x deviation from the image's
-mean colour) stands out of its own image: a local mark, a frame or nothing. Transplants move the partner's
-context in and the item's own context out, so a cue that is present in some items only is decorrelated too.
-All functions are vectorised over rows.
+Nothing here assumes a cue's form. Context is read from non-contextual statistics of the direct effects, gathered on
+the training labels (`ContextStatistics`): per vocabulary token, the log-odds of each class among the items that
+hold it; per pixel, a linear discriminant of its neighbourhood (`local_descriptors`: the 3x3 pixels around it, minus
+the image's mean colour) between the classes. A token is context when alone it moves the class log-odds a lot, a
+pixel when its discriminant is strong against the batch's strongest: a row without such a token has no text context,
+a cue of several tokens is caught whole, a local mark or a frame is found where it is, at pixel resolution; a global
+tint lives in the mean colour, which is always context. Transplants move the partner's context in and the item's own
+context out, so a cue that is present in some items only is decorrelated too. All functions are vectorised over
+rows.
 """
 
 from __future__ import annotations
@@ -16,96 +18,217 @@ import torch
 from torch import nn
 
 
-def text_context(token_scores: torch.Tensor, candidates: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Tokens whose direct effect is at least `threshold` times the strongest one of the table.
+class ContextStatistics(nn.Module):
+    """Running label statistics that score each token and image pixel by the direct effect it carries alone.
 
-    token_scores: `(batch, length, num_labels)` the table's centred logit contributions of each token;
-    candidates: `(batch, length)` bool, tokens that may be context. Returns `(batch, length)` bool.
+    Buffers (saved with the model): `token_counts` `(vocab, num_labels)` int64, items of each class holding each
+    token; `class_counts` `(num_labels,)` int64; `local_sums` `(num_labels, local_dim)` float32, per class the sum of
+    the items' mean local descriptor; `local_moments` `(local_dim + 1, local_dim + 1)` float32, the sums of
+    `[d, 1] [d, 1]^T` over single pixels' descriptors (their count, mean and covariance); `continues_word`
+    `(vocab,)` bool, the tokens that continue a word rather than start one (`set_word_pieces`), so that context is
+    taken a whole word at a time. Closed-form, so they need no learning rate and follow any training recipe.
     """
-    spread = token_scores.amax(-1) - token_scores.amin(-1)
-    strongest = spread.new_tensor(0.0) if spread.numel() == 0 else spread.max()
-    return candidates & (spread > 0) & (spread >= threshold * strongest)
+
+    def __init__(self, vocab_size: int, local_dim: int, num_labels: int, smoothing: float = 1.0):
+        super().__init__()
+        self.smoothing = smoothing
+        self.register_buffer("token_counts", torch.zeros(vocab_size, num_labels, dtype=torch.long))
+        self.register_buffer("continues_word", torch.zeros(vocab_size, dtype=torch.bool))
+        self.register_buffer("class_counts", torch.zeros(num_labels, dtype=torch.long))
+        self.register_buffer("local_sums", torch.zeros(num_labels, local_dim, dtype=torch.float32))
+        self.register_buffer("local_moments", torch.zeros(local_dim + 1, local_dim + 1, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """Casts (`model.half()`, `model.to(torch.bfloat16)`) leave the sums in float32: they grow past what half
+        precision can count."""
+        super()._apply(fn, recurse)
+        for name in ("local_sums", "local_moments"):
+            self._buffers[name] = self._buffers[name].float()
+        return self
+
+    @torch.no_grad()
+    def update(
+        self, token_ids: torch.Tensor, token_mask: torch.Tensor, local: torch.Tensor | None, labels: torch.Tensor
+    ) -> None:
+        """Count a batch: token_ids / token_mask `(batch, length)` (each token counted once per item), local
+        `(batch, ..., height, width, local_dim)` (`local_descriptors`) or None, labels `(batch,)`. Sums over every
+        process under DDP."""
+        onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
+        present = torch.zeros(token_ids.shape[0], self.token_counts.shape[0], device=token_ids.device)
+        present = present.scatter_add(1, token_ids * token_mask, token_mask.float()).clamp_max(1)
+        token_counts = present.T @ onehot
+        local_sums = local_moments = None
+        if local is not None:
+            local_sums = onehot.T @ local.flatten(1, -2).mean(1).float()
+            single = nn.functional.pad(local.reshape(-1, local.shape[-1]).float(), (0, 1), value=1.0)
+            local_moments = single.T @ single
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for value in (token_counts, onehot, local_sums, local_moments):
+                if value is not None:
+                    torch.distributed.all_reduce(value)
+        self.token_counts += token_counts.round().to(self.token_counts.dtype)
+        self.class_counts += onehot.sum(0).round().to(self.class_counts.dtype)
+        if local_sums is not None:
+            self.local_sums += local_sums
+            self.local_moments += local_moments
+
+    def token_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`(..., num_labels)` log-odds of each class given the token, against the class prior (smoothed)."""
+        counts = self.token_counts[token_ids].float() + self.smoothing
+        classes = self.class_counts.float() + self.smoothing
+        prior = classes.log() - classes.sum().log()
+        return counts.log() - counts.sum(-1, keepdim=True).log() - prior
+
+    def vocabulary_scores(self) -> torch.Tensor:
+        """`(vocab, num_labels)` the scores of every token."""
+        return self.token_scores(torch.arange(self.token_counts.shape[0], device=self.token_counts.device))
+
+    def local_scores(self, local: torch.Tensor) -> torch.Tensor:
+        """`(..., num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with the class
+        means of the items' mean descriptor and the covariance of single descriptors), centred on the overall mean."""
+        means = self.local_sums / self.class_counts.clamp_min(1).unsqueeze(-1)
+        overall = self.local_sums.sum(0) / self.class_counts.sum().clamp_min(1)
+        count = self.local_moments[-1, -1].clamp_min(1)
+        mean = self.local_moments[-1, :-1] / count
+        covariance = self.local_moments[:-1, :-1] / count - torch.outer(mean, mean)
+        ridge = 1e-3 * covariance.diagonal().mean().clamp_min(1e-6)
+        eye = torch.eye(covariance.shape[0], device=covariance.device)
+        directions = torch.linalg.solve(covariance + ridge * eye, (means - overall).T)
+        return (local.float() - overall) @ directions
+
+    def set_word_pieces(self, tokenizer) -> None:
+        """Mark the vocabulary's word-continuing pieces from a tokenizer: a token whose text starts with neither a
+        space nor a word marker ("▁", "Ġ") continues the word before it. Special tokens always start one."""
+        special = set(tokenizer.all_special_ids)
+        tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), self.continues_word.shape[0]))))
+        flags = [
+            index not in special and not token.startswith((" ", "\u2581", "\u0120", "<"))
+            for index, token in enumerate(tokens)
+        ]
+        self.continues_word[: len(flags)] = torch.tensor(flags, dtype=self.continues_word.dtype)
+
+    def whole_words(self, token_ids: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """`context` `(batch, length)` grown to whole words: a word (a piece that starts one and the pieces that
+        continue it, among `candidates`) is context when any of its pieces is."""
+        continues = self.continues_word[token_ids].bool() & candidates
+        word = (~continues).long().cumsum(1)
+        any_piece = torch.zeros(word.shape[0], word.shape[1] + 1, device=word.device)
+        any_piece = any_piece.scatter_reduce(1, word, context.float(), "amax")
+        return candidates & (any_piece.gather(1, word) > 0)
+
+    def resize_vocabulary(self, vocab_size: int) -> None:
+        """Keep the counts of the first `vocab_size` tokens; new tokens start unseen (and start words)."""
+        kept = min(vocab_size, self.token_counts.shape[0])
+        counts = self.token_counts.new_zeros(vocab_size, self.token_counts.shape[1])
+        counts[:kept] = self.token_counts[:kept]
+        continues = self.continues_word.new_zeros(vocab_size)
+        continues[:kept] = self.continues_word[:kept]
+        self.token_counts, self.continues_word = counts, continues
+
+
+def strong_context(scores: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
+    """Positions whose scores spread over the classes (`max - min`) by at least `minimum` (and by more than 0).
+
+    scores: `(..., num_labels)` scores of each token or patch (`ContextStatistics`); candidates: bool, broadcastable
+    to `scores.shape[:-1]`. Returns a bool mask of shape `scores.shape[:-1]`.
+    """
+    spread = scores.amax(-1) - scores.amin(-1)
+    return candidates & (spread > 0) & (spread >= minimum)
+
+
+def spread_max(scores: torch.Tensor) -> torch.Tensor:
+    """The largest class spread `max - min` of scores `(..., num_labels)` (0 when empty)."""
+    spread = scores.amax(-1) - scores.amin(-1)
+    return spread.max() if spread.numel() else spread.new_zeros(())
 
 
 def transplant_tokens(
-    embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each drawn row keeps its core tokens and takes its partner's context tokens.
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    context: torch.Tensor,
+    rows: torch.Tensor,
+    partner: torch.Tensor,
+    image_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each drawn row keeps its own tokens but its context, and takes its partner's context tokens at the places
+    they held in the partner (so a cue's position says nothing of the row's own cue, and a row that had none is
+    told from no other).
 
-    The partner's k-th context token fills the row's k-th context slot; the row's slots left over are masked,
-    the partner's tokens left over are appended after the row's last position (extra columns).
-    embeds `(batch, length, dim)`, mask / context `(batch, length)` bool, rows / partner `(n,)` item indices.
-    Returns embeddings `(n, length + extra, dim)` and the attention mask `(n, length + extra)` bool.
+    embeds `(batch, length, dim)`; mask / context / image_mask `(batch, length)` bool; rows / partner `(n,)` item
+    indices. Returns the rows' embeddings `(n, width, dim)`, attention mask and image-token mask `(n, width)`,
+    compacted: the removed context leaves no gap.
     """
-    rank = context.long().cumsum(1) - 1
-    counts = context.sum(1)
-    width = int(counts.max()) if counts.numel() else 0
-    table = embeds.new_zeros(embeds.shape[0], max(width, 1), embeds.shape[-1])  # item i's k-th context token
-    items, positions = context.nonzero(as_tuple=True)
-    table[items, rank[items, positions]] = embeds[items, positions]
-    own, given = counts[rows], counts[partner]
-
-    row_context, row_rank = context[rows], rank[rows].clamp_min(0)
-    donated = table[partner].gather(1, row_rank.clamp_max(table.shape[1] - 1).unsqueeze(-1).expand_as(embeds[rows]))
-    filled = row_context & (row_rank < given.unsqueeze(1))
-    row_embeds = torch.where(filled.unsqueeze(-1), donated, embeds[rows])
-    row_mask = mask[rows] & ~(row_context & ~filled)
-
-    extra = int((given - own).clamp_min(0).max()) if rows.numel() else 0
-    if extra == 0:
-        return row_embeds, row_mask
-    slot = own.unsqueeze(1) + torch.arange(extra, device=embeds.device)  # the partner's leftover ranks
-    appended_mask = slot < given.unsqueeze(1)
-    appended = table[partner].gather(
-        1, slot.clamp_max(table.shape[1] - 1).unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-    )
-    return torch.cat([row_embeds, appended * appended_mask.unsqueeze(-1)], 1), torch.cat([row_mask, appended_mask], 1)
+    length = embeds.shape[1]
+    place = torch.arange(length, device=embeds.device, dtype=torch.float).expand(len(rows), -1)
+    kept, given = mask[rows] & ~context[rows], context[partner]
+    keys = torch.cat([place.masked_fill(~kept, float("inf")), (place - 0.5).masked_fill(~given, float("inf"))], 1)
+    order = keys.argsort(dim=1, stable=True)
+    width = int((kept.sum(1) + given.sum(1)).max())
+    order = order[:, :width]
+    pooled = torch.cat([embeds[rows], embeds[partner]], 1)
+    row_embeds = pooled.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    row_mask = torch.cat([kept, given], 1).gather(1, order)
+    row_images = torch.cat([image_mask[rows], torch.zeros_like(given)], 1).gather(1, order) & row_mask
+    return row_embeds, row_mask, row_images
 
 
-def pixel_saliency(pixel_values: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
-    """`|sum_c grad * (x - mean colour)|` per pixel, smoothed over 3x3 neighbourhoods.
+def local_descriptors(pixel_values: torch.Tensor, radius: int = 1, surround: int = 3) -> torch.Tensor:
+    """Each pixel's neighbourhood `(2 radius + 1)^2` pixels wide, minus the mean of its surround `(2 surround + 1)^2`
+    pixels wide: local evidence only (a global tint or the image's overall colour is none of it).
+    pixel_values `(..., channels, height, width)` -> `(..., height, width, channels * (2 radius + 1)^2)`."""
+    images = pixel_values.flatten(0, -4).float()
+    size = 2 * surround + 1
+    surround_mean = nn.functional.avg_pool2d(nn.functional.pad(images, (surround,) * 4, mode="reflect"), size, stride=1)
+    centred = images - surround_mean
+    size = 2 * radius + 1
+    patches = nn.functional.unfold(nn.functional.pad(centred, (radius,) * 4, mode="replicate"), size)
+    local = patches.view(images.shape[0], -1, *images.shape[-2:]).permute(0, 2, 3, 1)
+    return local.reshape(*pixel_values.shape[:-3], *local.shape[1:])
 
-    pixel_values / gradient: `(..., channels, height, width)` (one image or several tiles per item). Returns
-    `(..., height, width)`.
-    """
-    deviation = pixel_values - pixel_values.mean((-2, -1), keepdim=True)
-    saliency = (gradient * deviation).sum(-3).abs().float()
-    smooth = nn.functional.avg_pool2d(saliency.flatten(0, -3).unsqueeze(1), 3, 1, 1, count_include_pad=False)
-    return smooth.view_as(saliency)
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A bool mask `(..., height, width)` grown by `radius` pixels (the reach of a local descriptor)."""
+    grid = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    grown = nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius).squeeze(1).bool()
+    return grown.view_as(mask)
 
 
-def image_context(saliency: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Pixels whose saliency stands out of their own image: above `median + threshold * MAD`.
-
-    saliency: `(..., height, width)`. Returns a bool mask of the same shape (empty where an image's saliency
-    is flat).
-    """
-    flat = saliency.flatten(-2)
-    median = flat.median(dim=-1, keepdim=True).values
-    spread = (flat - median).abs().median(dim=-1, keepdim=True).values
-    return ((flat > median + threshold * spread) & (spread > 0)).view_as(saliency)
+def background_colour(pixel_values: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Mean colour `(..., channels, 1, 1)` of each image's pixels outside its local context (`(..., height, width)`
+    bool), so that a local cue's own colour does not leak into the global component."""
+    keep = (~context).unsqueeze(-3).to(pixel_values.dtype)
+    return (pixel_values * keep).sum((-2, -1), keepdim=True) / keep.sum((-2, -1), keepdim=True).clamp_min(1)
 
 
 def transplant_pixels(
     pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor
 ) -> torch.Tensor:
-    """The rows' images with the partner's context: its global colour, and its pixels wherever either image
-    has context pixels (the row's own local cue leaves, the partner's arrives).
+    """The rows' images with the partner's context: its background colour, and its pixels wherever the row's
+    context lies (the row's own local cue leaves) or the partner's (the partner's arrives). A row without local
+    context of its own leaves the footprint of another item's context instead, so that where pixels were replaced
+    never tells whether the row had a cue.
 
     pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool;
     rows / partner `(n,)` item indices. Returns `(n, ..., channels, height, width)`.
     """
     own, given = pixel_values[rows], pixel_values[partner]
-    recoloured = own - own.mean((-2, -1), keepdim=True) + given.mean((-2, -1), keepdim=True)
-    local = (context[rows] | context[partner]).unsqueeze(-3)
+    colour = background_colour(pixel_values, context)
+    recoloured = own - colour[rows] + colour[partner]
+    has_context = context.flatten(1).any(1)
+    footprint = context[rows]
+    if bool(has_context.any()):
+        donors = has_context.nonzero()[:, 0]
+        decoy = context[donors[torch.randint(len(donors), (len(rows),), device=donors.device)]]
+        footprint = torch.where(has_context[rows].view(-1, *[1] * (context.dim() - 1)), footprint, decoy)
+    local = (footprint | context[partner]).unsqueeze(-3)
     return torch.where(local, given, recoloured)
 
 
 def keep_only_context(pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows' images reduced to their context: global colour and context pixels, the rest flat.
+    """The rows' images reduced to their context: the background colour and the context pixels, the rest flat.
 
     pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool.
     """
     own = pixel_values[rows]
-    flat = own.mean((-2, -1), keepdim=True).expand_as(own)
+    flat = background_colour(pixel_values, context)[rows].expand_as(own)
     return torch.where(context[rows].unsqueeze(-3), own, flat)

@@ -30,10 +30,12 @@ from transformers.utils import ModelOutput, torch_compilable_check
 
 from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .context import (
-    image_context,
+    ContextStatistics,
+    dilate,
     keep_only_context,
-    pixel_saliency,
-    text_context,
+    local_descriptors,
+    spread_max,
+    strong_context,
     transplant_pixels,
     transplant_tokens,
 )
@@ -48,6 +50,7 @@ from .counterfactual import (
 from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import custom_pipelines_config
 
+LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
 AUTO_MAP = {
     "AutoConfig": "configuration_cfmoe.CFMoEConfig",
     "AutoModel": "modeling_cfmoe.CFMoEForMultimodalClassification",
@@ -118,7 +121,7 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
     # routing and the token table stay float32 when a checkpoint loads in half precision
-    _keep_in_fp32_modules_strict = ["router", "token_direct_effect"]
+    _keep_in_fp32_modules_strict = ["router", "context_statistics"]
 
     @classmethod
     def from_pretrained(cls, *args, use_safetensors: bool | None = True, **kwargs):
@@ -144,7 +147,9 @@ class CFMoEPreTrainedModel(PreTrainedModel):
             init.normal_(module.expert_keys, mean=0.0, std=1.0)
         elif isinstance(module, CFMoEForMultimodalClassification):
             init.zeros_(module.prior_logits)
-            init.zeros_(module.token_direct_effect)
+        elif isinstance(module, ContextStatistics):
+            for buffer in module.buffers():
+                init.zeros_(buffer)
 
 
 class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
@@ -178,10 +183,11 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         self.text_head = nn.Linear(hidden, num_labels)
         self.image_head = nn.Linear(hidden, num_labels)
         self.prior_logits = nn.Parameter(torch.zeros(num_labels))
-        # running direct effect of each vocabulary token in the text-only branch: picks text *context*
-        self.register_buffer(
-            "token_direct_effect",
-            torch.zeros(config.base_config.text_config.vocab_size, num_labels, dtype=torch.float32),
+        # label statistics of each token and image patch: they pick each item's *context* (context.py)
+        self.context_statistics = ContextStatistics(
+            config.base_config.text_config.vocab_size,
+            config.base_config.vision_config.num_channels * (2 * LOCAL_RADIUS + 1) ** 2,
+            num_labels,
         )
         self._image_feature_params = set(inspect.signature(self.mllm.get_image_features).parameters)
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
@@ -244,14 +250,10 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:
-        """Resizes the base's token embeddings (and its text config's `vocab_size`) and the per-token direct-effect
-        table: new tokens start with no recorded effect."""
+        """Resizes the base's token embeddings (and its text config's `vocab_size`) and the token statistics: new
+        tokens start unseen."""
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        vocab_size, old = self.config.get_text_config().vocab_size, self.token_direct_effect
-        table = old.new_zeros(vocab_size, old.shape[1])
-        kept = min(vocab_size, old.shape[0])
-        table[:kept] = old[:kept]
-        self.token_direct_effect = table
+        self.context_statistics.resize_vocabulary(self.config.get_text_config().vocab_size)
         return embeddings
 
     # ----------------------------------------------------------------------------------------- forward
@@ -317,7 +319,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             )
 
         # 2. factual rows (+ counterfactual rows in training) through the language model in one call
-        rows_embeds, rows_mask = inputs_embeds, attention_mask
+        rows_embeds, rows_mask, position_ids = inputs_embeds, attention_mask, None
         cf_source = cf_kind = None
         if return_counterfactuals and counterfactual_rows and self.training and image_features is not None:
             if input_ids is None:
@@ -326,16 +328,20 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                     "or counterfactual_rows=False"
                 )
             cf = self._counterfactual_rows(
-                input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, visual_routing.gates
+                input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs
             )
             if cf is not None:
                 cf_embeds, cf_mask, cf_source, cf_kind = cf
                 extra = cf_embeds.shape[1] - inputs_embeds.shape[1]  # tokens appended by the text transplant
                 rows_embeds = torch.cat([nn.functional.pad(inputs_embeds, (0, 0, 0, extra)), cf_embeds])
                 rows_mask = torch.cat([nn.functional.pad(attention_mask, (0, extra)), cf_mask])
+                # counterfactual rows count only their attended tokens: a masked-out context leaves no gap
+                factual_positions = torch.arange(rows_mask.shape[1], device=rows_mask.device).expand(batch, -1)
+                position_ids = torch.cat([factual_positions, (cf_mask.long().cumsum(1) - 1).clamp_min(0)])
         language_out = self.mllm.language_model(
             inputs_embeds=rows_embeds,
             attention_mask=rows_mask.long(),
+            position_ids=position_ids,
             use_cache=False,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
@@ -457,45 +463,38 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
         out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
         out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
-        # only counterfactual rows read the table, and they need token ids
-        if self.training and self.config.counterfactual_fraction > 0 and input_ids is not None:
-            self._update_token_direct_effect(left_align(input_ids, text_mask)[0], text_only_mask, text_hidden)
+
+    def set_word_pieces(self, tokenizer) -> None:
+        """Tell the context statistics which vocabulary pieces continue a word (`ContextStatistics.set_word_pieces`),
+        so that text context is found and transplanted a whole word at a time."""
+        self.context_statistics.set_word_pieces(tokenizer)
 
     @torch.no_grad()
-    def _update_token_direct_effect(
-        self, text_ids: torch.Tensor, text_mask: torch.Tensor, text_hidden: torch.Tensor
+    def update_context_statistics(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
     ) -> None:
-        """EMA of each vocabulary token's logit contribution `W_text h_j` (centred over classes), in float32
-        whatever the table's dtype."""
-        keep = text_mask.bool()
-        hidden = text_hidden[keep]
-        # W h = head(h) - head(0): the head is called (its bias never read) so that offload hooks fire
-        contrib = (self.text_head(hidden) - self.text_head(hidden.new_zeros(1, hidden.shape[-1]))).float()
-        contrib = contrib - contrib.mean(-1, keepdim=True)
-        ids = text_ids[keep]
-        table = self.token_direct_effect
-        sums = torch.zeros(table.shape, dtype=torch.float32, device=table.device).index_add_(0, ids, contrib)
-        counts = torch.bincount(ids, minlength=sums.shape[0]).unsqueeze(-1)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(counts)
-        seen = counts.squeeze(-1) > 0
-        momentum = self.config.token_score_momentum
-        means = sums[seen] / counts[seen]
-        table[seen] = (momentum * table[seen].float() + (1 - momentum) * means).to(table.dtype)
+        """Count a training batch into the label statistics that pick each item's context (`ContextStatistics`);
+        the trainer calls it on every training batch that builds counterfactual rows or precedes them."""
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        text_mask = attention_mask.bool() & (input_ids != self.mllm.config.image_token_id)
+        one_image_each = pixel_values is not None and pixel_values.shape[0] == input_ids.shape[0]
+        local = local_descriptors(pixel_values, LOCAL_RADIUS) if one_image_each else None
+        self.context_statistics.update(input_ids, text_mask, local, labels)
 
-    def _counterfactual_rows(
-        self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, visual_gates
-    ):
+    def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Text context: the tokens whose direct effect in the text-only branch is strong (`context.text_context`);
-        image context: the image's global colour and the pixels that stand out in the image-only branch's
-        attribution (`context.image_context`). A context-swapped row keeps its core and takes the context of its
-        partner (the next item of the batch), in pixel space for the image: the vision tower runs on the edited
-        images, so a cue the tower spreads over every patch feature leaves with its pixels. A core-masked row keeps
-        only its own context. Returns `(embeds, mask, source, kind)` (the rows may be wider than `inputs_embeds`:
-        transplanted tokens are appended) or None.
+        Context (`context.strong_context` on `ContextStatistics` scores): the tokens that alone move the class
+        log-odds by at least `text_context_threshold`, and the image's mean colour plus the pixels whose local
+        discriminant scores reach `image_context_threshold` of the batch's strongest. A context-swapped row keeps
+        its core and takes the context of its partner (the next item of the batch), in pixel space for the image:
+        the vision tower runs on the edited images, so a cue the tower spreads over every patch feature leaves with
+        its pixels. A core-masked row keeps only its own context. Returns `(embeds, mask, source, kind)` (the rows
+        may be wider than `inputs_embeds`: transplanted tokens are appended) or None.
         """
         config, batch = self.config, input_ids.shape[0]
         n_rows = math.ceil(config.counterfactual_fraction * batch)
@@ -506,11 +505,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         # text: never touch the first attended token (keeps every causal query attended)
         first = (attention_mask.long().cumsum(1) == 1) & attention_mask
         candidates = attention_mask & ~image_mask & ~first & ("text" in config.counterfactual_modalities)
-        text = text_context(self.token_direct_effect[input_ids], candidates, config.text_context_threshold)
+        statistics = self.context_statistics
+        text = strong_context(statistics.token_scores(input_ids), candidates, config.text_context_threshold)
+        text = statistics.whole_words(input_ids, text, candidates)
         edit_image = "image" in config.counterfactual_modalities and self._one_image_per_item(pixel_values, batch)
         if edit_image:
-            saliency = self._pixel_saliency(pixel_values, image_mask, image_kwargs, batch)
-            pixels = image_context(saliency, config.image_context_threshold)
+            local_scores = statistics.local_scores(local_descriptors(pixel_values, LOCAL_RADIUS))
+            strongest = spread_max(local_scores)
+            pixels = dilate(
+                strong_context(local_scores, True, config.image_context_threshold * strongest), LOCAL_RADIUS
+            )
         row_kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
 
         embeds, masks, kinds = [], [], []
@@ -518,12 +522,15 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             kind = COUNTERFACTUAL_KINDS[name]
             if kind == CORE_MASKED:
                 row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows] & ~(candidates & ~text)[rows]
+                row_images = image_mask[rows]
                 images = keep_only_context(pixel_values, pixels, rows) if edit_image else None
             else:
-                row_embeds, row_mask = transplant_tokens(inputs_embeds, attention_mask, text, rows, partner)
+                row_embeds, row_mask, row_images = transplant_tokens(
+                    inputs_embeds, attention_mask, text, rows, partner, image_mask
+                )
                 images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
             if images is not None:
-                row_embeds = self._insert_images(row_embeds, image_mask[rows], images, row_kwargs, visual_gates[rows])
+                row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs)
             embeds.append(row_embeds)
             masks.append(row_mask)
             kinds.append(torch.full_like(rows, kind))
@@ -540,24 +547,15 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             self._warned_images = True
         return False
 
-    def _pixel_saliency(self, pixel_values, image_mask, image_kwargs, batch) -> torch.Tensor:
-        """Attribution of the image-only branch's leading centred logit to each input pixel (`pixel_saliency`),
-        `(images, ..., height, width)`; the weights get no gradient from it."""
-        with torch.enable_grad():
-            pixels = pixel_values.detach().requires_grad_()
-            features, rows = self._image_features(pixels, image_mask, image_kwargs)
-            logits = self.image_head(pool_by_row(features, rows, batch)).float()
-            leading = (logits - logits.mean(-1, keepdim=True)).amax(-1).sum()
-            (gradient,) = torch.autograd.grad(leading, pixels)
-        return pixel_saliency(pixel_values.detach(), gradient)
-
-    def _insert_images(self, row_embeds, row_image_mask, images, image_kwargs, gates) -> torch.Tensor:
-        """`row_embeds` `(n, width, hidden)` with its image positions holding the features of `images` (vision
-        tower, projector and visual MoE with the rows' own gates)."""
-        features, feature_rows = self._image_features(images, row_image_mask, image_kwargs)
-        features = self.visual_moe(features, gates[feature_rows])
-        mask = nn.functional.pad(row_image_mask, (0, row_embeds.shape[1] - row_image_mask.shape[1]))
-        return row_embeds.masked_scatter(mask.unsqueeze(-1), features.to(row_embeds.dtype))
+    def _insert_images(self, row_embeds, row_mask, row_images, images, image_kwargs) -> torch.Tensor:
+        """`row_embeds` `(n, width, hidden)` with its image positions (`row_images` `(n, width)`) holding the features
+        of `images`: vision tower, projector and visual MoE, routed by the row's own content (never by the factual
+        item's, whose cue the router may read)."""
+        features, feature_rows = self._image_features(images, row_images, image_kwargs)
+        query = pool_tokens(row_embeds, row_mask & ~row_images, "mean")
+        query = query + pool_by_row(features, feature_rows, row_embeds.shape[0])
+        features = self.visual_moe(features, self.visual_moe.route(query).gates[feature_rows])
+        return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
 
 
 def _factual_rows(states: tuple[torch.Tensor, ...] | None, batch: int, length: int) -> tuple[torch.Tensor, ...] | None:

@@ -70,6 +70,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     torch.manual_seed(0)
     for _ in range(3):
+        peft_model.update_context_statistics(tiny_batch["input_ids"], tiny_batch["labels"])
         _loss(peft_model(**tiny_batch, return_counterfactuals=True), tiny_batch["labels"]).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -77,7 +78,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
     inputs = {k: v for k, v in tiny_batch.items() if k != "labels"}
     with torch.no_grad():
         trained = peft_model(**inputs).logits
-    assert not torch.equal(fresh_model.prior_logits, prior_before) and fresh_model.token_direct_effect.any()
+    assert not torch.equal(fresh_model.prior_logits, prior_before) and fresh_model.context_statistics.token_counts.any()
 
     run = save_lora_run(peft_model, processor, tmp_path / "run")
     assert {"adapter_model.safetensors", "adapter_config.json", "base"} <= {p.name for p in run.iterdir()}
@@ -85,8 +86,8 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
         assert set(base_file.keys()) == set(CFMoEForMultimodalClassification(fresh_model.config).state_dict())
 
     reloaded = load_lora_run(run).eval()
-    for name in ("prior_logits", "token_direct_effect"):  # not in the adapter: carried by base/
-        torch.testing.assert_close(getattr(reloaded.get_base_model(), name), getattr(fresh_model, name))
+    for name in ("prior_logits", "context_statistics.token_counts"):  # not in the adapter: carried by base/
+        torch.testing.assert_close(reloaded.get_base_model().state_dict()[name], fresh_model.state_dict()[name])
     base_only = AutoModel.from_pretrained(run / "base").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, trained, rtol=0, atol=1e-6)

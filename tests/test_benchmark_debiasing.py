@@ -30,7 +30,7 @@ def bench():
 
 
 def plan(bench, root: Path, methods, seeds, regimes=("scratch",), cues=("tint_hashtag",)) -> list[bm.Run]:
-    return bm.plan_runs(root, bench.TABLE, methods, seeds, regimes, cues, [], bench.PRETRAINED_RECIPE)
+    return bm.plan_runs(root, bench.TABLE, methods, seeds, regimes, cues, [])
 
 
 def split_scores(acc: float, f1: float, worst: float = 0.5, reliance: float = 0.1) -> dict[str, float]:
@@ -105,9 +105,9 @@ def test_table_and_plan(bench, tmp_path):
     assert scratch.setting == "scratch/mixed" and scratch.run_dir == tmp_path / "runs/scratch/mixed/rubi/seed2"
     fixed = ["--cue_setting", "mixed", "--output_dir", str(scratch.run_dir), "--seed", "2", "--report_to", "none"]
     assert scratch.argv == ["--method", "rubi", *fixed]
-    base = ["--model_name_or_path", str(tmp_path / "bases/seed2"), "--freeze_vision_tower", "True"]
+    base = ["--model_name_or_path", str(tmp_path / "bases/seed2"), "--freeze_vision_tower", "True", "--recipe", "tiny"]
     fixed[3] = str(pretrained.run_dir)
-    assert pretrained.argv == [*bench.PRETRAINED_RECIPE, "--method", "rubi", *base, *fixed]
+    assert pretrained.argv == ["--method", "rubi", *base, *fixed]
     assert bench.names("mixed, local_mark", ["local_mark", "mixed"], "x") == ["mixed", "local_mark"]
     with pytest.raises(SystemExit, match="unknown regime"):
         bench.names("scratch,finetuned", bm.REGIMES, "regime")

@@ -1,10 +1,11 @@
 """The compute budget of a training step, by counting calls, rows and tokens (never by timing).
 
 Budget of one `cfmoe` training step (docs/cost.md), for B items of padded length L (N image tokens each):
-- the vision tower runs once, on the B images (not again for any branch or counterfactual row);
+- the vision tower runs on the B images, then once more on the edited images of the counterfactual rows (their
+  visual context is transplanted in pixel space), and not for any branch;
 - language-model call 1: the B factual rows plus `ceil(counterfactual_fraction * B)` rows per entry of
-  `counterfactual_types`, all at length L (a shorter second call for rows compacted to their kept tokens
-  is allowed: it only lowers the count);
+  `counterfactual_types`, at length L plus at most the partner's transplanted text tokens (a shorter second call
+  for rows compacted to their kept tokens is allowed: it only lowers the count);
 - the text-only call: the B text-only rows, at most as long as the longest text (no image token);
 - the image-only branch and the prior take no language-model call.
 `vanilla` (and default inference): one language-model call of the B factual rows at length L.
@@ -128,19 +129,18 @@ def test_cfmoe_step_stays_within_the_documented_budget(tmp_path, fraction, types
     config = model.config
     n_cf = math.ceil(config.counterfactual_fraction * batch) * len(config.counterfactual_types)
 
-    assert calls.vision == [batch], "the vision tower runs once per step, on each image once"
-    text_calls = [c for c in calls.lm if c["input_ids"]]
-    row_calls = [c for c in calls.lm if not c["input_ids"]]  # merged image + text embeddings
-    assert len(text_calls) == 1 and len(row_calls) <= 2, calls.lm
-    (text_only,) = text_calls
+    assert calls.vision[0] == batch and sum(calls.vision[1:]) == n_cf, "each image once, each edited image once"
+    *row_calls, text_only = calls.lm  # merged image + text rows, then the short text-only rows
+    assert 1 <= len(row_calls) <= 2, calls.lm
     assert not text_only["image_ids"], "the text-only rows hold no image token"
     assert text_only["rows"] == batch and text_only["length"] <= 1 + max(TEXT_LENGTHS)
     assert text_only["attended"] == sum(1 + n for n in TEXT_LENGTHS), "every text token, nothing else"
     factual = row_calls[0]
     assert factual["length"] == length and factual["rows"] >= batch, "the factual rows, at full length"
     assert sum(c["rows"] for c in row_calls) == batch + n_cf
-    assert all(c["length"] <= length for c in row_calls)
-    budget = (batch + n_cf) * length + batch * (1 + max(TEXT_LENGTHS))
+    longest = length + max(TEXT_LENGTHS)  # a row's own tokens and at most all of its partner's text
+    assert all(c["length"] <= longest for c in row_calls)
+    budget = (batch + n_cf) * longest + batch * (1 + max(TEXT_LENGTHS))
     assert sum(c["rows"] * c["length"] for c in calls.lm) <= budget
 
 

@@ -106,7 +106,7 @@ def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tin
             torch.testing.assert_close(alone.text_only_logits, out.text_only_logits[i : i + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_vision_tower_runs_once_with_all_branches(tiny_model_and_processor, tiny_batch):
+def test_vision_tower_runs_once_per_image_and_once_per_edited_image(tiny_model_and_processor, tiny_batch):
     model = tiny_model_and_processor[0].train()
     calls = []
     handle = model.mllm.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -115,7 +115,7 @@ def test_vision_tower_runs_once_with_all_branches(tiny_model_and_processor, tiny
     finally:
         handle.remove()
         model.eval()
-    assert calls == [4]
+    assert calls == [4, 1]  # the factual images, then the one context-swapped row's image, edited in pixel space
     assert out.counterfactual_logits.shape[0] == 1  # 25% of 4 rows, one counterfactual kind (context-swapped)
 
 
@@ -307,20 +307,24 @@ def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
     tiny_model.save_pretrained(tmp_path)
     loaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path, dtype=dtype)
     assert loaded.fused_head.weight.dtype == dtype
-    assert loaded.token_direct_effect.dtype == loaded.text_moe.router.query.weight.dtype == torch.float32
+    statistics = loaded.context_statistics
+    assert statistics.local_moments.dtype == loaded.text_moe.router.query.weight.dtype == torch.float32
     batch = dict(tiny_batch, pixel_values=tiny_batch["pixel_values"].to(dtype))
     for model in (loaded, copy.deepcopy(loaded).to(dtype)):  # as loaded, and cast whole (the table in `dtype` too)
         model.train()
+        model.update_context_statistics(
+            batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
+        )
         out = model(**batch, return_counterfactuals=True)
         (out.loss + out.aux_loss + out.text_only_logits.float().sum()).backward()
-        assert torch.isfinite(out.loss) and model.token_direct_effect.any()
+        assert torch.isfinite(out.loss) and model.context_statistics.local_moments.isfinite().all()
         assert model.fused_head.weight.grad is not None
 
 
 OFFLOAD_MAP = {
     "mllm": "cpu",
     "prior_logits": "cpu",
-    "token_direct_effect": "cpu",
+    "context_statistics": "cpu",
     **dict.fromkeys(["visual_moe", "text_moe", "fused_head", "text_head", "image_head"], "disk"),
 }
 
@@ -340,12 +344,6 @@ def test_disk_offloaded_experts_and_heads_match_the_reference(tiny_model, tiny_b
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
     for got_gates, want_gates in zip(got.routing_gates, want.routing_gates, strict=True):
         torch.testing.assert_close(got_gates, want_gates, rtol=0, atol=0)
-    # the token table reads the text head through the module too
-    reference = copy.deepcopy(tiny_model)
-    ids, mask, hidden = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long), torch.randn(1, 3, 64)
-    for model in (reference, offloaded):
-        model._update_token_direct_effect(ids, mask, hidden)
-    torch.testing.assert_close(offloaded.token_direct_effect, reference.token_direct_effect)
 
 
 # ------------------------------------------------------------------------ transformers conventions
@@ -395,15 +393,16 @@ def test_resized_vocabulary_saves_loads_and_trains(tiny_model_and_processor, tin
     old = model.config.base_config.text_config.vocab_size
     model.resize_token_embeddings(old + 3)
     assert model.config.get_text_config().vocab_size == model.mllm.config.text_config.vocab_size == old + 3
-    assert model.token_direct_effect.shape == (old + 3, model.config.num_labels)
+    assert model.context_statistics.token_counts.shape == (old + 3, model.config.num_labels)
     model.save_pretrained(tmp_path)
     reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).train()
     assert reloaded.get_input_embeddings().num_embeddings == old + 3
     ids = tiny_batch["input_ids"].clone()
     ids[:, -1] = torch.where(tiny_batch["attention_mask"][:, -1].bool(), old + 2, ids[:, -1])  # the new token
+    reloaded.update_context_statistics(ids, tiny_batch["labels"], tiny_batch["attention_mask"])
     out = reloaded(**dict(tiny_batch, input_ids=ids), return_counterfactuals=True)
     out.loss.backward()
-    assert reloaded.token_direct_effect[old + 2].any()
+    assert reloaded.context_statistics.token_counts[old + 2].any()
 
 
 def test_torch_export_of_fused_inference(tiny_model, tiny_batch):

@@ -8,7 +8,7 @@ A LoRA run's output folder (written by [`save_lora_run`]):
 
 `base/` holds every weight the adapter does not: the base model as loaded, the experts and heads as they were
 before training (the adapter carries their trained copies), and the trained `prior_logits` and
-`token_direct_effect` (a bare parameter and a buffer that PEFT's `modules_to_save` cannot hold).
+`context_statistics` (a bare parameter and buffers that PEFT's `modules_to_save` cannot hold).
 """
 
 from __future__ import annotations

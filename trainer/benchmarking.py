@@ -210,12 +210,21 @@ def base_dir(output_dir: Path, seed: int) -> Path:
 
 
 def regime_argv(regime: str, output_dir: Path, seed: int) -> list[str]:
-    """Run-script argv of a regime: none from scratch; the seed's pretrained base, vision tower frozen."""
+    """Run-script argv of a regime: none from scratch; the seed's pretrained base, vision tower frozen, trained with
+    the tiny recipe (a `--model_name_or_path` otherwise gets LLaVA-1.5's), so the regimes differ only in the
+    initialisation and the frozen tower."""
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
     if regime == "scratch":
         return []
-    return ["--model_name_or_path", str(base_dir(output_dir, seed)), "--freeze_vision_tower", "True"]
+    return [
+        "--model_name_or_path",
+        str(base_dir(output_dir, seed)),
+        "--freeze_vision_tower",
+        "True",
+        "--recipe",
+        "tiny",
+    ]
 
 
 def plan_runs(
@@ -226,17 +235,14 @@ def plan_runs(
     regimes: Sequence[str],
     cue_settings: Sequence[str],
     common: Sequence[str],
-    pretrained_recipe: Sequence[str] = (),
 ) -> list[Run]:
     """Every (seed, regime, cue setting, method), seed-major (all of seed 0 first: a partial benchmark stays
-    balanced). argv: `pretrained_recipe` (pretrained regime only: the training defaults to use with a base, which
-    the shared flags may override), shared flags, the table's, the regime's, the cue setting, folder and seed."""
+    balanced). argv: shared flags, the table's, the regime's, the cue setting, folder and seed."""
     runs = []
     for seed, regime, cue_setting, method in itertools.product(seeds, regimes, cue_settings, methods):
         run_dir = output_dir / "runs" / regime / cue_setting / method / f"seed{seed}"
         fixed = ["--cue_setting", cue_setting, "--output_dir", str(run_dir), "--seed", str(seed), "--report_to", "none"]
-        recipe = pretrained_recipe if regime == "pretrained" else ()
-        argv = [*recipe, *common, *table.argv(method), *regime_argv(regime, output_dir, seed), *fixed]
+        argv = [*common, *table.argv(method), *regime_argv(regime, output_dir, seed), *fixed]
         runs.append(Run(f"{regime}/{cue_setting}", method, seed, argv, run_dir))
     return runs
 

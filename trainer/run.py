@@ -76,6 +76,7 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
     and wrapped with LoRA when asked, the vision tower frozen when asked."""
     model, processor = _load_base_model(task, model_args, labels, seed)
+    model.set_word_pieces(processor.tokenizer)  # text context is then taken a whole word at a time
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
             model = prepare_for_kbit_training(model)

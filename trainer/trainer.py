@@ -103,6 +103,10 @@ class CFMoETrainer(Trainer):
         uses_branches = self.args.method != "vanilla" or not model.training
         # only cfmoe's loss reads the fine-grained counterfactual rows, and not during its bias-only warm-up
         uses_rows = self.args.method == "cfmoe" and not self._bias_only_warmup()
+        if self.args.method == "cfmoe" and model.training:  # the statistics that pick each item's context
+            self.accelerator.unwrap_model(model).update_context_statistics(
+                inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
+            )
         outputs = model(**inputs, return_counterfactuals=uses_branches, counterfactual_rows=uses_rows)
         terms = self._loss_terms(outputs, labels, groups) if model.training else self._eval_terms(outputs, labels)
         loss = sum(terms.values())
