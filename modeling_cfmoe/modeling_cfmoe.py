@@ -120,7 +120,7 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
-    # routing and the token table stay float32 when a checkpoint loads in half precision
+    # routing and the context statistics stay float32 when a checkpoint loads in half precision
     _keep_in_fp32_modules_strict = ["router", "context_statistics"]
 
     @classmethod
@@ -267,6 +267,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
         counterfactual_rows: bool = True,
+        factual_rows: bool = True,
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -281,6 +282,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             in training, the fine-grained counterfactual rows (`config.counterfactual_fraction`).
         counterfactual_rows: False skips the fine-grained rows (the branches stay), for a training step whose
             loss does not read them.
+        factual_rows: False leaves the factual rows out of the language-model call when counterfactual rows are
+            built (a training step whose loss reads the fused head on those rows only): `logits`, `fused_logits`,
+            `pooled` and the effects are then None, and the text routing is that of the counterfactual rows.
         inputs_embeds: `(batch, length, hidden)` instead of `input_ids`; image placeholders are the positions
             holding the image token's embedding. The fine-grained rows pick text context by token id: training
             with them needs `input_ids`.
@@ -332,12 +336,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             )
             if cf is not None:
                 cf_embeds, cf_mask, cf_source, cf_kind = cf
-                extra = cf_embeds.shape[1] - inputs_embeds.shape[1]  # tokens appended by the text transplant
-                rows_embeds = torch.cat([nn.functional.pad(inputs_embeds, (0, 0, 0, extra)), cf_embeds])
-                rows_mask = torch.cat([nn.functional.pad(attention_mask, (0, extra)), cf_mask])
-                # counterfactual rows count only their attended tokens: a masked-out context leaves no gap
-                factual_positions = torch.arange(rows_mask.shape[1], device=rows_mask.device).expand(batch, -1)
-                position_ids = torch.cat([factual_positions, (cf_mask.long().cumsum(1) - 1).clamp_min(0)])
+                # counterfactual rows count only their attended tokens: a removed context leaves no gap
+                rows_embeds, rows_mask = cf_embeds, cf_mask
+                position_ids = (cf_mask.long().cumsum(1) - 1).clamp_min(0)
+                if factual_rows:
+                    width = max(cf_embeds.shape[1], inputs_embeds.shape[1])
+                    rows_embeds = torch.cat([_pad_to(inputs_embeds, width), _pad_to(cf_embeds, width)])
+                    rows_mask = torch.cat([_pad_to(attention_mask, width), _pad_to(cf_mask, width)])
+                    factual_positions = torch.arange(width, device=rows_mask.device).expand(batch, -1)
+                    position_ids = torch.cat([factual_positions, _pad_to(position_ids, width)])
+        n_factual = 0 if cf_source is not None and not factual_rows else batch
         language_out = self.mllm.language_model(
             inputs_embeds=rows_embeds,
             attention_mask=rows_mask.long(),
@@ -350,22 +358,22 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             pool_tokens(language_out.last_hidden_state, rows_mask, config.pooling)
         )
         all_logits = self.fused_head(self.dropout(pooled))
-        fused_logits = all_logits[:batch]
+        fused_logits = all_logits[:batch] if n_factual else None
 
         out = CFMoEOutput(
             fused_logits=fused_logits,
             logits=fused_logits,
-            pooled=pooled[:batch],
+            pooled=pooled[:batch] if n_factual else None,
             router_logits=tuple(r.router_logits[:batch] for r in (visual_routing, text_routing) if r is not None),
             routing_gates=tuple(r.gates[:batch] for r in (visual_routing, text_routing) if r is not None),
-            hidden_states=_factual_rows(language_out.hidden_states, batch, attention_mask.shape[1]),
-            attentions=_factual_rows(language_out.attentions, batch, attention_mask.shape[1]),
+            hidden_states=_factual_rows(language_out.hidden_states, n_factual, attention_mask.shape[1]),
+            attentions=_factual_rows(language_out.attentions, n_factual, attention_mask.shape[1]),
         )
         out.aux_loss = config.router_aux_loss_coef * sum(
             load_balancing_loss(r.gates, r.router_logits) for r in (visual_routing, text_routing) if r is not None
         )
         if cf_source is not None:
-            out.counterfactual_logits, out.counterfactual_pooled = all_logits[batch:], pooled[batch:]
+            out.counterfactual_logits, out.counterfactual_pooled = all_logits[n_factual:], pooled[n_factual:]
             out.counterfactual_source, out.counterfactual_kind = cf_source, cf_kind
 
         # 3. counterfactual branches: Z(t, v*) on the short text-only rows, Z(t*, v) from the image features
@@ -373,7 +381,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             self._branches(out, input_ids, inputs_embeds, text_mask, image_features, image_rows, batch)
             if config.inference_mode == "tie" and not self.training:
                 out.logits = out.prior_logits + out.indirect_effect
-        if labels is not None:
+        if labels is not None and out.logits is not None:
             out.loss = nn.functional.cross_entropy(out.logits.float(), labels)
         out = CFMoEOutput(**out)  # fields in declaration order (loss first); fields set above would come last
         return out if return_dict else out.to_tuple()
@@ -453,16 +461,17 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             ).last_hidden_state
             text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_only_mask, self.config.pooling))
         out.text_only_logits = self.text_head(self.dropout(text_pooled))
-        prior = self.prior_logits.to(out.fused_logits.dtype).expand_as(out.fused_logits)
+        prior = self.prior_logits.to(out.text_only_logits.dtype).expand_as(out.text_only_logits)
         if image_features is None:
             out.image_only_logits = prior
         else:
             image_pooled = pool_by_row(image_features, image_rows, batch)
             out.image_only_logits = self.image_head(self.dropout(image_pooled.detach() if detach else image_pooled))
         out.prior_logits = prior
-        effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
-        out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
-        out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
+        if out.fused_logits is not None:  # the effects need the factual rows
+            effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
+            out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
+            out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
 
     def set_word_pieces(self, tokenizer) -> None:
         """Tell the context statistics which vocabulary pieces continue a word (`ContextStatistics.set_word_pieces`),
@@ -488,13 +497,13 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
     def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Context (`context.strong_context` on `ContextStatistics` scores): the tokens that alone move the class
-        log-odds by at least `text_context_threshold`, and the image's mean colour plus the pixels whose local
-        discriminant scores reach `image_context_threshold` of the batch's strongest. A context-swapped row keeps
-        its core and takes the context of its partner (the next item of the batch), in pixel space for the image:
-        the vision tower runs on the edited images, so a cue the tower spreads over every patch feature leaves with
-        its pixels. A core-masked row keeps only its own context. Returns `(embeds, mask, source, kind)` (the rows
-        may be wider than `inputs_embeds`: transplanted tokens are appended) or None.
+        Context (`context.strong_context` on `ContextStatistics` scores): the words holding a token that alone moves
+        the class log-odds by at least `text_context_threshold`, and the image's background colour plus the pixels
+        whose local discriminant scores reach `image_context_threshold` of the batch's strongest. A context-swapped
+        row keeps its core and takes the context of its partner (the next item of the batch): its tokens where they
+        stood in the partner, its pixels in pixel space (the vision tower runs on the edited images, so a cue the
+        tower spreads over every patch feature leaves with its pixels). A core-masked row keeps only its own
+        context. Returns `(embeds, mask, source, kind)` (rows may be wider than `inputs_embeds`) or None.
         """
         config, batch = self.config, input_ids.shape[0]
         n_rows = math.ceil(config.counterfactual_fraction * batch)
@@ -558,11 +567,20 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
 
 
+def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`values` `(rows, length, ...)` padded with zeros (False) to `(rows, width, ...)` along dim 1."""
+    pad = [0, 0] * (values.dim() - 2) + [0, width - values.shape[1]]
+    return nn.functional.pad(values, pad)
+
+
 def _factual_rows(states: tuple[torch.Tensor, ...] | None, batch: int, length: int) -> tuple[torch.Tensor, ...] | None:
     """Language-model hidden states `(rows, width, hidden)` or attentions `(rows, heads, width, width)` of the factual
     rows only, `(batch, length, ...)`; the tensors themselves without counterfactual rows (gradients can be retained).
+    None when the call had no factual rows.
     """
-    if not states or states[0].shape[0] == batch:
+    if not states or not batch:
+        return None
+    if states[0].shape[0] == batch:
         return states
     if states[0].dim() == 3:
         return tuple(state[:batch, :length] for state in states)

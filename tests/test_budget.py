@@ -8,7 +8,9 @@ Budget of one `cfmoe` training step (docs/cost.md), for B items of padded length
   for rows compacted to their kept tokens is allowed: it only lowers the count);
 - the text-only call: the B text-only rows, at most as long as the longest text (no image token);
 - the image-only branch and the prior take no language-model call.
-`vanilla` (and default inference): one language-model call of the B factual rows at length L.
+When the loss reads no fused prediction of the factual rows (the default objective: `factual_task_weight=0`, no
+contrast), they stay out of call 1. `vanilla` (and default inference): one language-model call of the B factual
+rows at length L.
 """
 
 from __future__ import annotations
@@ -142,6 +144,18 @@ def test_cfmoe_step_stays_within_the_documented_budget(tmp_path, fraction, types
     assert all(c["length"] <= longest for c in row_calls)
     budget = (batch + n_cf) * longest + batch * (1 + max(TEXT_LENGTHS))
     assert sum(c["rows"] * c["length"] for c in calls.lm) <= budget
+
+
+def test_default_objective_runs_the_language_model_on_the_counterfactual_rows_only(tmp_path):
+    """The default loss reads the fused head on the context-swapped rows only: the factual rows stay out of the
+    language-model call (only the short text-only rows run beside them)."""
+    model = tiny_model()
+    inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
+    calls = train_step_calls(model, "cfmoe", inputs, tmp_path, factual_task_weight=0.0, upweight=0.0)
+    n_cf = math.ceil(model.config.counterfactual_fraction * len(TEXT_LENGTHS))
+    *row_calls, text_only = calls.lm
+    assert [c["rows"] for c in row_calls] == [n_cf] and text_only["rows"] == len(TEXT_LENGTHS)
+    assert calls.vision == [len(TEXT_LENGTHS), n_cf]
 
 
 def test_vanilla_step_is_one_language_model_call_of_the_batch(tmp_path):

@@ -13,8 +13,9 @@ branches and the fine-grained counterfactual rows, and
       + L_prior_kl                 core-masked predictions -> prior
       + L_aux                      router load balancing
 
-During the first `debias_warmup_ratio` of training only L_bias and L_aux are on (the bias branches fill the
-token table that picks the text context). Every term has its weight in [`CFMoETrainingArguments`] and is
+During the first `debias_warmup_ratio` of training only L_bias and L_aux are on, while the context statistics
+(`model.update_context_statistics`, every training step) gather the counts that pick each item's context. Every
+term has its weight in [`CFMoETrainingArguments`] and is
 logged as `loss_<term>`.
 """
 
@@ -107,7 +108,12 @@ class CFMoETrainer(Trainer):
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )
-        outputs = model(**inputs, return_counterfactuals=uses_branches, counterfactual_rows=uses_rows)
+        outputs = model(
+            **inputs,
+            return_counterfactuals=uses_branches,
+            counterfactual_rows=uses_rows,
+            factual_rows=not uses_rows or self._reads_factual_rows(),
+        )
         terms = self._loss_terms(outputs, labels, groups) if model.training else self._eval_terms(outputs, labels)
         loss = sum(terms.values())
         if model.training:
@@ -120,6 +126,14 @@ class CFMoETrainer(Trainer):
                 "image_only_logits": outputs.image_only_logits,
             }
         return loss
+
+    def _reads_factual_rows(self) -> bool:
+        """Whether cfmoe's loss reads the fused head on the factual rows beside the counterfactual ones (the factual
+        task term, or the contrast of factual with counterfactual representations); if not, the language model
+        runs on the counterfactual rows only."""
+        args = self.args
+        contrast = args.contrast_loss_weight > 0 and "core_masked" in self.model.config.counterfactual_types
+        return args.factual_task_weight > 0 or contrast
 
     def _eval_terms(self, outputs, labels) -> dict[str, torch.Tensor]:
         return {"task": weighted_cross_entropy(outputs.logits, labels)}
@@ -143,7 +157,8 @@ class CFMoETrainer(Trainer):
 
     def _bias_only_warmup(self, step: int | None = None) -> bool:
         """Whether optimizer step `step` (default: the current one) lies in cfmoe's first `debias_warmup_ratio`
-        of training, when only the bias branches (and the token table) learn, not the fused head."""
+        of training, when only the bias branches learn (and the context statistics gather counts), not the fused
+        head."""
         args, step = self.args, self.state.global_step if step is None else step
         warmup_steps = args.debias_warmup_ratio * self.state.max_steps
         return args.method == "cfmoe" and not args.fused_warmup and step < warmup_steps
