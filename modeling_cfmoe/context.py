@@ -79,10 +79,6 @@ class ContextStatistics(nn.Module):
         prior = classes.log() - classes.sum().log()
         return counts.log() - counts.sum(-1, keepdim=True).log() - prior
 
-    def vocabulary_scores(self) -> torch.Tensor:
-        """`(vocab, num_labels)` the scores of every token."""
-        return self.token_scores(torch.arange(self.token_counts.shape[0], device=self.token_counts.device))
-
     def local_scores(self, local: torch.Tensor) -> torch.Tensor:
         """`(..., num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with the class
         means of the items' mean descriptor and the covariance of single descriptors), centred on the overall mean."""

@@ -104,7 +104,8 @@ class CFMoETrainer(Trainer):
         uses_branches = self.args.method != "vanilla" or not model.training
         # only cfmoe's loss reads the fine-grained counterfactual rows, and not during its bias-only warm-up
         uses_rows = self.args.method == "cfmoe" and not self._bias_only_warmup()
-        if self.args.method == "cfmoe" and model.training:  # the statistics that pick each item's context
+        builds_rows = self.args.method == "cfmoe" and self.model.config.counterfactual_fraction > 0
+        if builds_rows and model.training:  # the statistics that pick each item's context
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )
