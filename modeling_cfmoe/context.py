@@ -125,7 +125,7 @@ class ContextStatistics(nn.Module):
 def strong_context(scores: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
     """Positions whose scores spread over the classes (`max - min`) by at least `minimum` (and by more than 0).
 
-    scores: `(..., num_labels)` scores of each token or patch (`ContextStatistics`); candidates: bool, broadcastable
+    scores: `(..., num_labels)` scores of each token or pixel (`ContextStatistics`); candidates: bool, broadcastable
     to `scores.shape[:-1]`. Returns a bool mask of shape `scores.shape[:-1]`.
     """
     spread = scores.amax(-1) - scores.amin(-1)

@@ -80,7 +80,8 @@ class CFMoEOutput(ModelOutput):
     counterfactual_logits / counterfactual_pooled: `(rows, num_labels)` / `(rows, hidden)` fine-grained
         counterfactual rows; `counterfactual_source` `(rows,)` the item each row comes from and
         `counterfactual_kind` `(rows,)` 0 = context-swapped, 1 = core-masked.
-    router_logits / routing_gates: `(visual, text)`, each `(batch, num_experts)` for the factual rows.
+    router_logits / routing_gates: `(visual, text)`, each `(batch, num_experts)` for the factual rows (the text
+        site's for the counterfactual rows when the forward ran with `factual_rows=False`).
     aux_loss: weighted load-balancing loss of both MoE sites (scalar).
     hidden_states: (`output_hidden_states=True`) the language model's embeddings and every layer's output for the
         factual rows, each `(batch, length, hidden)`.
