@@ -68,6 +68,7 @@ RUNS: dict[str, list[str]] = {
     # ablations of cfmoe (each adds its flags to the cfmoe entry)
     "cfmoe_single_expert": ["--num_visual_experts", "1", "--num_text_experts", "1", "--experts_top_k", "1"],
     "cfmoe_uniform_gates": ["--uniform_gates", "True"],
+    "cfmoe_content_router": ["--router_input", "content"],  # routers read the pooled content (the cue's value too)
     "cfmoe_no_text_cf": ["--text_counterfactuals", "False"],  # only the image context is swapped
     "cfmoe_no_visual_cf": ["--image_counterfactuals", "False"],  # only the text context is swapped
     "cfmoe_with_contrast": ["--counterfactual_types", "context_swapped,core_masked"],  # + core-masked rows, contrast

@@ -20,6 +20,11 @@ class CFMoEConfig(PretrainedConfig):
             Experts of the visual debiasing MoE (after the projector) and of the language debiasing MoE
             (after the language model).
         experts_top_k (`int`): experts kept per item by the router (gates renormalised over them).
+        router_input (`str`): what the routers read: "bias" (the default: each item's bias evidence, how strongly
+            its text, its local pixels and its overall colour carry a shortcut according to the context statistics,
+            whichever class it points at) or "content" (the pooled multimodal item state, which also carries the
+            cue's value).
+        uniform_gates (`bool`): every expert weighted 1/num_experts whatever the router says (an ablation).
         expert_intermediate_size (`int`, *optional*): bottleneck width of each expert; default hidden // 4.
         router_jitter (`float`): multiplicative noise on the router input while training.
         router_temperature (`float`): softmax temperature of the attention router.
@@ -55,6 +60,8 @@ class CFMoEConfig(PretrainedConfig):
         num_visual_experts: int = 4,
         num_text_experts: int = 4,
         experts_top_k: int = 2,
+        router_input: str = "bias",
+        uniform_gates: bool = False,
         expert_intermediate_size: int | None = None,
         router_jitter: float = 0.01,
         router_temperature: float = 1.0,
@@ -82,6 +89,8 @@ class CFMoEConfig(PretrainedConfig):
         self.num_visual_experts = num_visual_experts
         self.num_text_experts = num_text_experts
         self.experts_top_k = experts_top_k
+        self.router_input = router_input
+        self.uniform_gates = uniform_gates
         self.expert_intermediate_size = expert_intermediate_size
         self.router_jitter = router_jitter
         self.router_temperature = router_temperature
@@ -107,6 +116,8 @@ class CFMoEConfig(PretrainedConfig):
             raise ValueError(
                 f"experts_top_k={self.experts_top_k} must lie in [1, min(num_visual_experts, num_text_experts)]"
             )
+        if self.router_input not in ("bias", "content"):
+            raise ValueError(f"router_input must be 'bias' or 'content', got {self.router_input!r}")
         if self.pooling not in ("mean", "last"):
             raise ValueError(f"pooling must be 'mean' or 'last', got {self.pooling!r}")
         if self.inference_mode not in ("fused", "tie"):

@@ -8,14 +8,29 @@ the image's mean colour) between the classes. A token is context when alone it m
 pixel when its discriminant is strong against the batch's strongest: a row without such a token has no text context,
 a cue of several tokens is caught whole, a local mark or a frame is found where it is, at pixel resolution; a global
 tint lives in the mean colour, which is always context. Transplants move the partner's context in and the item's own
-context out, so a cue that is present in some items only is decorrelated too. All functions are vectorised over
-rows.
+context out, so a cue that is present in some items only is decorrelated too. The same statistics give each item's
+bias evidence (`ContextStatistics.bias_evidence`), which the debiasing experts are routed by. All functions are
+vectorised over rows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass
+class ContextStrength:
+    """How strongly each part of a batch carries a shortcut alone (`spread` of its `ContextStatistics` scores).
+
+    tokens: `(batch, length)` per token; pixels: `(batch, ..., height, width)` per pixel, or None (no image, or
+    several per item).
+    """
+
+    tokens: torch.Tensor
+    pixels: torch.Tensor | None
 
 
 class ContextStatistics(nn.Module):
@@ -24,12 +39,13 @@ class ContextStatistics(nn.Module):
     Buffers (saved with the model): `token_counts` `(vocab, num_labels)` int64, items of each class holding each
     token; `class_counts` `(num_labels,)` int64; `local_sums` `(num_labels, local_dim)` float32, per class the sum of
     the items' mean local descriptor; `local_moments` `(local_dim + 1, local_dim + 1)` float32, the sums of
-    `[d, 1] [d, 1]^T` over single pixels' descriptors (their count, mean and covariance); `continues_word`
+    `[d, 1] [d, 1]^T` over single pixels' descriptors (their count, mean and covariance); `colour_sums` /
+    `colour_moments` the same for the items' mean colour (the global component); `continues_word`
     `(vocab,)` bool, the tokens that continue a word rather than start one (`set_word_pieces`), so that context is
     taken a whole word at a time. Closed-form, so they need no learning rate and follow any training recipe.
     """
 
-    def __init__(self, vocab_size: int, local_dim: int, num_labels: int, smoothing: float = 1.0):
+    def __init__(self, vocab_size: int, local_dim: int, num_labels: int, num_channels: int = 3, smoothing: float = 1.0):
         super().__init__()
         self.smoothing = smoothing
         self.register_buffer("token_counts", torch.zeros(vocab_size, num_labels, dtype=torch.long))
@@ -37,40 +53,48 @@ class ContextStatistics(nn.Module):
         self.register_buffer("class_counts", torch.zeros(num_labels, dtype=torch.long))
         self.register_buffer("local_sums", torch.zeros(num_labels, local_dim, dtype=torch.float32))
         self.register_buffer("local_moments", torch.zeros(local_dim + 1, local_dim + 1, dtype=torch.float32))
+        self.register_buffer("colour_sums", torch.zeros(num_labels, num_channels, dtype=torch.float32))
+        self.register_buffer("colour_moments", torch.zeros(num_channels + 1, num_channels + 1, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
         """Casts (`model.half()`, `model.to(torch.bfloat16)`) leave the sums in float32: they grow past what half
         precision can count."""
         super()._apply(fn, recurse)
-        for name in ("local_sums", "local_moments"):
+        for name in ("local_sums", "local_moments", "colour_sums", "colour_moments"):
             self._buffers[name] = self._buffers[name].float()
         return self
 
     @torch.no_grad()
     def update(
-        self, token_ids: torch.Tensor, token_mask: torch.Tensor, local: torch.Tensor | None, labels: torch.Tensor
+        self,
+        token_ids: torch.Tensor,
+        token_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        labels: torch.Tensor,
+        local: torch.Tensor | None = None,
     ) -> None:
-        """Count a batch: token_ids / token_mask `(batch, length)` (each token counted once per item), local
-        `(batch, ..., height, width, local_dim)` (`local_descriptors`) or None, labels `(batch,)`. Sums over every
-        process under DDP."""
+        """Count a batch: token_ids / token_mask `(batch, length)` (each token counted once per item), pixel_values
+        `(batch, ..., channels, height, width)` (one image per item) or None, labels `(batch,)`; `local`: the images'
+        `local_descriptors` when already computed. Sums over every process under DDP."""
         onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
         present = torch.zeros(token_ids.shape[0], self.token_counts.shape[0], device=token_ids.device)
         present = present.scatter_add(1, token_ids * token_mask, token_mask.float()).clamp_max(1)
-        token_counts = present.T @ onehot
-        local_sums = local_moments = None
-        if local is not None:
-            local_sums = onehot.T @ local.flatten(1, -2).mean(1).float()
-            single = nn.functional.pad(local.reshape(-1, local.shape[-1]).float(), (0, 1), value=1.0)
-            local_moments = single.T @ single
+        sums = {"token_counts": present.T @ onehot, "class_counts": onehot.sum(0)}
+        if pixel_values is not None:
+            local = local_descriptors(pixel_values) if local is None else local
+            for name, items, singles in (
+                ("local", local.flatten(1, -2).mean(1), local.reshape(-1, local.shape[-1])),
+                ("colour", mean_colour(pixel_values), mean_colour(pixel_values)),
+            ):
+                sums[f"{name}_sums"] = onehot.T @ items.float()
+                single = nn.functional.pad(singles.float(), (0, 1), value=1.0)
+                sums[f"{name}_moments"] = single.T @ single
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for value in (token_counts, onehot, local_sums, local_moments):
-                if value is not None:
-                    torch.distributed.all_reduce(value)
-        self.token_counts += token_counts.round().to(self.token_counts.dtype)
-        self.class_counts += onehot.sum(0).round().to(self.class_counts.dtype)
-        if local_sums is not None:
-            self.local_sums += local_sums
-            self.local_moments += local_moments
+            for value in sums.values():
+                torch.distributed.all_reduce(value)
+        for name, value in sums.items():
+            buffer = self._buffers[name]
+            buffer += value.round().to(buffer.dtype) if not buffer.is_floating_point() else value
 
     def token_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`(..., num_labels)` log-odds of each class given the token, against the class prior (smoothed)."""
@@ -82,15 +106,38 @@ class ContextStatistics(nn.Module):
     def local_scores(self, local: torch.Tensor) -> torch.Tensor:
         """`(..., num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with the class
         means of the items' mean descriptor and the covariance of single descriptors), centred on the overall mean."""
-        means = self.local_sums / self.class_counts.clamp_min(1).unsqueeze(-1)
-        overall = self.local_sums.sum(0) / self.class_counts.sum().clamp_min(1)
-        count = self.local_moments[-1, -1].clamp_min(1)
-        mean = self.local_moments[-1, :-1] / count
-        covariance = self.local_moments[:-1, :-1] / count - torch.outer(mean, mean)
+        return self._discriminant(local, self.local_sums, self.local_moments)
+
+    def colour_scores(self, colour: torch.Tensor) -> torch.Tensor:
+        """`(..., num_labels)`: the linear discriminant score of each item's mean colour `(..., channels)`."""
+        return self._discriminant(colour, self.colour_sums, self.colour_moments)
+
+    def _discriminant(self, values: torch.Tensor, sums: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+        means = sums / self.class_counts.clamp_min(1).unsqueeze(-1)
+        overall = sums.sum(0) / self.class_counts.sum().clamp_min(1)
+        count = moments[-1, -1].clamp_min(1)
+        mean = moments[-1, :-1] / count
+        covariance = moments[:-1, :-1] / count - torch.outer(mean, mean)
         ridge = 1e-3 * covariance.diagonal().mean().clamp_min(1e-6)
         eye = torch.eye(covariance.shape[0], device=covariance.device)
         directions = torch.linalg.solve(covariance + ridge * eye, (means - overall).T)
-        return (local.float() - overall) @ directions
+        return (values.float() - overall) @ directions
+
+    def bias_evidence(
+        self, text_strength: torch.Tensor, pixel_strength: torch.Tensor | None, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`(batch, 3)`: how strongly each item's text, local pixels and overall colour carry a shortcut, as
+        `log(1 + spread)` of its strongest scores, whichever class they point at.
+
+        text_strength: `(batch,)` the largest `spread(token_scores)` over the item's text; pixel_strength: `(batch,
+        ..., height, width)` (`spread(local_scores)`) and pixel_values `(batch, ..., channels, height, width)`, or
+        None (no image, or several per item: no image evidence).
+        """
+        local = colour = torch.zeros_like(text_strength)
+        if pixel_strength is not None:
+            local = pixel_strength.flatten(1).amax(1)
+            colour = spread(self.colour_scores(mean_colour(pixel_values)))
+        return torch.stack([text_strength, local, colour], dim=-1).float().clamp_min(0).log1p()
 
     def set_word_pieces(self, tokenizer) -> None:
         """Mark the vocabulary's word-continuing pieces from a tokenizer: a token whose text starts with neither a
@@ -122,20 +169,23 @@ class ContextStatistics(nn.Module):
         self.token_counts, self.continues_word = counts, continues
 
 
-def strong_context(scores: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
-    """Positions whose scores spread over the classes (`max - min`) by at least `minimum` (and by more than 0).
+def spread(scores: torch.Tensor) -> torch.Tensor:
+    """How far scores `(..., num_labels)` spread over the classes, `max - min`: a strength blind to the class."""
+    return scores.amax(-1) - scores.amin(-1)
 
-    scores: `(..., num_labels)` scores of each token or pixel (`ContextStatistics`); candidates: bool, broadcastable
-    to `scores.shape[:-1]`. Returns a bool mask of shape `scores.shape[:-1]`.
+
+def mean_colour(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Each item's mean colour `(batch, channels)` from pixel_values `(batch, ..., channels, height, width)`."""
+    colour = pixel_values.float().mean((-2, -1))
+    return colour.reshape(colour.shape[0], -1, colour.shape[-1]).mean(1)
+
+
+def strong_context(strength: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
+    """Positions whose strength (`spread` of their scores) reaches `minimum` (and is more than 0).
+
+    strength: `(...)` of each token or pixel; candidates: bool, broadcastable to it. Returns a bool mask `(...)`.
     """
-    spread = scores.amax(-1) - scores.amin(-1)
-    return candidates & (spread > 0) & (spread >= minimum)
-
-
-def spread_max(scores: torch.Tensor) -> torch.Tensor:
-    """The largest class spread `max - min` of scores `(..., num_labels)` (0 when empty)."""
-    spread = scores.amax(-1) - scores.amin(-1)
-    return spread.max() if spread.numel() else spread.new_zeros(())
+    return candidates & (strength > 0) & (strength >= minimum)
 
 
 def transplant_tokens(

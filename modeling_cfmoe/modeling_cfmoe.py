@@ -31,10 +31,11 @@ from transformers.utils import ModelOutput, torch_compilable_check
 from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .context import (
     ContextStatistics,
+    ContextStrength,
     dilate,
     keep_only_context,
     local_descriptors,
-    spread_max,
+    spread,
     strong_context,
     transplant_pixels,
     transplant_tokens,
@@ -47,10 +48,11 @@ from .counterfactual import (
     pool_by_row,
     pool_tokens,
 )
-from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
+from .moe import AttentionRouter, BiasRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import custom_pipelines_config
 
 LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
+BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
 AUTO_MAP = {
     "AutoConfig": "configuration_cfmoe.CFMoEConfig",
     "AutoModel": "modeling_cfmoe.CFMoEForMultimodalClassification",
@@ -146,6 +148,13 @@ class CFMoEPreTrainedModel(PreTrainedModel):
             init.zeros_(module.down_bias)
         elif isinstance(module, AttentionRouter):
             init.normal_(module.expert_keys, mean=0.0, std=1.0)
+        elif isinstance(module, BiasRouter):  # expert 0: weak evidence; expert 1 + f: evidence of kind f
+            num_experts, num_evidence = module.weight.shape
+            bias = torch.zeros(num_experts, device=module.bias.device)
+            bias[0] = BIAS_ROUTER_GAIN * math.log(2.0)  # expert 0 leads while every spread stays below 1
+            eye = torch.eye(num_experts - 1, num_evidence, device=module.weight.device)
+            init.copy_(module.weight, BIAS_ROUTER_GAIN * nn.functional.pad(eye, (0, 0, 1, 0)))
+            init.copy_(module.bias, bias)
         elif isinstance(module, CFMoEForMultimodalClassification):
             init.zeros_(module.prior_logits)
         elif isinstance(module, ContextStatistics):
@@ -162,22 +171,18 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             raise ValueError("CFMoEConfig.base_config is required (the config of the wrapped LLaVA-family model)")
         self.mllm = AutoModel.from_config(config.base_config)
         hidden, num_labels = config.hidden_size, config.num_labels
-        moe_args = (config.expert_size,)
-        self.visual_moe = DebiasingMoE(
-            hidden,
-            *moe_args,
-            config.num_visual_experts,
-            config.experts_top_k,
-            config.router_jitter,
-            config.router_temperature,
-        )
-        self.text_moe = DebiasingMoE(
-            hidden,
-            *moe_args,
-            config.num_text_experts,
-            config.experts_top_k,
-            config.router_jitter,
-            config.router_temperature,
+        self.visual_moe, self.text_moe = (
+            DebiasingMoE(
+                hidden,
+                config.expert_size,
+                num_experts,
+                config.experts_top_k,
+                config.router_jitter,
+                config.router_temperature,
+                router_input=config.router_input,
+                uniform_gates=config.uniform_gates,
+            )
+            for num_experts in (config.num_visual_experts, config.num_text_experts)
         )
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.fused_head = nn.Linear(hidden, num_labels)
@@ -185,10 +190,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         self.image_head = nn.Linear(hidden, num_labels)
         self.prior_logits = nn.Parameter(torch.zeros(num_labels))
         # label statistics of each token and image patch: they pick each item's *context* (context.py)
+        channels = config.base_config.vision_config.num_channels
         self.context_statistics = ContextStatistics(
-            config.base_config.text_config.vocab_size,
-            config.base_config.vision_config.num_channels * (2 * LOCAL_RADIUS + 1) ** 2,
-            num_labels,
+            config.base_config.text_config.vocab_size, channels * (2 * LOCAL_RADIUS + 1) ** 2, num_labels, channels
         )
         self._image_feature_params = set(inspect.signature(self.mllm.get_image_features).parameters)
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
@@ -311,36 +315,47 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         image_mask = image_mask & attention_mask
         text_mask = attention_mask & ~image_mask
 
-        # 1. vision tower (once) -> projector -> visual debiasing MoE, routed by the pooled item state
+        # 0. how strongly each token and pixel carries a shortcut: it picks the context and routes the experts
+        builds_rows = return_counterfactuals and counterfactual_rows and self.training and pixel_values is not None
+        strength = evidence = None
+        if builds_rows or config.router_input == "bias":
+            token_ids = input_ids if input_ids is not None else self._nearest_token_ids(inputs_embeds)
+            strength = self._context_strength(token_ids, pixel_values, batch, warn=builds_rows)
+            evidence = self.context_statistics.bias_evidence(
+                (strength.tokens * text_mask).amax(1), strength.pixels, pixel_values
+            )
+
+        # 1. vision tower (once) -> projector -> visual debiasing MoE
         image_features = image_rows = visual_routing = None
         if pixel_values is not None or image_mask.any():
             image_kwargs = {"image_sizes": image_sizes, "batch_num_images": batch_num_images}
             image_features, image_rows = self._image_features(pixel_values, image_mask, image_kwargs)
-            query = pool_tokens(inputs_embeds, text_mask, "mean") + pool_by_row(image_features, image_rows, batch)
-            visual_routing = self.visual_moe.route(query)
+            content = pool_tokens(inputs_embeds, text_mask, "mean") + pool_by_row(image_features, image_rows, batch)
+            visual_routing = self.visual_moe.route(content, evidence)
             image_features = self.visual_moe(image_features, visual_routing.gates[image_rows])
             inputs_embeds = inputs_embeds.masked_scatter(
                 image_mask.unsqueeze(-1), image_features.to(inputs_embeds.dtype)
             )
 
         # 2. factual rows (+ counterfactual rows in training) through the language model in one call
-        rows_embeds, rows_mask, position_ids = inputs_embeds, attention_mask, None
+        rows_embeds, rows_mask, position_ids, rows_evidence = inputs_embeds, attention_mask, None, evidence
         cf_source = cf_kind = None
-        if return_counterfactuals and counterfactual_rows and self.training and image_features is not None:
+        if builds_rows and image_features is not None:
             if input_ids is None:
                 raise ValueError(
                     "counterfactual rows pick text context by token id: pass input_ids rather than inputs_embeds, "
                     "or counterfactual_rows=False"
                 )
             cf = self._counterfactual_rows(
-                input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs
+                input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
             )
             if cf is not None:
-                cf_embeds, cf_mask, cf_source, cf_kind = cf
+                cf_embeds, cf_mask, cf_evidence, cf_source, cf_kind = cf
                 # counterfactual rows count only their attended tokens: a removed context leaves no gap
-                rows_embeds, rows_mask = cf_embeds, cf_mask
+                rows_embeds, rows_mask, rows_evidence = cf_embeds, cf_mask, cf_evidence
                 position_ids = (cf_mask.long().cumsum(1) - 1).clamp_min(0)
                 if factual_rows:
+                    rows_evidence = torch.cat([evidence, cf_evidence])
                     width = max(cf_embeds.shape[1], inputs_embeds.shape[1])
                     rows_embeds = torch.cat([_pad_to(inputs_embeds, width), _pad_to(cf_embeds, width)])
                     rows_mask = torch.cat([_pad_to(attention_mask, width), _pad_to(cf_mask, width)])
@@ -356,7 +371,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         pooled, text_routing = self._language_moe(
-            pool_tokens(language_out.last_hidden_state, rows_mask, config.pooling)
+            pool_tokens(language_out.last_hidden_state, rows_mask, config.pooling), rows_evidence
         )
         all_logits = self.fused_head(self.dropout(pooled))
         fused_logits = all_logits[:batch] if n_factual else None
@@ -379,7 +394,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
 
         # 3. counterfactual branches: Z(t, v*) on the short text-only rows, Z(t*, v) from the image features
         if return_counterfactuals or config.inference_mode == "tie":
-            self._branches(out, input_ids, inputs_embeds, text_mask, image_features, image_rows, batch)
+            text_evidence = None if evidence is None else evidence * evidence.new_tensor([1.0, 0.0, 0.0])
+            self._branches(out, inputs_embeds, text_mask, text_evidence, image_features, image_rows, batch)
             if config.inference_mode == "tie" and not self.training:
                 out.logits = out.prior_logits + out.indirect_effect
         if labels is not None and out.logits is not None:
@@ -440,15 +456,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         )
         return features, image_rows
 
-    def _language_moe(self, pooled: torch.Tensor):
-        routing = self.text_moe.route(pooled)
+    def _language_moe(self, pooled: torch.Tensor, evidence: torch.Tensor | None):
+        routing = self.text_moe.route(pooled, evidence)
         return self.text_moe(pooled, routing.gates), routing
 
-    def _branches(self, out: CFMoEOutput, input_ids, inputs_embeds, text_mask, image_features, image_rows, batch):
+    def _branches(self, out: CFMoEOutput, inputs_embeds, text_mask, text_evidence, image_features, image_rows, batch):
         """Fill the text-only, image-only, prior branches and the causal effects into `out`.
 
         The text-only rows are the text positions of `inputs_embeds` `(batch, length, hidden)`, left-aligned
-        (`text_mask` `(batch, length)`): no image tokens, no padding.
+        (`text_mask` `(batch, length)`): no image tokens, no padding; they are routed by their text's bias evidence
+        `text_evidence` `(batch, 3)` (None with the content router).
         """
         detach = self.config.detach_bias_branches
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
@@ -460,7 +477,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 output_attentions=False,
                 output_hidden_states=False,
             ).last_hidden_state
-            text_pooled, _ = self._language_moe(pool_tokens(text_hidden, text_only_mask, self.config.pooling))
+            text_pooled, _ = self._language_moe(
+                pool_tokens(text_hidden, text_only_mask, self.config.pooling), text_evidence
+            )
         out.text_only_logits = self.text_head(self.dropout(text_pooled))
         prior = self.prior_logits.to(out.text_only_logits.dtype).expand_as(out.text_only_logits)
         if image_features is None:
@@ -487,84 +506,112 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> None:
-        """Count a training batch into the label statistics that pick each item's context (`ContextStatistics`);
-        the trainer calls it on every training batch that builds counterfactual rows or precedes them."""
+        """Count a training batch into the label statistics that pick each item's context and route the experts
+        (`ContextStatistics`); the trainer calls it on every training batch."""
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
         text_mask = attention_mask.bool() & (input_ids != self.mllm.config.image_token_id)
         one_image_each = pixel_values is not None and pixel_values.shape[0] == input_ids.shape[0]
-        local = local_descriptors(pixel_values, LOCAL_RADIUS) if one_image_each else None
-        self.context_statistics.update(input_ids, text_mask, local, labels)
+        self.context_statistics.update(input_ids, text_mask, pixel_values if one_image_each else None, labels)
 
-    def _counterfactual_rows(self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs):
+    def _nearest_token_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, length)` the vocabulary token whose embedding is nearest each of `inputs_embeds` (exact for
+        embeddings looked up from the table), so that embeddings are routed as their token ids would be."""
+        table = self.get_input_embeddings().weight
+        return (inputs_embeds @ table.T - 0.5 * (table * table).sum(-1)).argmax(-1)
+
+    def _context_strength(
+        self, token_ids: torch.Tensor, pixel_values: torch.Tensor | None, batch: int, warn: bool
+    ) -> ContextStrength:
+        """The strength of each token and pixel (pixels only with one image per item)."""
+        pixels = None
+        if pixel_values is not None and self._one_image_per_item(pixel_values, batch, warn):
+            pixels = self._pixel_strength(pixel_values)
+        return ContextStrength(tokens=spread(self.context_statistics.token_scores(token_ids)), pixels=pixels)
+
+    def _pixel_strength(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch, ..., height, width)` the strength of each pixel's local descriptor."""
+        return spread(self.context_statistics.local_scores(local_descriptors(pixel_values, LOCAL_RADIUS)))
+
+    def _counterfactual_rows(
+        self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
+    ):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Context (`context.strong_context` on `ContextStatistics` scores): the words holding a token that alone moves
-        the class log-odds by at least `text_context_threshold`, and the image's background colour plus the pixels
-        whose local discriminant scores reach `image_context_threshold` of the batch's strongest. A context-swapped
-        row keeps its core and takes the context of its partner (the next item of the batch): its tokens where they
-        stood in the partner, its pixels in pixel space (the vision tower runs on the edited images, so a cue the
-        tower spreads over every patch feature leaves with its pixels). A core-masked row keeps only its own
-        context. Returns `(embeds, mask, source, kind)` (rows may be wider than `inputs_embeds`) or None.
+        Context (`context.strong_context` on the `ContextStrength` of the batch): the words holding a token that
+        alone moves the class log-odds by at least `text_context_threshold`, and the image's background colour plus
+        the pixels whose local discriminant scores reach `image_context_threshold` of the batch's strongest. A
+        context-swapped row keeps its core and takes the context of its partner (the next item of the batch): its
+        tokens where they stood in the partner, its pixels in pixel space (the vision tower runs on the edited images,
+        so a cue the tower spreads over every patch feature leaves with its pixels). A core-masked row keeps only its
+        own context. Returns `(embeds, mask, evidence, source, kind)` (rows may be wider than `inputs_embeds`;
+        `evidence` `(rows, 3)` the rows' own bias evidence) or None.
         """
-        config, batch = self.config, input_ids.shape[0]
+        config, batch = self.config, inputs_embeds.shape[0]
         n_rows = math.ceil(config.counterfactual_fraction * batch)
         if n_rows == 0:
             return None
-        rows = torch.randperm(batch, device=input_ids.device)[:n_rows]
+        rows = torch.randperm(batch, device=inputs_embeds.device)[:n_rows]
         partner = (rows + 1) % batch
         # text: never touch the first attended token (keeps every causal query attended)
+        text_mask = attention_mask & ~image_mask
         first = (attention_mask.long().cumsum(1) == 1) & attention_mask
-        candidates = attention_mask & ~image_mask & ~first & ("text" in config.counterfactual_modalities)
+        candidates = text_mask & ~first & ("text" in config.counterfactual_modalities)
         statistics = self.context_statistics
-        text = strong_context(statistics.token_scores(input_ids), candidates, config.text_context_threshold)
+        text = strong_context(strength.tokens, candidates, config.text_context_threshold)
         text = statistics.whole_words(input_ids, text, candidates)
-        edit_image = "image" in config.counterfactual_modalities and self._one_image_per_item(pixel_values, batch)
+        edit_image = "image" in config.counterfactual_modalities and strength.pixels is not None
         if edit_image:
-            local_scores = statistics.local_scores(local_descriptors(pixel_values, LOCAL_RADIUS))
-            strongest = spread_max(local_scores)
-            pixels = dilate(
-                strong_context(local_scores, True, config.image_context_threshold * strongest), LOCAL_RADIUS
-            )
+            pixels = strong_context(strength.pixels, True, config.image_context_threshold * strength.pixels.max())
+            pixels = dilate(pixels, LOCAL_RADIUS)
         row_kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
 
-        embeds, masks, kinds = [], [], []
+        embeds, masks, evidence, kinds = [], [], [], []
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
             if kind == CORE_MASKED:
-                row_embeds, row_mask = inputs_embeds[rows], attention_mask[rows] & ~(candidates & ~text)[rows]
-                row_images = image_mask[rows]
+                kept = attention_mask & ~(candidates & ~text)
+                row_embeds, row_mask, row_images = inputs_embeds[rows], kept[rows], image_mask[rows]
+                row_text = (strength.tokens * (kept & text_mask)).amax(1)[rows]
                 images = keep_only_context(pixel_values, pixels, rows) if edit_image else None
             else:
                 row_embeds, row_mask, row_images = transplant_tokens(
                     inputs_embeds, attention_mask, text, rows, partner, image_mask
                 )
+                own, given = (strength.tokens * (text_mask & ~text)).amax(1), (strength.tokens * text).amax(1)
+                row_text = torch.maximum(own[rows], given[partner])
                 images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
             if images is not None:
-                row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs)
+                row_evidence = statistics.bias_evidence(row_text, self._pixel_strength(images), images)
+                row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs, row_evidence)
+            elif strength.pixels is not None:  # the rows keep their own images
+                row_evidence = statistics.bias_evidence(row_text, strength.pixels[rows], pixel_values[rows])
+            else:
+                row_evidence = statistics.bias_evidence(row_text, None, None)
             embeds.append(row_embeds)
             masks.append(row_mask)
+            evidence.append(row_evidence)
             kinds.append(torch.full_like(rows, kind))
         width = max(e.shape[1] for e in embeds)
         embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
         masks = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-        return embeds, masks, rows.repeat(len(kinds)), torch.cat(kinds)
+        return embeds, masks, torch.cat(evidence), rows.repeat(len(kinds)), torch.cat(kinds)
 
-    def _one_image_per_item(self, pixel_values: torch.Tensor, batch: int) -> bool:
+    def _one_image_per_item(self, pixel_values: torch.Tensor, batch: int, warn: bool) -> bool:
         if pixel_values.shape[0] == batch:
             return True
-        if not getattr(self, "_warned_images", False):
+        if warn and not getattr(self, "_warned_images", False):
             warnings.warn("items hold several images: counterfactual rows keep their own images", stacklevel=3)
             self._warned_images = True
         return False
 
-    def _insert_images(self, row_embeds, row_mask, row_images, images, image_kwargs) -> torch.Tensor:
+    def _insert_images(self, row_embeds, row_mask, row_images, images, image_kwargs, evidence) -> torch.Tensor:
         """`row_embeds` `(n, width, hidden)` with its image positions (`row_images` `(n, width)`) holding the features
-        of `images`: vision tower, projector and visual MoE, routed by the row's own content (never by the factual
-        item's, whose cue the router may read)."""
+        of `images`: vision tower, projector and visual MoE, routed by the row's own content or bias evidence
+        `(n, 3)` (never by the factual item's, whose cue the router may read)."""
         features, feature_rows = self._image_features(images, row_images, image_kwargs)
-        query = pool_tokens(row_embeds, row_mask & ~row_images, "mean")
-        query = query + pool_by_row(features, feature_rows, row_embeds.shape[0])
-        features = self.visual_moe(features, self.visual_moe.route(query).gates[feature_rows])
+        content = pool_tokens(row_embeds, row_mask & ~row_images, "mean")
+        content = content + pool_by_row(features, feature_rows, row_embeds.shape[0])
+        features = self.visual_moe(features, self.visual_moe.route(content, evidence).gates[feature_rows])
         return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
 
 

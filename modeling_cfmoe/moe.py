@@ -1,9 +1,11 @@
-"""Debiasing Mixture-of-Experts: an attention router over learned expert keys and a batched expert bank.
+"""Debiasing Mixture-of-Experts: a router, a batched expert bank and the load-balancing loss.
 
-Routing is per item (a query pooled from the item's multimodal state), so every token of an item goes
-through the same top-k experts. Experts are bottleneck MLPs applied as a residual,
-`h + sum_e g_e * E_e(h)`; all experts are computed in one batched contraction (no Python loop over
-experts) and the gates of experts outside the top-k are exactly zero.
+Routing is per item, so every token of an item goes through the same top-k experts. The default router
+([`BiasRouter`]) reads the item's *bias evidence*: how strongly its text and its image carry a shortcut (class
+spreads of the context statistics, blind to which class the shortcut points at), so that experts can specialise by
+bias type and routing is no channel for the cue's value. [`AttentionRouter`] reads the pooled multimodal content
+instead. Experts are bottleneck MLPs applied as a residual, `h + sum_e g_e * E_e(h)`; all experts are computed in
+one batched contraction (no Python loop over experts) and the gates of experts outside the top-k are exactly zero.
 """
 
 from __future__ import annotations
@@ -25,6 +27,38 @@ class RoutingResult:
 
     gates: torch.Tensor
     router_logits: torch.Tensor
+
+
+def top_k_gates(logits: torch.Tensor, top_k: int) -> RoutingResult:
+    """Softmax over `logits` `(batch, E)` float32, the top-k kept and renormalised (the rest exactly zero)."""
+    probs = logits.softmax(dim=-1)
+    top_probs, top_idx = probs.topk(top_k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, top_idx, top_probs / top_probs.sum(-1, keepdim=True))
+    return RoutingResult(gates=gates, router_logits=logits)
+
+
+class BiasRouter(nn.Module):
+    """Gates from an item's bias evidence `(batch, num_evidence)` (one non-negative strength per kind of shortcut,
+    `ContextStatistics.bias_evidence`): a linear score per expert. Initialised so that expert 0 takes items without
+    evidence and expert `1 + f` items with evidence of kind `f`; training may move that."""
+
+    def __init__(self, num_evidence: int, num_experts: int, top_k: int, jitter: float, temperature: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.jitter = jitter
+        self.temperature = temperature
+        self.weight = nn.Parameter(torch.empty(num_experts, num_evidence, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
+
+    def forward(self, evidence: torch.Tensor) -> RoutingResult:
+        """evidence: `(batch, num_evidence)` -> gates `(batch, num_experts)`."""
+        evidence = evidence.float()
+        if self.training and self.jitter > 0:
+            evidence = evidence * torch.empty_like(evidence).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        with torch.autocast(device_type=evidence.device.type, enabled=False):  # routing stays float32
+            logits = (evidence @ self.weight.float().T + self.bias.float()) / self.temperature
+        return top_k_gates(logits, self.top_k)
 
 
 class AttentionRouter(nn.Module):
@@ -49,10 +83,7 @@ class AttentionRouter(nn.Module):
             # the module is called (not its weight read) so that offload hooks fire; routers load in float32
             query = self.query(pooled.to(self.expert_keys.dtype)).float()
             logits = query @ self.expert_keys.float().T / (self.key_size**0.5 * self.temperature)
-            probs = logits.softmax(dim=-1)
-        top_probs, top_idx = probs.topk(self.top_k, dim=-1)
-        gates = torch.zeros_like(probs).scatter(-1, top_idx, top_probs / top_probs.sum(-1, keepdim=True))
-        return RoutingResult(gates=gates, router_logits=logits)
+        return top_k_gates(logits, self.top_k)
 
 
 class ExpertBank(nn.Module):
@@ -74,18 +105,36 @@ class ExpertBank(nn.Module):
 
 
 class DebiasingMoE(nn.Module):
-    """Residual MoE site: `h + sum_e g_e E_e(h)` with per-item gates from an [`AttentionRouter`]."""
+    """Residual MoE site: `h + sum_e g_e E_e(h)` with per-item gates.
+
+    router_input: "bias" ([`BiasRouter`] on the bias evidence) or "content" ([`AttentionRouter`] on the pooled
+    item state). uniform_gates: every expert weighted 1/E whatever the router says (an ablation).
+    """
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, jitter: float, temperature: float
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        jitter: float,
+        temperature: float,
+        router_input: str = "bias",
+        num_evidence: int = 3,
+        uniform_gates: bool = False,
     ):
         super().__init__()
-        self.router = AttentionRouter(hidden_size, num_experts, top_k, jitter, temperature)
+        self.router_input = router_input
+        if router_input == "bias":
+            self.router = BiasRouter(num_evidence, num_experts, top_k, jitter, temperature)
+        else:
+            self.router = AttentionRouter(hidden_size, num_experts, top_k, jitter, temperature)
         self.experts = ExpertBank(hidden_size, intermediate_size, num_experts)
-        self.uniform_gates = False  # ablation switch: every expert with weight 1/num_experts
+        self.uniform_gates = uniform_gates
 
-    def route(self, pooled: torch.Tensor) -> RoutingResult:
-        routing = self.router(pooled)
+    def route(self, content: torch.Tensor, evidence: torch.Tensor) -> RoutingResult:
+        """content: `(batch, hidden)` pooled item states; evidence: `(batch, num_evidence)` bias evidence."""
+        routing = self.router(evidence if self.router_input == "bias" else content)
         if self.uniform_gates:
             uniform = torch.full_like(routing.gates, 1.0 / routing.gates.shape[-1])
             return RoutingResult(gates=uniform, router_logits=routing.router_logits)

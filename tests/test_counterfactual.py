@@ -9,7 +9,7 @@ from modeling_cfmoe.context import (
     dilate,
     keep_only_context,
     local_descriptors,
-    spread_max,
+    spread,
     strong_context,
     transplant_pixels,
     transplant_tokens,
@@ -34,12 +34,12 @@ def test_token_statistics_score_a_token_by_what_it_predicts_alone():
     statistics = _statistics_with_a_cue_token()
     assert statistics.token_counts[CUE].tolist() == [0, 16] and statistics.token_counts[OTHER].tolist() == [16, 16]
     scores = statistics.token_scores(torch.tensor([CUE, OTHER, 3]))
-    spread = scores.amax(-1) - scores.amin(-1)
-    assert spread[0] > 2.5 and spread[1].abs() < 1e-6 and spread[2].abs() < 1e-6  # seen with one class / both / never
-    context = strong_context(scores, torch.ones(3, dtype=torch.bool), 2.0)
+    strength = spread(scores)
+    assert strength[0] > 2.5 and strength[1].abs() < 1e-6 and strength[2].abs() < 1e-6  # one class / both / never
+    context = strong_context(strength, torch.ones(3, dtype=torch.bool), 2.0)
     assert context.tolist() == [True, False, False]
-    everything = statistics.token_scores(torch.arange(12))
-    assert spread_max(everything) == spread[0]  # the cue is the strongest token of the vocabulary
+    everything = spread(statistics.token_scores(torch.arange(12)))
+    assert everything.max() == strength[0]  # the cue is the strongest token of the vocabulary
 
 
 def test_context_is_taken_a_whole_word_at_a_time():
@@ -65,12 +65,9 @@ def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
     images[:, 0, 2:5, 2:5] += torch.where(labels == 1, 2.0, -2.0).view(-1, 1, 1)  # the mark: red or anti-red
     images[:, 2] += torch.where(labels == 1, 1.0, -1.0).view(-1, 1, 1)  # a class tint: no local evidence
     statistics = ContextStatistics(vocab_size=4, local_dim=27, num_labels=2)
-    statistics.update(torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool), None, labels)
-    statistics.update(
-        torch.zeros(64, 0, dtype=torch.long), torch.zeros(64, 0, dtype=torch.bool), local_descriptors(images), labels
-    )
-    scores = statistics.local_scores(local_descriptors(images))
-    context = dilate(strong_context(scores, True, 0.5 * spread_max(scores)), 2)
+    statistics.update(torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool), images, labels)
+    strength = spread(statistics.local_scores(local_descriptors(images)))
+    context = dilate(strong_context(strength, True, 0.5 * strength.max()), 2)
     mark = torch.zeros(16, 16, dtype=torch.bool)
     mark[2:5, 2:5] = True
     assert context[:, mark].float().mean() > 0.95  # the mark is caught whole
@@ -138,17 +135,20 @@ def _model_and_batch():
     return model.train(), batch
 
 
+def _counterfactual_rows(model, ids, embeds, mask, pixel_values):
+    image_mask = ids == model.mllm.config.image_token_id
+    strength = model._context_strength(ids, pixel_values, ids.shape[0], warn=False)
+    return model._counterfactual_rows(ids, embeds, mask, image_mask, pixel_values, {}, strength)
+
+
 def test_context_swapped_rows_exchange_the_cue_token_and_keep_the_core():
     model, batch = _model_and_batch()
     model.config.counterfactual_types = ["context_swapped", "core_masked"]
     model.config.counterfactual_modalities = ["text"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-    image_mask = ids == model.mllm.config.image_token_id
     torch.manual_seed(0)
-    cf_embeds, cf_mask, source, kind = model._counterfactual_rows(
-        ids, embeds, mask, image_mask, batch["pixel_values"], {}
-    )
+    cf_embeds, cf_mask, _, source, kind = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
     cue, width = model.get_input_embeddings()(torch.tensor(250)), ids.shape[1]
     for row, item in enumerate(source.tolist()):
         partner = (item + 1) % 4
@@ -172,9 +172,7 @@ def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
         embeds = model.get_input_embeddings()(ids)
         for edited in ("text", "image"):
             model.config.counterfactual_modalities = [edited]
-            cf_embeds, cf_mask, source, _ = model._counterfactual_rows(
-                ids, embeds, mask, image_mask, batch["pixel_values"], {}
-            )
+            cf_embeds, cf_mask, _, source, _ = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
             images = image_mask[source]
             if edited == "image":  # same text, same width; the images went through the tower edited
                 assert cf_embeds.shape == embeds.shape and torch.equal(cf_mask, mask[source])
@@ -184,3 +182,23 @@ def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
                 width = embeds.shape[1]
                 assert torch.equal(cf_embeds[:, :width][images], embeds[source][images])
                 assert cf_embeds.shape[1] > width or not torch.equal(cf_mask, mask[source])
+
+
+def test_bias_evidence_tells_which_modality_carries_a_shortcut_not_which_class():
+    torch.manual_seed(0)
+    labels = torch.arange(64) % 2
+    ids = torch.full((64, 2), OTHER)
+    ids[:32, 1] = torch.where(labels[:32] == 1, CUE, 9)  # items 0-31: a text cue, one token per class
+    images = torch.randn(64, 3, 16, 16) * 0.1
+    images[32:, 0, 2:5, 2:5] += torch.where(labels[32:] == 1, 2.0, -2.0).view(-1, 1, 1)  # items 32-63: a mark
+    statistics = ContextStatistics(vocab_size=12, local_dim=27, num_labels=2)
+    statistics.update(ids, torch.ones_like(ids, dtype=torch.bool), images, labels)
+    text = spread(statistics.token_scores(ids)).amax(1)
+    pixels = spread(statistics.local_scores(local_descriptors(images)))
+    evidence = statistics.bias_evidence(text, pixels, images)
+    text_items, image_items = evidence[:32], evidence[32:]
+    assert text_items[:, 0].min() > 2 * image_items[:, 0].max()  # the text cue shows in the text evidence ...
+    assert image_items[:, 1].min() > 2 * text_items[:, 1].max()  # ... the mark in the local pixel evidence
+    for items in (text_items, image_items):  # whichever class the cue points at, the same evidence
+        by_class = [items[labels[:32] == c].mean(0) for c in (0, 1)]
+        torch.testing.assert_close(by_class[0], by_class[1], rtol=0.1, atol=0.05)

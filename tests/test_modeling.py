@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from modeling_cfmoe.context import spread
 from modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
-from trainer.tiny import tiny_base_config
+from trainer.tiny import build_tiny_model, tiny_base_config
 
 MODELING_FILES = {"configuration_cfmoe.py", "modeling_cfmoe.py", "moe.py", "counterfactual.py"}
 
@@ -88,7 +89,11 @@ def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tin
             tiny_batch["input_ids"], tiny_batch["attention_mask"], model.mllm.config.image_token_id, 0
         )
         hidden = model.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        pooled, _ = model._language_moe(pool_tokens(hidden, text_mask, "mean"))
+        statistics = model.context_statistics
+        text_strength = (spread(statistics.token_scores(text_ids)) * text_mask).amax(1)
+        pooled, _ = model._language_moe(
+            pool_tokens(hidden, text_mask, "mean"), statistics.bias_evidence(text_strength, None, None)
+        )
         torch.testing.assert_close(out.text_only_logits, model.text_head(pooled), rtol=1e-5, atol=1e-6)
         # image-only branch: vision tower -> projector -> visual MoE (same gates) -> pooled -> head
         feats = torch.cat(model.mllm.get_image_features(pixel_values=tiny_batch["pixel_values"]).pooler_output)
@@ -308,7 +313,8 @@ def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
     loaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path, dtype=dtype)
     assert loaded.fused_head.weight.dtype == dtype
     statistics = loaded.context_statistics
-    assert statistics.local_moments.dtype == loaded.text_moe.router.query.weight.dtype == torch.float32
+    assert statistics.local_moments.dtype == statistics.colour_moments.dtype == torch.float32
+    assert loaded.text_moe.router.weight.dtype == torch.float32
     batch = dict(tiny_batch, pixel_values=tiny_batch["pixel_values"].to(dtype))
     for model in (loaded, copy.deepcopy(loaded).to(dtype)):  # as loaded, and cast whole (the table in `dtype` too)
         model.train()
@@ -334,7 +340,7 @@ def test_disk_offloaded_experts_and_heads_match_the_reference(tiny_model, tiny_b
     offloaded = CFMoEForMultimodalClassification.from_pretrained(
         tmp_path / "ckpt", device_map=OFFLOAD_MAP, offload_folder=tmp_path / "offload"
     ).eval()
-    assert offloaded.visual_moe.router.query.weight.device.type == "meta"  # really offloaded
+    assert offloaded.visual_moe.router.weight.device.type == "meta"  # really offloaded
     with torch.no_grad():
         want, got = (
             tiny_model(**tiny_batch, return_counterfactuals=True),
@@ -411,3 +417,23 @@ def test_torch_export_of_fused_inference(tiny_model, tiny_batch):
     exported = torch.export.export(tiny_model, args=args, strict=False)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(*args).logits, tiny_model(*args).logits)
+
+
+# ------------------------------------------------------------------------ routing
+def test_bias_router_starts_by_routing_each_kind_of_evidence_to_its_own_expert():
+    router = CFMoEForMultimodalClassification(CFMoEConfig(base_config=tiny_base_config())).text_moe.router
+    evidence = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    routing = router.eval()(evidence)
+    assert routing.gates.argmax(-1).tolist() == [0, 1, 2, 3]  # none, text, local pixels, colour
+    assert torch.equal((routing.gates > 0).sum(-1), torch.full((4,), 2))  # top-2, the rest exactly zero
+
+
+def test_uniform_gates_are_saved_with_the_model(tiny_batch, tmp_path):
+    model = build_tiny_model("sarcasm", seed=0, uniform_gates=True)[0].eval()
+    model.save_pretrained(tmp_path)
+    reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).eval()
+    assert reloaded.config.uniform_gates and reloaded.visual_moe.uniform_gates and reloaded.text_moe.uniform_gates
+    with torch.no_grad():
+        want, got = model(**tiny_batch), reloaded(**tiny_batch)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
+    assert all(torch.equal(gates, torch.full_like(gates, 0.25)) for gates in got.routing_gates)

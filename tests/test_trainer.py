@@ -27,8 +27,8 @@ def tiny_data():
     return make_synthetic_benchmark(SyntheticConfig(num_train=16, num_validation=8, num_test=8, seed=3))
 
 
-def _train_one_step(tmp_path: Path, data, batch_size: int, accumulation: int, **extra):
-    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0)
+def _train_one_step(tmp_path: Path, data, batch_size: int, accumulation: int, model_config=None, **extra):
+    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0, **(model_config or {}))
     args = CFMoETrainingArguments(
         output_dir=str(tmp_path),
         per_device_train_batch_size=batch_size,
@@ -54,10 +54,11 @@ def _train_one_step(tmp_path: Path, data, batch_size: int, accumulation: int, **
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_data):
-    # upweighting on from step 0; the per-micro-batch balance loss and the random counterfactual rows are the
-    # two terms that cannot match a large batch exactly, so they are off here
+    # upweighting on from step 0; the per-micro-batch balance loss, the random counterfactual rows and routing by
+    # bias evidence (the context statistics count each micro-batch before its forward) cannot match a large batch
+    # exactly, so they are off here
     extra = dict(method="cfmoe", debias_warmup_ratio=0.0, counterfactual_fraction=0.0, aux_loss_weight=0.0,
-                 factual_task_weight=1.0, upweight=19.0)  # fmt: skip
+                 factual_task_weight=1.0, upweight=19.0, model_config={"router_input": "content"})  # fmt: skip
     big = _train_one_step(tmp_path / "big", tiny_data, 8, 1, **extra)
     accumulated = _train_one_step(tmp_path / "ga", tiny_data, 4, 2, **extra)
     big_log, ga_log = big.state.log_history[0], accumulated.state.log_history[0]
@@ -89,7 +90,7 @@ def test_vanilla_logs_only_the_task_loss_and_ablations_switch_terms_off(tmp_path
 
 
 def test_uniform_gates_ablation_weights_every_expert_equally(tmp_path, tiny_data):
-    trainer = _train_one_step(tmp_path / "uniform", tiny_data, 8, 1, method="cfmoe", uniform_gates=True)
+    trainer = _train_one_step(tmp_path / "uniform", tiny_data, 8, 1, {"uniform_gates": True}, method="cfmoe")
     shares = [v for k, v in trainer.state.log_history[0].items() if k.startswith("routing_visual_expert_")]
     assert shares == pytest.approx([0.25] * 4)
 

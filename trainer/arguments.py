@@ -96,6 +96,11 @@ class ModelArguments:
     num_visual_experts: int | None = field(default=None, metadata={"help": "experts after the projector"})
     num_text_experts: int | None = field(default=None, metadata={"help": "experts after the language model"})
     experts_top_k: int | None = field(default=None, metadata={"help": "experts kept per item by the router"})
+    router_input: Literal["bias", "content"] | None = field(
+        default=None,
+        metadata={"help": "routers read each item's bias evidence (bias, the default) or its pooled content"},
+    )
+    uniform_gates: bool | None = field(default=None, metadata={"help": "ablation: every expert weighted equally"})
     expert_intermediate_size: int | None = field(default=None, metadata={"help": "bottleneck width of an expert"})
     router_jitter: float | None = field(default=None, metadata={"help": "router input noise in training"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
@@ -121,9 +126,9 @@ class ModelArguments:
 
     def config_kwargs(self) -> dict:
         """The CF-MoE config values given on the command line."""
-        names = ("num_visual_experts", "num_text_experts", "experts_top_k", "expert_intermediate_size",
-                 "router_jitter", "router_aux_loss_coef", "classifier_dropout", "prompt_template",
-                 "detach_bias_branches")  # fmt: skip
+        names = ("num_visual_experts", "num_text_experts", "experts_top_k", "router_input", "uniform_gates",
+                 "expert_intermediate_size", "router_jitter", "router_aux_loss_coef", "classifier_dropout",
+                 "prompt_template", "detach_bias_branches")  # fmt: skip
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

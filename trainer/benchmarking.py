@@ -422,7 +422,7 @@ def cue_category(label: int, text_cue: int, image_cue: int) -> str:
 
 
 CATEGORIES = ("aligned", "text_conflicting", "image_conflicting", "both_conflicting")
-ROUTING_SUMMARIES = ("balance", "separation", "text_cue_sensitivity", "image_cue_sensitivity")
+ROUTING_SUMMARIES = ("balance", "separation", "text_cue_sensitivity", "image_cue_sensitivity", "source_separation")
 
 
 def mean_gates(gates: dict[str, np.ndarray], members: np.ndarray) -> dict[str, Any]:
@@ -431,8 +431,11 @@ def mean_gates(gates: dict[str, np.ndarray], members: np.ndarray) -> dict[str, A
     return {"n": int(members.sum()), **means}
 
 
-def routing_by_group(gates: dict[str, np.ndarray], groups: np.ndarray, num_labels: int) -> dict[str, Any]:
-    """Routing shares of each site (mean gates), overall, per group id and per cue category."""
+def routing_by_group(
+    gates: dict[str, np.ndarray], groups: np.ndarray, num_labels: int, sources: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Routing shares of each site (mean gates), overall, per group id, per cue category and per item source (the
+    modality that carries the cue in the `mixed` setting)."""
     parts = {int(g): group_parts(int(g), num_labels) for g in np.unique(groups)}
     category = np.array([cue_category(*parts[int(g)]) for g in groups])
     result = {"overall": mean_gates(gates, np.ones(len(groups), dtype=bool)), "groups": {}, "categories": {}}
@@ -443,6 +446,8 @@ def routing_by_group(gates: dict[str, np.ndarray], groups: np.ndarray, num_label
     for name in CATEGORIES:
         if (category == name).any():
             result["categories"][name] = mean_gates(gates, category == name)
+    if sources is not None:
+        result["sources"] = {str(name): mean_gates(gates, sources == name) for name in np.unique(sources)}
     return result
 
 
@@ -455,18 +460,13 @@ def study_routing(
     from transformers import AutoProcessor
 
     from modeling_cfmoe import CFMoEForMultimodalClassification
-    from modeling_cfmoe.moe import DebiasingMoE
 
     from .collator import CFMoECollator
     from .data import SyntheticConfig, make_synthetic_benchmark
 
-    uniform_gates = next(args.uniform_gates for args in parse_run_args(argv, script) if hasattr(args, "uniform_gates"))
     data_config = load_json(run_dir / RESULTS_FILE)["data"]
     model = CFMoEForMultimodalClassification.from_pretrained(run_dir).eval()
     model.config.inference_mode = "fused"  # the gates do not depend on it; skips cfvqa's extra branches
-    for module in model.modules():
-        if isinstance(module, DebiasingMoE):
-            module.uniform_gates = uniform_gates  # not saved with the model: set as in training
     processor = AutoProcessor.from_pretrained(run_dir)
     num_labels = model.config.num_labels
     collator = CFMoECollator(processor, num_labels=num_labels, prompt_template=model.config.prompt_template)
@@ -483,14 +483,19 @@ def study_routing(
                 outputs = model(**batch)
             for site, gates in zip(sites, outputs.routing_gates, strict=True):
                 batches[site].append(gates.float().numpy())
-        collected[split] = {"gates": batches, "groups": np.asarray(dataset["group"])}
+        collected[split] = {
+            "gates": batches,
+            "groups": np.asarray(dataset["group"]),
+            "sources": np.asarray(dataset["source"]),
+        }
     result: dict[str, Any] = {"num_labels": num_labels, "splits": {}}
     for split, parts in collected.items():
         gates = {site: np.concatenate(parts["gates"][site]) for site in sites}
-        result["splits"][split] = routing_by_group(gates, parts["groups"], num_labels)
+        result["splits"][split] = routing_by_group(gates, parts["groups"], num_labels, parts["sources"])
     pooled = {site: np.concatenate([np.concatenate(c["gates"][site]) for c in collected.values()]) for site in sites}
     groups = np.concatenate([c["groups"] for c in collected.values()])
-    result["pooled"] = routing_by_group(pooled, groups, num_labels)
+    sources = np.concatenate([c["sources"] for c in collected.values()])
+    result["pooled"] = routing_by_group(pooled, groups, num_labels, sources)
     return result
 
 
@@ -535,13 +540,14 @@ def separation(groups: dict[str, dict[str, Any]], site: str) -> float | None:
 
 
 def cue_sensitivity(groups: dict[str, dict[str, Any]], site: str, cue: str) -> float | None:
-    """How much one cue alone moves the routing: the total-variation distance between the mean gates of two groups
-    that differ only in `cue` ("text_cue" or "image_cue"; same label, same other cue), averaged over such pairs
-    weighted by the smaller group. 0: the router ignores that cue. Invariant to expert order."""
+    """How much one cue's value alone moves the routing: the total-variation distance between the mean gates of two
+    groups that differ only in the class `cue` points at ("text_cue" or "image_cue"; same label, same other cue;
+    both with that cue), averaged over such pairs weighted by the smaller group. 0: the router ignores which class
+    the cue points at. Invariant to expert order."""
     other = "image_cue" if cue == "text_cue" else "text_cue"
     by_rest: dict[tuple[int, int], list[dict[str, Any]]] = {}
     for group in groups.values():
-        if group["n"] and site in group:
+        if group["n"] and site in group and group[cue] != NO_CUE:
             by_rest.setdefault((group["label"], group[other]), []).append(group)
     distances, weights = [], []
     for members in by_rest.values():
@@ -551,9 +557,20 @@ def cue_sensitivity(groups: dict[str, dict[str, Any]], site: str, cue: str) -> f
     return float(np.average(distances, weights=weights)) if distances else None
 
 
+def source_separation(study: dict[str, Any], site: str) -> float | None:
+    """How much the routing follows the item's bias type: the total-variation distance between the mean gates of
+    the items whose cue is in the text and of those whose cue is in the image (the `mixed` setting; None
+    elsewhere). Invariant to expert order."""
+    sources = study.get("sources", {})
+    if not {"text", "image"} <= set(sources):
+        return None
+    return float(0.5 * np.abs(np.asarray(sources["text"][site]) - np.asarray(sources["image"][site])).sum())
+
+
 def routing_report(runs: Sequence[Run]) -> dict[str, Any]:
     """Per method and seed, the final training shares and the test-time shares overall, per group and per cue
-    category; per method and site, over seeds: balance, separation and the sensitivity to each cue."""
+    category and per source; per method and site, over seeds: balance, separation, the sensitivity to each cue's
+    value and the source separation."""
     report: dict[str, Any] = {}
     for run in runs:
         if not run.done:
@@ -577,6 +594,8 @@ def routing_report(runs: Sequence[Run]) -> dict[str, Any]:
             summary[f"{cue}_sensitivity"] = {
                 site: summarize([cue_sensitivity(s["groups"], site, cue) for s in studied]) for site in sites
             }
+        separations = {site: [source_separation(s, site) for s in studied] for site in sites}
+        summary["source_separation"] = {site: summarize(values) for site, values in separations.items()}
     return report
 
 
@@ -723,10 +742,13 @@ ROUTING_INTRO = (
     "seed-level summaries are order-free: *balance* (normalised entropy of the test shares, 1 = even), "
     "*separation* (within each label, the total-variation distance between the mean gates of the cue-aligned and "
     "of the cue-conflicting groups, averaged over labels; 0 = the cues do not change the routing) and the "
-    "sensitivity to each cue (*text cue*, *image cue*: the total-variation distance between groups that differ "
-    "only in that cue; 0 = the router ignores it). Groups: label y x the class each cue points at (`none`: the "
-    "modality has no cue); `aligned` when every cue points at the label, `text_conflicting` / `image_conflicting` "
-    "when that modality's cue points elsewhere, `both_conflicting`. Per split and per cue category (labels pooled): "
+    "sensitivity to each cue's value (*text cue value*, *image cue value*: the total-variation distance between "
+    "groups that differ only in the class that cue points at; 0 = the router ignores which class a cue points at) "
+    "and *source* (`mixed` only: the total-variation distance between the mean gates of items whose cue is in the "
+    "text and of items whose cue is in the image; high = routing follows the bias type). Groups: label y x the "
+    "class each cue points at (`none`: the modality has no cue); `aligned` when every cue points at the label, "
+    "`text_conflicting` / `image_conflicting` when that modality's cue points elsewhere, `both_conflicting`. Per "
+    "split and per cue category (labels pooled): "
     "`routing.json`."
 )
 
@@ -740,9 +762,8 @@ def routing_section(setting: str, routing: dict[str, Any], table: MethodTable) -
         for site in ("visual", "text"):
             row += [fmt(summary[key].get(site), 2) for key in ROUTING_SUMMARIES]
         rows.append([*row, shares_text(train.get("visual")), shares_text(train.get("text"))])
-    header = [
-        f"{site}: {name}" for site in ("visual", "text") for name in ("balance", "separation", "text cue", "image cue")
-    ]
+    names = ("balance", "separation", "text cue value", "image cue value", "source")
+    header = [f"{site}: {name}" for site in ("visual", "text") for name in names]
     lines = ["", f"### {setting}", ""]
     lines += markdown_table(["method", *header, "train shares visual (first seed)", "train shares text"], rows)
     for method, summary in routing.items():

@@ -106,10 +106,7 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
     if quantization is not None:
         load_kwargs["quantization_config"] = quantization
     if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "cfmoe":
-        model = AutoModel.from_pretrained(path, trust_remote_code=True, **load_kwargs)
-        for name, value in overrides.items():
-            setattr(model.config, name, value)
-        return model, processor
+        return AutoModel.from_pretrained(path, trust_remote_code=True, **overrides, **load_kwargs), processor
     from modeling_cfmoe import CFMoEForMultimodalClassification
 
     model = CFMoEForMultimodalClassification.from_base_pretrained(

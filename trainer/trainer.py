@@ -32,7 +32,6 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
-from modeling_cfmoe.moe import DebiasingMoE
 
 from .checkpointing import publish_checkpoint, remove_if_empty
 from .losses import (
@@ -75,7 +74,7 @@ class CFMoETrainer(Trainer):
             raise ValueError("nan_policy='skip' cannot undo DeepSpeed's fused backward and step; use 'raise'")
 
     def _configure_model(self) -> None:
-        """Apply the argument overrides (counterfactuals, gates, inference mode) to the model config."""
+        """Apply the argument overrides (counterfactuals, inference mode) to the model config."""
         args, config = self.args, self.model.config
         if args.counterfactual_fraction is not None:
             config.counterfactual_fraction = args.counterfactual_fraction
@@ -93,9 +92,6 @@ class CFMoETrainer(Trainer):
                 "there are none (counterfactual_fraction 0, no context_swapped type or counterfactual_task_weight "
                 "0): set --factual_task_weight 1 or --counterfactual_fraction > 0"
             )
-        for module in self.model.modules():
-            if isinstance(module, DebiasingMoE):
-                module.uniform_gates = args.uniform_gates
 
     # ------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -104,8 +100,10 @@ class CFMoETrainer(Trainer):
         uses_branches = self.args.method != "vanilla" or not model.training
         # only cfmoe's loss reads the fine-grained counterfactual rows, and not during its bias-only warm-up
         uses_rows = self.args.method == "cfmoe" and not self._bias_only_warmup()
-        builds_rows = self.args.method == "cfmoe" and self.model.config.counterfactual_fraction > 0
-        if builds_rows and model.training:  # the statistics that pick each item's context
+        config = self.model.config
+        builds_rows = self.args.method == "cfmoe" and config.counterfactual_fraction > 0
+        if model.training and (builds_rows or config.router_input == "bias"):
+            # the statistics that pick each item's context and route the experts
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )

@@ -65,7 +65,6 @@ class CFMoETrainingArguments(TrainingArguments):
     )
     text_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the text"})
     image_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the image"})
-    uniform_gates: bool = field(default=False, metadata={"help": "ablation: every expert weighted equally"})
     group_dro_step_size: float = field(default=0.01, metadata={"help": "exponentiated-gradient step of group DRO"})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "kept False: the collator turns raw columns into model inputs"}
