@@ -10,7 +10,9 @@ weights, same batches) through `CFMoETrainer.training_step`, gradient clipping a
 with `CFMoETrainingArguments(method="vanilla")`, the default with `CFMoETrainingArguments()` (`method="cfmoe"`,
 what `examples/run_sarcasm.py` trains), past its bias-only warm-up (`debias_warmup_ratio=0`) so that it builds
 its counterfactual rows. The batches carry the synthetic benchmark's cues (a class hashtag, a class tint), and
-the context statistics are filled first, as the warm-up leaves them.
+the context statistics are filled first, as the warm-up leaves them. Two configurations: `default` (the headline),
+the vision tower frozen for both, as `run_sarcasm.py` fine-tunes a checkpoint and as the README's main job runs;
+`trained_tower`, the tower trained for both, as the tiny from-scratch recipe does.
 
 Per size `BxN` (B items, N image tokens, about N / 10 text tokens): after warm-up steps, `--steps` fresh batches
 run through both configurations back to back (the order alternating); the ratios are of the medians. The clock
@@ -18,7 +20,7 @@ is the process CPU time with 1 thread on CPU, the wall time on CUDA. Peak memory
 `trainer.speed.Runner.profile_train_step`. Forward hooks count the LM tokens (rows x length of every
 language-model call) and vision-tower images of a step; on CUDA its host syncs are counted too. Writes
 `speed.json` (`{"default": {"BxN": {"train_step_ratio", "inference_ratio", "peak_memory_ratio", ...}},
-"setup": {...}}`) and `speed.md`, and prints the table.
+"trained_tower": {...}, "setup": {...}}`) and `speed.md`, and prints the tables.
 """
 
 from __future__ import annotations
@@ -33,20 +35,29 @@ import torch
 
 from trainer.speed import Runner, Size, compare, make_batch, parse_sizes, time_interleaved
 
+# the headline first: the vision tower frozen, as the llava recipe and the README's main job train; then the tiny
+# from-scratch recipe, which trains the tower (both configurations and vanilla alike)
+CONFIGURATIONS = {
+    "default": "Default training configuration / vanilla, vision tower frozen",
+    "trained_tower": "Default training configuration / vanilla, vision tower trained (the tiny from-scratch recipe)",
+}
 TARGETS = {"train_step_ratio": 1.3, "inference_ratio": 1.05, "peak_memory_ratio": 1.3}
 FULL = {"sizes": "8x64,8x144,8x256,4x576", "steps": 20, "warmup": 3}
 TINY = {"sizes": "2x16", "steps": 2, "warmup": 1}  # the test's smoke run
 STATISTICS_BATCHES, TINY_STATISTICS_BATCHES = 16, 2  # batches counted into the context statistics before timing
 
 
-def measure(size: Size, cli: argparse.Namespace) -> dict:
-    """Vanilla and the default training configuration side by side at one size."""
+def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool) -> dict:
+    """Vanilla and the default training configuration side by side at one size, the vision tower frozen or not."""
     generator = torch.Generator().manual_seed(cli.seed)
 
     def batches(count: int) -> list[dict[str, torch.Tensor]]:
         return [{k: v.to(cli.device) for k, v in make_batch(size, generator).items()} for _ in range(count)]
 
-    runners = [Runner("vanilla", size, cli.device, method="vanilla"), Runner("default", size, cli.device)]
+    runners = [
+        Runner("vanilla", size, cli.device, freeze_tower=freeze_tower, method="vanilla"),
+        Runner("default", size, cli.device, freeze_tower=freeze_tower),
+    ]
     statistics_batches, warmup, timed = batches(cli.statistics_batches), batches(cli.warmup), batches(cli.steps)
     for runner in runners:
         runner.fill_context_statistics(statistics_batches)
@@ -96,18 +107,33 @@ def measure(size: Size, cli: argparse.Namespace) -> dict:
 
 
 def markdown(report: dict) -> str:
-    """The headline table: default / vanilla at each size, with the counts behind it."""
+    """One table per configuration (the headline first): default / vanilla at each size, with the counts behind it."""
     setup = report["setup"]
+    lines = []
+    for name, title in CONFIGURATIONS.items():
+        lines += [
+            f"{title} ({setup['date']}, {setup['device']}, {setup['clock']}, median of {setup['steps']} steps; "
+            f"targets: train step <= {TARGETS['train_step_ratio']}, inference <= {TARGETS['inference_ratio']}, "
+            f"peak memory <= {TARGETS['peak_memory_ratio']})",
+            "",
+            *size_table(report[name]),
+            "",
+        ]
+    if setup["device"] != "CPU":
+        syncs = ", ".join(
+            f"{n}: {r['vanilla']['host_syncs']} -> {r['default']['host_syncs']}" for n, r in report["default"].items()
+        )
+        lines += [f"Host syncs per training step (vanilla -> default): {syncs}", ""]
+    return "\n".join(lines)
+
+
+def size_table(results: dict) -> list[str]:
     lines = [
-        f"Default training configuration / vanilla ({setup['date']}, {setup['device']}, {setup['clock']}, "
-        f"median of {setup['steps']} steps; targets: train step <= {TARGETS['train_step_ratio']}, inference <= "
-        f"{TARGETS['inference_ratio']}, peak memory <= {TARGETS['peak_memory_ratio']})",
-        "",
         "| batch x (image + text tokens) | vanilla step ms | default step ms | **train step** | **inference** "
         "| **peak memory** | step memory | FLOPs | LM tokens per step | vision-tower images per step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in report["default"].items():
+    for name, r in results.items():
         batch, tokens = name.split("x")
         v, d = r["vanilla"], r["default"]
         lines.append(
@@ -117,12 +143,7 @@ def markdown(report: dict) -> str:
             f"| {v['lm_tokens']} -> {d['lm_tokens']} ({r['lm_token_ratio']:.2f}x) "
             f"| {v['images']} -> {d['images']} ({r['image_ratio']:.2f}x) |"
         )
-    if setup["device"] != "CPU":
-        syncs = ", ".join(
-            f"{n}: {r['vanilla']['host_syncs']} -> {r['default']['host_syncs']}" for n, r in report["default"].items()
-        )
-        lines += ["", f"Host syncs per training step (vanilla -> default): {syncs}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = parse_args(argv)
     torch.set_num_threads(cli.threads)
     report = {
-        "default": {},
+        **{name: {} for name in CONFIGURATIONS},
         "setup": {
             "date": datetime.date.today().isoformat(),
             "device": torch.cuda.get_device_name() if cli.device == "cuda" else "CPU",
@@ -159,9 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
             "targets": TARGETS,
         },
     }
-    for size in parse_sizes(cli.sizes):
-        print(f"measuring {size.name} (+{size.text_tokens} text tokens)", flush=True)
-        report["default"][size.name] = measure(size, cli)
+    for name in CONFIGURATIONS:
+        for size in parse_sizes(cli.sizes):
+            print(f"measuring {name} {size.name} (+{size.text_tokens} text tokens)", flush=True)
+            report[name][size.name] = measure(size, cli, freeze_tower=name == "default")
     output = Path(cli.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "speed.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -15,10 +15,13 @@ vectorised over rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+MOMENT_STRIDE = 2  # the covariance of single local descriptors is estimated on every other pixel in each direction
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ContextStatistics(nn.Module):
     def __init__(self, vocab_size: int, local_dim: int, num_labels: int, num_channels: int = 3, smoothing: float = 1.0):
         super().__init__()
         self.smoothing = smoothing
+        self.radius = (math.isqrt(local_dim // num_channels) - 1) // 2  # local_dim = channels * (2 radius + 1)^2
         self.register_buffer("token_counts", torch.zeros(vocab_size, num_labels, dtype=torch.long))
         self.register_buffer("continues_word", torch.zeros(vocab_size, dtype=torch.bool))
         self.register_buffer("class_counts", torch.zeros(num_labels, dtype=torch.long))
@@ -66,29 +70,27 @@ class ContextStatistics(nn.Module):
 
     @torch.no_grad()
     def update(
-        self,
-        token_ids: torch.Tensor,
-        token_mask: torch.Tensor,
-        pixel_values: torch.Tensor | None,
-        labels: torch.Tensor,
-        local: torch.Tensor | None = None,
+        self, token_ids: torch.Tensor, token_mask: torch.Tensor, pixel_values: torch.Tensor | None, labels: torch.Tensor
     ) -> None:
         """Count a batch: token_ids / token_mask `(batch, length)` (each token counted once per item), pixel_values
-        `(batch, ..., channels, height, width)` (one image per item) or None, labels `(batch,)`; `local`: the images'
-        `local_descriptors` when already computed. Sums over every process under DDP."""
+        `(batch, ..., channels, height, width)` (one image per item) or None, labels `(batch,)`. Sums over every
+        process under DDP."""
         onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
         present = torch.zeros(token_ids.shape[0], self.token_counts.shape[0], device=token_ids.device)
         present = present.scatter_add(1, token_ids * token_mask, token_mask.float()).clamp_max(1)
         sums = {"token_counts": present.T @ onehot, "class_counts": onehot.sum(0)}
         if pixel_values is not None:
-            local = local_descriptors(pixel_values) if local is None else local
-            for name, items, singles in (
-                ("local", local.flatten(1, -2).mean(1), local.reshape(-1, local.shape[-1])),
-                ("colour", mean_colour(pixel_values), mean_colour(pixel_values)),
-            ):
-                sums[f"{name}_sums"] = onehot.T @ items.float()
-                single = nn.functional.pad(singles.float(), (0, 1), value=1.0)
-                sums[f"{name}_moments"] = single.T @ single
+            batch = labels.shape[0]
+            centred = centred_pixels(pixel_values).flatten(0, -4)
+            local = local_descriptors(centred, self.radius, MOMENT_STRIDE)  # (images, dim, pixels)
+            items = mean_descriptor(centred, self.radius)
+            colour = mean_colour(pixel_values)
+            sums["local_sums"] = onehot.T @ items.view(batch, -1, items.shape[-1]).mean(1)
+            sums["local_moments"] = _moments(
+                (local @ local.transpose(1, 2)).sum(0), local.sum((0, 2)), local[0, 0].numel() * local.shape[0]
+            )
+            sums["colour_sums"] = onehot.T @ colour
+            sums["colour_moments"] = _moments(colour.T @ colour, colour.sum(0), batch)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for value in sums.values():
                 torch.distributed.all_reduce(value)
@@ -103,16 +105,28 @@ class ContextStatistics(nn.Module):
         prior = classes.log() - classes.sum().log()
         return counts.log() - counts.sum(-1, keepdim=True).log() - prior
 
-    def local_scores(self, local: torch.Tensor) -> torch.Tensor:
-        """`(..., num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with the class
-        means of the items' mean descriptor and the covariance of single descriptors), centred on the overall mean."""
-        return self._discriminant(local, self.local_sums, self.local_moments)
+    def local_scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(..., height, width, num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with
+        the class means of the items' mean local descriptor and the covariance of single descriptors), centred on the
+        overall mean. Computed as a convolution of the centred images: no descriptor is materialised.
+        pixel_values: `(..., channels, height, width)`."""
+        directions, offset = self._discriminant(self.local_sums, self.local_moments)
+        images = centred_pixels(pixel_values).flatten(0, -4)
+        size, radius = 2 * self.radius + 1, self.radius
+        kernels = directions.T.reshape(directions.shape[1], images.shape[1], size, size)
+        scores = nn.functional.conv2d(nn.functional.pad(images, (radius,) * 4, mode="replicate"), kernels)
+        scores = (scores - offset.view(-1, 1, 1)).permute(0, 2, 3, 1)
+        return scores.reshape(*pixel_values.shape[:-3], *scores.shape[1:])
 
     def colour_scores(self, colour: torch.Tensor) -> torch.Tensor:
         """`(..., num_labels)`: the linear discriminant score of each item's mean colour `(..., channels)`."""
-        return self._discriminant(colour, self.colour_sums, self.colour_moments)
+        directions, offset = self._discriminant(self.colour_sums, self.colour_moments)
+        return colour.float() @ directions - offset
 
-    def _discriminant(self, values: torch.Tensor, sums: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    def _discriminant(self, sums: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fisher's directions `(dim, num_labels)` from per-class sums `(num_labels, dim)` and the moments of single
+        values `(dim + 1, dim + 1)` (ridge-regularised covariance), and the score of the overall mean `(num_labels,)`
+        (subtracted from every score)."""
         means = sums / self.class_counts.clamp_min(1).unsqueeze(-1)
         overall = sums.sum(0) / self.class_counts.sum().clamp_min(1)
         count = moments[-1, -1].clamp_min(1)
@@ -121,23 +135,22 @@ class ContextStatistics(nn.Module):
         ridge = 1e-3 * covariance.diagonal().mean().clamp_min(1e-6)
         eye = torch.eye(covariance.shape[0], device=covariance.device)
         directions = torch.linalg.solve(covariance + ridge * eye, (means - overall).T)
-        return (values.float() - overall) @ directions
+        return directions, overall @ directions
 
     def bias_evidence(
-        self, text_strength: torch.Tensor, pixel_strength: torch.Tensor | None, pixel_values: torch.Tensor | None
+        self, text_strength: torch.Tensor, local_strength: torch.Tensor | None, colour: torch.Tensor | None
     ) -> torch.Tensor:
         """`(batch, 3)`: how strongly each item's text, local pixels and overall colour carry a shortcut, as
         `log(1 + spread)` of its strongest scores, whichever class they point at.
 
-        text_strength: `(batch,)` the largest `spread(token_scores)` over the item's text; pixel_strength: `(batch,
-        ..., height, width)` (`spread(local_scores)`) and pixel_values `(batch, ..., channels, height, width)`, or
-        None (no image, or several per item: no image evidence).
+        text_strength / local_strength: `(batch,)` the largest strength (`spread` of the scores) of the item's tokens
+        and pixels; colour: `(batch, channels)` the item's `mean_colour`. None: no image evidence (no image, or
+        several per item).
         """
-        local = colour = torch.zeros_like(text_strength)
-        if pixel_strength is not None:
-            local = pixel_strength.flatten(1).amax(1)
-            colour = spread(self.colour_scores(mean_colour(pixel_values)))
-        return torch.stack([text_strength, local, colour], dim=-1).float().clamp_min(0).log1p()
+        local = colour_strength = torch.zeros_like(text_strength)
+        if local_strength is not None:
+            local, colour_strength = local_strength, spread(self.colour_scores(colour))
+        return torch.stack([text_strength, local, colour_strength], dim=-1).float().clamp_min(0).log1p()
 
     def set_word_pieces(self, tokenizer) -> None:
         """Mark the vocabulary's word-continuing pieces from a tokenizer: a token whose text starts with neither a
@@ -218,18 +231,42 @@ def transplant_tokens(
     return row_embeds, row_mask, row_images
 
 
-def local_descriptors(pixel_values: torch.Tensor, radius: int = 1, surround: int = 3) -> torch.Tensor:
-    """Each pixel's neighbourhood `(2 radius + 1)^2` pixels wide, minus the mean of its surround `(2 surround + 1)^2`
-    pixels wide: local evidence only (a global tint or the image's overall colour is none of it).
-    pixel_values `(..., channels, height, width)` -> `(..., height, width, channels * (2 radius + 1)^2)`."""
+def centred_pixels(pixel_values: torch.Tensor, surround: int = 3) -> torch.Tensor:
+    """Each pixel minus the mean of its surround `(2 surround + 1)^2` pixels wide (reflect-padded; a box filter from
+    running sums): local evidence only (a global tint or the image's overall colour is none of it).
+    pixel_values `(..., channels, height, width)` -> the same shape, float32."""
     images = pixel_values.flatten(0, -4).float()
     size = 2 * surround + 1
-    surround_mean = nn.functional.avg_pool2d(nn.functional.pad(images, (surround,) * 4, mode="reflect"), size, stride=1)
-    centred = images - surround_mean
-    size = 2 * radius + 1
-    patches = nn.functional.unfold(nn.functional.pad(centred, (radius,) * 4, mode="replicate"), size)
-    local = patches.view(images.shape[0], -1, *images.shape[-2:]).permute(0, 2, 3, 1)
-    return local.reshape(*pixel_values.shape[:-3], *local.shape[1:])
+    box = nn.functional.pad(images, (surround,) * 4, mode="reflect")
+    for dim in (-1, -2):  # the window sums along width, then height
+        sums = nn.functional.pad(box.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))
+        box = sums.narrow(dim, size, sums.shape[dim] - size) - sums.narrow(dim, 0, sums.shape[dim] - size)
+    return (images - box / size**2).view(pixel_values.shape)
+
+
+def local_descriptors(centred: torch.Tensor, radius: int = 1, stride: int = 1) -> torch.Tensor:
+    """Each pixel's neighbourhood in `centred_pixels` `(images, channels, height, width)`, `(2 radius + 1)^2`
+    pixels wide (replicate-padded), for every `stride`-th pixel in each direction: `(images, channels * (2 radius +
+    1)^2, pixels)`."""
+    return nn.functional.unfold(
+        nn.functional.pad(centred, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=stride
+    )
+
+
+def mean_descriptor(centred: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """The mean over all pixels of `local_descriptors(centred, radius)`, `(images, channels * (2 radius + 1)^2)`,
+    from one shifted mean per offset (no descriptor materialised)."""
+    padded = nn.functional.pad(centred, (radius,) * 4, mode="replicate")
+    height, width, size = centred.shape[-2], centred.shape[-1], 2 * radius + 1
+    shifted = [padded[..., y : y + height, x : x + width].mean((-2, -1)) for y in range(size) for x in range(size)]
+    return torch.stack(shifted, -1).flatten(1)
+
+
+def _moments(products: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Tensor:
+    """`[[sum d d^T, sum d], [sum d^T, count]]` `(dim + 1, dim + 1)` from its parts."""
+    top = torch.cat([products, sums.unsqueeze(1)], 1)
+    bottom = torch.cat([sums, sums.new_tensor([count])]).unsqueeze(0)
+    return torch.cat([top, bottom], 0)
 
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:

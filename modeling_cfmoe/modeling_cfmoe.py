@@ -34,7 +34,7 @@ from .context import (
     ContextStrength,
     dilate,
     keep_only_context,
-    local_descriptors,
+    mean_colour,
     spread,
     strong_context,
     transplant_pixels,
@@ -322,7 +322,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             token_ids = input_ids if input_ids is not None else self._nearest_token_ids(inputs_embeds)
             strength = self._context_strength(token_ids, pixel_values, batch, warn=builds_rows)
             evidence = self.context_statistics.bias_evidence(
-                (strength.tokens * text_mask).amax(1), strength.pixels, pixel_values
+                (strength.tokens * text_mask).amax(1),
+                None if strength.pixels is None else strength.pixels.flatten(1).amax(1),
+                None if strength.pixels is None else mean_colour(pixel_values),
             )
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE
@@ -525,12 +527,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         """The strength of each token and pixel (pixels only with one image per item)."""
         pixels = None
         if pixel_values is not None and self._one_image_per_item(pixel_values, batch, warn):
-            pixels = self._pixel_strength(pixel_values)
+            pixels = spread(self.context_statistics.local_scores(pixel_values))
         return ContextStrength(tokens=spread(self.context_statistics.token_scores(token_ids)), pixels=pixels)
-
-    def _pixel_strength(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`(batch, ..., height, width)` the strength of each pixel's local descriptor."""
-        return spread(self.context_statistics.local_scores(local_descriptors(pixel_values, LOCAL_RADIUS)))
 
     def _counterfactual_rows(
         self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
@@ -568,11 +566,13 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         embeds, masks, evidence, kinds = [], [], [], []
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
+            # each row's bias evidence, from the strengths of what it keeps and what it takes
             if kind == CORE_MASKED:
                 kept = attention_mask & ~(candidates & ~text)
                 row_embeds, row_mask, row_images = inputs_embeds[rows], kept[rows], image_mask[rows]
                 row_text = (strength.tokens * (kept & text_mask)).amax(1)[rows]
                 images = keep_only_context(pixel_values, pixels, rows) if edit_image else None
+                row_local = (strength.pixels * pixels).flatten(1).amax(1)[rows] if edit_image else None
             else:
                 row_embeds, row_mask, row_images = transplant_tokens(
                     inputs_embeds, attention_mask, text, rows, partner, image_mask
@@ -580,11 +580,15 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 own, given = (strength.tokens * (text_mask & ~text)).amax(1), (strength.tokens * text).amax(1)
                 row_text = torch.maximum(own[rows], given[partner])
                 images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
+                if edit_image:
+                    own, given = (strength.pixels * ~pixels).flatten(1), (strength.pixels * pixels).flatten(1)
+                    row_local = torch.maximum(own.amax(1)[rows], given.amax(1)[partner])
             if images is not None:
-                row_evidence = statistics.bias_evidence(row_text, self._pixel_strength(images), images)
+                row_evidence = statistics.bias_evidence(row_text, row_local, mean_colour(images))
                 row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs, row_evidence)
             elif strength.pixels is not None:  # the rows keep their own images
-                row_evidence = statistics.bias_evidence(row_text, strength.pixels[rows], pixel_values[rows])
+                local = strength.pixels.flatten(1).amax(1)[rows]
+                row_evidence = statistics.bias_evidence(row_text, local, mean_colour(pixel_values[rows]))
             else:
                 row_evidence = statistics.bias_evidence(row_text, None, None)
             embeds.append(row_embeds)

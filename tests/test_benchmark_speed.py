@@ -20,8 +20,8 @@ def test_tiny_run_writes_finite_positive_ratios(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
     report = json.loads((tmp_path / "speed.json").read_text())
-    assert set(report["default"]) == {"2x16", "2x4"}
-    for result in report["default"].values():
+    assert set(report["default"]) == set(report["trained_tower"]) == {"2x16", "2x4"}
+    for result in [*report["default"].values(), *report["trained_tower"].values()]:
         for key in (*HEADLINE, "step_memory_ratio", "train_flop_ratio", "lm_token_ratio", "image_ratio"):
             assert math.isfinite(result[key]) and result[key] > 0, (key, result[key])
         vanilla, default = result["vanilla"], result["default"]

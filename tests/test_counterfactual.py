@@ -8,7 +8,7 @@ from modeling_cfmoe.context import (
     ContextStatistics,
     dilate,
     keep_only_context,
-    local_descriptors,
+    mean_colour,
     spread,
     strong_context,
     transplant_pixels,
@@ -66,7 +66,7 @@ def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
     images[:, 2] += torch.where(labels == 1, 1.0, -1.0).view(-1, 1, 1)  # a class tint: no local evidence
     statistics = ContextStatistics(vocab_size=4, local_dim=27, num_labels=2)
     statistics.update(torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool), images, labels)
-    strength = spread(statistics.local_scores(local_descriptors(images)))
+    strength = spread(statistics.local_scores(images))
     context = dilate(strong_context(strength, True, 0.5 * strength.max()), 2)
     mark = torch.zeros(16, 16, dtype=torch.bool)
     mark[2:5, 2:5] = True
@@ -194,8 +194,8 @@ def test_bias_evidence_tells_which_modality_carries_a_shortcut_not_which_class()
     statistics = ContextStatistics(vocab_size=12, local_dim=27, num_labels=2)
     statistics.update(ids, torch.ones_like(ids, dtype=torch.bool), images, labels)
     text = spread(statistics.token_scores(ids)).amax(1)
-    pixels = spread(statistics.local_scores(local_descriptors(images)))
-    evidence = statistics.bias_evidence(text, pixels, images)
+    pixels = spread(statistics.local_scores(images)).flatten(1).amax(1)
+    evidence = statistics.bias_evidence(text, pixels, mean_colour(images))
     text_items, image_items = evidence[:32], evidence[32:]
     assert text_items[:, 0].min() > 2 * image_items[:, 0].max()  # the text cue shows in the text evidence ...
     assert image_items[:, 1].min() > 2 * text_items[:, 1].max()  # ... the mark in the local pixel evidence

@@ -24,9 +24,9 @@ from .training_args import CFMoETrainingArguments
 TINY, CHECKPOINT, LORA = 0, 1, 2
 BF16_GPU = is_torch_bf16_gpu_available()  # bf16 for a checkpoint where the GPU has it (False on CPU)
 # Defaults that depend on what is trained: (tiny model, real checkpoint, real checkpoint with --use_lora).
-# Checkpoint values: LLaVA-1.5 fine-tuning (lr 2e-5 full / 2e-4 LoRA, LoRA r 128 alpha 256, warm-up 3%, cosine,
-# no weight decay, bf16, gradient checkpointing, 1 epoch, global batch 128), here 8 items x 16 accumulation steps
-# on one GPU; evaluation and saving every 10% of training for model selection.
+# Checkpoint values: LLaVA-1.5 fine-tuning (vision tower frozen, lr 2e-5 full / 2e-4 LoRA, LoRA r 128 alpha 256,
+# warm-up 3%, cosine, no weight decay, bf16, gradient checkpointing, 1 epoch, global batch 128), here 8 items x 16
+# accumulation steps on one GPU; evaluation and saving every 10% of training for model selection.
 RUN_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
     "num_train_epochs": (8.0, 1.0, 1.0),
     "per_device_train_batch_size": (32, 8, 8),
@@ -42,6 +42,7 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
     "dataloader_num_workers": (0, 4, 4),
     "activation_checkpointing": (False, True, True),
     "bf16": (False, BF16_GPU, BF16_GPU),
+    "freeze_vision_tower": (False, True, True),
     "lora_r": (16, 128, 128),
     "lora_alpha": (32, 256, 256),
 }
@@ -109,8 +110,8 @@ class ModelArguments:
     detach_bias_branches: bool | None = field(
         default=None, metadata={"help": "bias branches read stop-gradient states (probes; they never shape the base)"}
     )
-    freeze_vision_tower: bool = field(
-        default=False, metadata={"help": "do not train the base's vision tower (its LoRA weights included)"}
+    freeze_vision_tower: bool = _default(
+        "freeze_vision_tower", TINY, "do not train the base's vision tower (its LoRA weights included), as LLaVA-1.5"
     )
     use_lora: bool = field(default=False, metadata={"help": "LoRA on the base; experts, routers, heads trained fully"})
     lora_r: int = _default("lora_r", TINY, "LoRA rank")
@@ -124,6 +125,13 @@ class ModelArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base in NF4 (QLoRA with --use_lora)"})
     load_in_8bit: bool = field(default=False, metadata={"help": "load the base in LLM.int8"})
 
+    def __post_init__(self):
+        if self.lora_include_vision and self.freeze_vision_tower:
+            raise ValueError(
+                "--lora_include_vision trains LoRA weights in the vision tower, which --freeze_vision_tower keeps "
+                "frozen (the default with a checkpoint): pass --freeze_vision_tower False with it"
+            )
+
     def config_kwargs(self) -> dict:
         """The CF-MoE config values given on the command line."""
         names = ("num_visual_experts", "num_text_experts", "experts_top_k", "router_input", "uniform_gates",
@@ -134,8 +142,13 @@ class ModelArguments:
 
 @dataclass
 class CheckpointModelArguments(ModelArguments):
-    """[`ModelArguments`] with a real checkpoint's defaults (LLaVA-1.5's LoRA rank and alpha)."""
+    """[`ModelArguments`] with a real checkpoint's defaults (LLaVA-1.5's frozen vision tower, LoRA rank and alpha)."""
 
+    freeze_vision_tower: bool = _default(
+        "freeze_vision_tower",
+        CHECKPOINT,
+        "do not train the base's vision tower (its LoRA weights included), as LLaVA-1.5",
+    )
     lora_r: int = _default("lora_r", CHECKPOINT, "LoRA rank")
     lora_alpha: int = _default("lora_alpha", CHECKPOINT, "LoRA alpha")
 

@@ -17,6 +17,7 @@ import torch
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
+from .run import freeze_vision_tower
 from .tiny import PATCH_SIZE, tiny_base_config
 from .trainer import CFMoETrainer
 from .training_args import CFMoETrainingArguments
@@ -130,9 +131,11 @@ class Runner:
     `CFMoETrainer` and the trainer's AdamW. Past the bias-only warm-up (`debias_warmup_ratio=0`), so a `cfmoe`
     step builds its counterfactual rows."""
 
-    def __init__(self, name: str, size: Size, device: str, seed: int = 0, **training_args):
+    def __init__(self, name: str, size: Size, device: str, seed: int = 0, freeze_tower: bool = True, **training_args):
         self.name, self.device = name, torch.device(device)
         self.model = build_model(size, seed)
+        if freeze_tower:
+            freeze_vision_tower(self.model)
         self._output_dir = tempfile.TemporaryDirectory()
         args = CFMoETrainingArguments(
             output_dir=self._output_dir.name,
