@@ -28,7 +28,8 @@ class CFMoEConfig(PretrainedConfig):
         expert_intermediate_size (`int`, *optional*): bottleneck width of each expert; default hidden // 4.
         router_jitter (`float`): multiplicative noise on the router input while training.
         router_temperature (`float`): softmax temperature of the attention router.
-        router_aux_loss_coef (`float`): weight of the load-balancing loss in `aux_loss`.
+        router_aux_loss_coef (`float`): weight of the model's (unweighted) `aux_loss`, the load balance, in the
+            training loss.
         pooling (`str`): "mean" over attended tokens or "last" attended token.
         classifier_dropout (`float`): dropout before the heads.
         counterfactual_fraction (`float`): fraction of the items that get fine-grained counterfactual rows
@@ -52,7 +53,16 @@ class CFMoEConfig(PretrainedConfig):
 
     model_type = "cfmoe"
     sub_configs = {"base_config": AutoConfig}
-    keys_to_ignore_at_inference = ["router_logits", "aux_loss", "pooled", "counterfactual_pooled"]
+    keys_to_ignore_at_inference = [
+        "visual_gates",
+        "visual_router_logits",
+        "text_gates",
+        "text_router_logits",
+        "counterfactual_text_gates",
+        "aux_loss",
+        "pooled",
+        "counterfactual_pooled",
+    ]
 
     def __init__(
         self,

@@ -18,10 +18,10 @@ COUNTERFACTUAL_KINDS = {"context_swapped": CONTEXT_SWAPPED, "core_masked": CORE_
 class CausalEffects:
     """Effects in logit space, each `(batch, num_labels)`; `TE = NDE_T + NDE_V + TIE` by construction."""
 
-    total: torch.Tensor
-    direct_text: torch.Tensor
-    direct_image: torch.Tensor
-    indirect: torch.Tensor
+    total_effect: torch.Tensor
+    direct_effect_text: torch.Tensor
+    direct_effect_image: torch.Tensor
+    indirect_effect: torch.Tensor
 
 
 def causal_effects(

@@ -51,6 +51,7 @@ from .counterfactual import (
 from .moe import AttentionRouter, BiasRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import custom_pipelines_config
 
+COUNTERFACTUALS = (None, "effects", "rows", "rows_only")  # what `forward(counterfactuals=...)` computes
 LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
 BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
 AUTO_MAP = {
@@ -82,9 +83,13 @@ class CFMoEOutput(ModelOutput):
     counterfactual_logits / counterfactual_pooled: `(rows, num_labels)` / `(rows, hidden)` fine-grained
         counterfactual rows; `counterfactual_source` `(rows,)` the item each row comes from and
         `counterfactual_kind` `(rows,)` 0 = context-swapped, 1 = core-masked.
-    router_logits / routing_gates: `(visual, text)`, each `(batch, num_experts)` for the factual rows (the text
-        site's for the counterfactual rows when the forward ran with `factual_rows=False`).
-    aux_loss: weighted load-balancing loss of both MoE sites (scalar).
+    visual_gates / visual_router_logits: `(batch, num_visual_experts)` the visual MoE's routing of the factual
+        images (None without images).
+    text_gates / text_router_logits: `(batch, num_text_experts)` the language MoE's routing of the factual rows
+        (None with `counterfactuals="rows_only"`); `counterfactual_text_gates` `(rows, num_text_experts)` that of the
+        counterfactual rows.
+    aux_loss: the load-balancing loss of every routing above, summed, unweighted (the trainer weighs it with
+        `config.router_aux_loss_coef`, as Mixtral).
     hidden_states: (`output_hidden_states=True`) the language model's embeddings and every layer's output for the
         factual rows, each `(batch, length, hidden)`.
     attentions: (`output_attentions=True`) the language model's attention weights for the factual rows, each
@@ -106,11 +111,37 @@ class CFMoEOutput(ModelOutput):
     counterfactual_pooled: torch.Tensor | None = None
     counterfactual_source: torch.Tensor | None = None
     counterfactual_kind: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
-    routing_gates: tuple[torch.Tensor, ...] | None = None
+    visual_gates: torch.Tensor | None = None
+    visual_router_logits: torch.Tensor | None = None
+    text_gates: torch.Tensor | None = None
+    text_router_logits: torch.Tensor | None = None
+    counterfactual_text_gates: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class BiasBranches:
+    """The counterfactual branches, each `(batch, num_labels)`: text-only `Z(t, v*)`, image-only `Z(t*, v)` and the
+    learned prior `Z(t*, v*)` (broadcast)."""
+
+    text_only: torch.Tensor
+    image_only: torch.Tensor
+    prior: torch.Tensor
+
+
+@dataclass
+class CounterfactualRows:
+    """Fine-grained counterfactual rows: `embeds` `(rows, width, hidden)` (images inserted), `mask` `(rows, width)`,
+    their bias `evidence` `(rows, 3)`, the item each comes from (`source` `(rows,)`) and its `kind` `(rows,)`
+    (`counterfactual.CONTEXT_SWAPPED` / `CORE_MASKED`)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    evidence: torch.Tensor
+    source: torch.Tensor
+    kind: torch.Tensor
 
 
 class CFMoEPreTrainedModel(PreTrainedModel):
@@ -268,11 +299,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
-        return_counterfactuals: bool = False,
+        counterfactuals: str | None = None,
         image_sizes: torch.Tensor | None = None,
         batch_num_images: torch.Tensor | None = None,
-        counterfactual_rows: bool = True,
-        factual_rows: bool = True,
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -283,16 +312,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         pixel_values: the base processor's pixel values (with `image_sizes` / `batch_num_images` for
             LLaVA-NeXT and OneVision).
         labels: `(batch,)` class ids in `[0, num_labels)`.
-        return_counterfactuals: also compute the text-only, image-only and prior branches, the effects and,
-            in training, the fine-grained counterfactual rows (`config.counterfactual_fraction`).
-        counterfactual_rows: False skips the fine-grained rows (the branches stay), for a training step whose
-            loss does not read them.
-        factual_rows: False leaves the factual rows out of the language-model call when counterfactual rows are
-            built (a training step whose loss reads the fused head on those rows only): `logits`, `fused_logits`,
-            `pooled` and the effects are then None, and the text routing is that of the counterfactual rows.
+        counterfactuals: what to compute besides the prediction (`COUNTERFACTUALS`):
+            - None: the prediction only (with `inference_mode="tie"` the branches it needs too);
+            - "effects": the text-only, image-only and prior branches and the causal effects;
+            - "rows": those, and the fine-grained counterfactual rows of `config.counterfactual_fraction` of the
+              items (context-swapped / core-masked; needs `input_ids` and images), in the factual rows' call;
+            - "rows_only": the branches and the fine-grained rows, the factual rows left out of the language-model
+              call (a training step whose loss reads the fused head on those rows only): `logits`, `fused_logits`,
+              `pooled`, the effects and the factual text routing are then None.
         inputs_embeds: `(batch, length, hidden)` instead of `input_ids`; image placeholders are the positions
-            holding the image token's embedding. The fine-grained rows pick text context by token id: training
-            with them needs `input_ids`.
+            holding the image token's embedding.
         output_attentions / output_hidden_states: also return the language model's attentions / hidden states
             of the factual rows (default: the config's).
         return_dict: a [`CFMoEOutput`] (default: `config.return_dict`) or the tuple of its non-None fields.
@@ -301,6 +330,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = config.return_dict if return_dict is None else return_dict
+        if counterfactuals not in COUNTERFACTUALS:
+            raise ValueError(f"counterfactuals must be one of {COUNTERFACTUALS}, got {counterfactuals!r}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         image_mask = self._image_mask(input_ids, inputs_embeds)
@@ -314,18 +345,18 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             self._check_labels(labels, batch)
         image_mask = image_mask & attention_mask
         text_mask = attention_mask & ~image_mask
+        build_rows = counterfactuals in ("rows", "rows_only") and pixel_values is not None
+        if build_rows and input_ids is None:
+            raise ValueError(
+                "counterfactual rows pick text context by token id: pass input_ids rather than inputs_embeds"
+            )
 
         # 0. how strongly each token and pixel carries a shortcut: it picks the context and routes the experts
-        builds_rows = return_counterfactuals and counterfactual_rows and self.training and pixel_values is not None
         strength = evidence = None
-        if builds_rows or config.router_input == "bias":
+        if build_rows or config.router_input == "bias":
             token_ids = input_ids if input_ids is not None else self._nearest_token_ids(inputs_embeds)
-            strength = self._context_strength(token_ids, pixel_values, batch, warn=builds_rows)
-            evidence = self.context_statistics.bias_evidence(
-                (strength.tokens * text_mask).amax(1),
-                None if strength.pixels is None else strength.pixels.flatten(1).amax(1),
-                None if strength.pixels is None else mean_colour(pixel_values),
-            )
+            strength = self._context_strength(token_ids, pixel_values, batch, warn=build_rows)
+            evidence = self._bias_evidence(strength, text_mask, pixel_values)
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE
         image_features = image_rows = visual_routing = None
@@ -339,31 +370,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 image_mask.unsqueeze(-1), image_features.to(inputs_embeds.dtype)
             )
 
-        # 2. factual rows (+ counterfactual rows in training) through the language model in one call
-        rows_embeds, rows_mask, position_ids, rows_evidence = inputs_embeds, attention_mask, None, evidence
-        cf_source = cf_kind = None
-        if builds_rows and image_features is not None:
-            if input_ids is None:
-                raise ValueError(
-                    "counterfactual rows pick text context by token id: pass input_ids rather than inputs_embeds, "
-                    "or counterfactual_rows=False"
-                )
+        # 2. factual rows and/or counterfactual rows through the language model in one call -> language MoE -> head
+        cf = None
+        if build_rows and image_features is not None:
             cf = self._counterfactual_rows(
                 input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
             )
-            if cf is not None:
-                cf_embeds, cf_mask, cf_evidence, cf_source, cf_kind = cf
-                # counterfactual rows count only their attended tokens: a removed context leaves no gap
-                rows_embeds, rows_mask, rows_evidence = cf_embeds, cf_mask, cf_evidence
-                position_ids = (cf_mask.long().cumsum(1) - 1).clamp_min(0)
-                if factual_rows:
-                    rows_evidence = torch.cat([evidence, cf_evidence])
-                    width = max(cf_embeds.shape[1], inputs_embeds.shape[1])
-                    rows_embeds = torch.cat([_pad_to(inputs_embeds, width), _pad_to(cf_embeds, width)])
-                    rows_mask = torch.cat([_pad_to(attention_mask, width), _pad_to(cf_mask, width)])
-                    factual_positions = torch.arange(width, device=rows_mask.device).expand(batch, -1)
-                    position_ids = torch.cat([factual_positions, _pad_to(position_ids, width)])
-        n_factual = 0 if cf_source is not None and not factual_rows else batch
+        n_factual = 0 if cf is not None and counterfactuals == "rows_only" else batch
+        rows_embeds, rows_mask, position_ids, rows_evidence = _language_rows(
+            inputs_embeds, attention_mask, evidence, cf, keep_factual=n_factual > 0
+        )
         language_out = self.mllm.language_model(
             inputs_embeds=rows_embeds,
             attention_mask=rows_mask.long(),
@@ -375,34 +391,38 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         pooled, text_routing = self._language_moe(
             pool_tokens(language_out.last_hidden_state, rows_mask, config.pooling), rows_evidence
         )
-        all_logits = self.fused_head(self.dropout(pooled))
-        fused_logits = all_logits[:batch] if n_factual else None
+        rows_logits = self.fused_head(self.dropout(pooled))
+        fused_logits = rows_logits[:n_factual] if n_factual else None
 
+        # 3. counterfactual branches: Z(t, v*) on the short text-only rows, Z(t*, v) from the image features
+        branches = effects = None
+        if counterfactuals is not None or config.inference_mode == "tie":
+            branches = self._bias_branches(inputs_embeds, text_mask, evidence, image_features, image_rows, batch)
+            if fused_logits is not None:
+                effects = causal_effects(fused_logits, branches.text_only, branches.image_only, branches.prior)
+        logits = fused_logits
+        if config.inference_mode == "tie" and not self.training and effects is not None:
+            logits = branches.prior + effects.indirect_effect
+        loss = None if labels is None or logits is None else nn.functional.cross_entropy(logits.float(), labels)
+
+        routings = [routing for routing in (visual_routing, text_routing) if routing is not None]
         out = CFMoEOutput(
+            loss=loss,
+            logits=logits,
             fused_logits=fused_logits,
-            logits=fused_logits,
-            pooled=pooled[:batch] if n_factual else None,
-            router_logits=tuple(r.router_logits[:batch] for r in (visual_routing, text_routing) if r is not None),
-            routing_gates=tuple(r.gates[:batch] for r in (visual_routing, text_routing) if r is not None),
+            **({} if branches is None else _branch_fields(branches)),
+            **({} if effects is None else vars(effects)),
+            pooled=pooled[:n_factual] if n_factual else None,
+            **({} if cf is None else _counterfactual_fields(cf, rows_logits[n_factual:], pooled[n_factual:])),
+            visual_gates=None if visual_routing is None else visual_routing.gates,
+            visual_router_logits=None if visual_routing is None else visual_routing.router_logits,
+            text_gates=text_routing.gates[:n_factual] if n_factual else None,
+            text_router_logits=text_routing.router_logits[:n_factual] if n_factual else None,
+            counterfactual_text_gates=None if cf is None else text_routing.gates[n_factual:],
+            aux_loss=sum(load_balancing_loss(routing.gates, routing.router_logits) for routing in routings),
             hidden_states=_factual_rows(language_out.hidden_states, n_factual, attention_mask.shape[1]),
             attentions=_factual_rows(language_out.attentions, n_factual, attention_mask.shape[1]),
         )
-        out.aux_loss = config.router_aux_loss_coef * sum(
-            load_balancing_loss(r.gates, r.router_logits) for r in (visual_routing, text_routing) if r is not None
-        )
-        if cf_source is not None:
-            out.counterfactual_logits, out.counterfactual_pooled = all_logits[n_factual:], pooled[n_factual:]
-            out.counterfactual_source, out.counterfactual_kind = cf_source, cf_kind
-
-        # 3. counterfactual branches: Z(t, v*) on the short text-only rows, Z(t*, v) from the image features
-        if return_counterfactuals or config.inference_mode == "tie":
-            text_evidence = None if evidence is None else evidence * evidence.new_tensor([1.0, 0.0, 0.0])
-            self._branches(out, inputs_embeds, text_mask, text_evidence, image_features, image_rows, batch)
-            if config.inference_mode == "tie" and not self.training:
-                out.logits = out.prior_logits + out.indirect_effect
-        if labels is not None and out.logits is not None:
-            out.loss = nn.functional.cross_entropy(out.logits.float(), labels)
-        out = CFMoEOutput(**out)  # fields in declaration order (loss first); fields set above would come last
         return out if return_dict else out.to_tuple()
 
     # ----------------------------------------------------------------------------------------- pieces
@@ -462,12 +482,14 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         routing = self.text_moe.route(pooled, evidence)
         return self.text_moe(pooled, routing.gates), routing
 
-    def _branches(self, out: CFMoEOutput, inputs_embeds, text_mask, text_evidence, image_features, image_rows, batch):
-        """Fill the text-only, image-only, prior branches and the causal effects into `out`.
+    def _bias_branches(
+        self, inputs_embeds, text_mask, evidence, image_features, image_rows, batch: int
+    ) -> BiasBranches:
+        """The text-only, image-only and prior branches.
 
         The text-only rows are the text positions of `inputs_embeds` `(batch, length, hidden)`, left-aligned
-        (`text_mask` `(batch, length)`): no image tokens, no padding; they are routed by their text's bias evidence
-        `text_evidence` `(batch, 3)` (None with the content router).
+        (`text_mask` `(batch, length)`): no image tokens, no padding; they are routed by the text part of the bias
+        `evidence` `(batch, 3)` (None with the content router).
         """
         detach = self.config.detach_bias_branches
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
@@ -479,21 +501,24 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 output_attentions=False,
                 output_hidden_states=False,
             ).last_hidden_state
+            text_evidence = None if evidence is None else evidence * evidence.new_tensor([1.0, 0.0, 0.0])
             text_pooled, _ = self._language_moe(
                 pool_tokens(text_hidden, text_only_mask, self.config.pooling), text_evidence
             )
-        out.text_only_logits = self.text_head(self.dropout(text_pooled))
-        prior = self.prior_logits.to(out.text_only_logits.dtype).expand_as(out.text_only_logits)
+        text_only = self.text_head(self.dropout(text_pooled))
+        prior = self.prior_logits.to(text_only.dtype).expand_as(text_only)
         if image_features is None:
-            out.image_only_logits = prior
-        else:
-            image_pooled = pool_by_row(image_features, image_rows, batch)
-            out.image_only_logits = self.image_head(self.dropout(image_pooled.detach() if detach else image_pooled))
-        out.prior_logits = prior
-        if out.fused_logits is not None:  # the effects need the factual rows
-            effects = causal_effects(out.fused_logits, out.text_only_logits, out.image_only_logits, prior)
-            out.total_effect, out.direct_effect_text = effects.total, effects.direct_text
-            out.direct_effect_image, out.indirect_effect = effects.direct_image, effects.indirect
+            return BiasBranches(text_only=text_only, image_only=prior, prior=prior)
+        image_pooled = pool_by_row(image_features, image_rows, batch)
+        image_only = self.image_head(self.dropout(image_pooled.detach() if detach else image_pooled))
+        return BiasBranches(text_only=text_only, image_only=image_only, prior=prior)
+
+    def _bias_evidence(self, strength: ContextStrength, text_mask: torch.Tensor, pixel_values) -> torch.Tensor:
+        """`(batch, 3)` each item's bias evidence (`ContextStatistics.bias_evidence`) from the batch's strengths."""
+        local = colour = None
+        if strength.pixels is not None:
+            local, colour = strength.pixels.flatten(1).amax(1), mean_colour(pixel_values)
+        return self.context_statistics.bias_evidence((strength.tokens * text_mask).amax(1), local, colour)
 
     def set_word_pieces(self, tokenizer) -> None:
         """Tell the context statistics which vocabulary pieces continue a word (`ContextStatistics.set_word_pieces`),
@@ -541,8 +566,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         context-swapped row keeps its core and takes the context of its partner (the next item of the batch): its
         tokens where they stood in the partner, its pixels in pixel space (the vision tower runs on the edited images,
         so a cue the tower spreads over every patch feature leaves with its pixels). A core-masked row keeps only its
-        own context. Returns `(embeds, mask, evidence, source, kind)` (rows may be wider than `inputs_embeds`;
-        `evidence` `(rows, 3)` the rows' own bias evidence) or None.
+        own context. Returns the rows (they may be wider than `inputs_embeds`) or None.
         """
         config, batch = self.config, inputs_embeds.shape[0]
         n_rows = math.ceil(config.counterfactual_fraction * batch)
@@ -596,9 +620,13 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             evidence.append(row_evidence)
             kinds.append(torch.full_like(rows, kind))
         width = max(e.shape[1] for e in embeds)
-        embeds = torch.cat([nn.functional.pad(e, (0, 0, 0, width - e.shape[1])) for e in embeds])
-        masks = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in masks])
-        return embeds, masks, torch.cat(evidence), rows.repeat(len(kinds)), torch.cat(kinds)
+        return CounterfactualRows(
+            embeds=torch.cat([_pad_to(e, width) for e in embeds]),
+            mask=torch.cat([_pad_to(m, width) for m in masks]),
+            evidence=torch.cat(evidence),
+            source=rows.repeat(len(kinds)),
+            kind=torch.cat(kinds),
+        )
 
     def _one_image_per_item(self, pixel_values: torch.Tensor, batch: int, warn: bool) -> bool:
         if pixel_values.shape[0] == batch:
@@ -617,6 +645,48 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         content = content + pool_by_row(features, feature_rows, row_embeds.shape[0])
         features = self.visual_moe(features, self.visual_moe.route(content, evidence).gates[feature_rows])
         return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
+
+
+def _language_rows(
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    evidence: torch.Tensor | None,
+    cf: CounterfactualRows | None,
+    keep_factual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The rows of one language-model call: the factual rows, the counterfactual rows or both (factual first), as
+    `(embeds, mask, position_ids, evidence)`. Counterfactual rows count only their attended tokens (a removed
+    context leaves no gap); position ids are None for factual rows alone (the model's own)."""
+    if cf is None:
+        return inputs_embeds, attention_mask, None, evidence
+    positions = (cf.mask.long().cumsum(1) - 1).clamp_min(0)
+    if not keep_factual:
+        return cf.embeds, cf.mask, positions, cf.evidence
+    width = max(cf.embeds.shape[1], inputs_embeds.shape[1])
+    factual_positions = torch.arange(width, device=attention_mask.device).expand(inputs_embeds.shape[0], -1)
+    return (
+        torch.cat([_pad_to(inputs_embeds, width), _pad_to(cf.embeds, width)]),
+        torch.cat([_pad_to(attention_mask, width), _pad_to(cf.mask, width)]),
+        torch.cat([factual_positions, _pad_to(positions, width)]),
+        None if evidence is None else torch.cat([evidence, cf.evidence]),
+    )
+
+
+def _branch_fields(branches: BiasBranches) -> dict[str, torch.Tensor]:
+    return {
+        "text_only_logits": branches.text_only,
+        "image_only_logits": branches.image_only,
+        "prior_logits": branches.prior,
+    }
+
+
+def _counterfactual_fields(cf: CounterfactualRows, logits: torch.Tensor, pooled: torch.Tensor) -> dict:
+    return {
+        "counterfactual_logits": logits,
+        "counterfactual_pooled": pooled,
+        "counterfactual_source": cf.source,
+        "counterfactual_kind": cf.kind,
+    }
 
 
 def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:

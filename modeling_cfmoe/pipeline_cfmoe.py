@@ -80,7 +80,7 @@ class MultimodalDebiasedClassificationPipeline(Pipeline):
         return dict(encoded)
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], return_effects: bool = False) -> dict[str, torch.Tensor]:
-        outputs = self.model(**model_inputs, return_counterfactuals=return_effects)
+        outputs = self.model(**model_inputs, counterfactuals="effects" if return_effects else None)
         result = {"logits": outputs.logits}
         if return_effects:
             result.update({name: getattr(outputs, name) for name in EFFECTS.values()})

@@ -24,10 +24,20 @@ builtins.__import__ = _guarded
 # tests run beside other work on 2 cores; more threads only thrash
 
 
+TINY_MODEL = {"router_jitter": 0.0, "counterfactual_fraction": 0.25}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_and_processor():
-    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0, counterfactual_fraction=0.25)
-    return model, processor
+    """One tiny model for the tests that only read it; a test that changes a model builds its own
+    (`make_tiny_model`)."""
+    return build_tiny_model("sarcasm", seed=0, **TINY_MODEL)
+
+
+@pytest.fixture
+def make_tiny_model():
+    """A fresh tiny model with the session model's weights and settings, some config values changed."""
+    return lambda **config: build_tiny_model("sarcasm", seed=0, **{**TINY_MODEL, **config})[0]
 
 
 @pytest.fixture

@@ -115,19 +115,18 @@ TEXT_LENGTHS = [7, 3, 5, 6, 2]  # B = 5: ceil(0.25 * 5) = 2 rows per counterfact
     "fraction, types",
     [
         (None, None),  # the default configuration
-        (0.25, "context_swapped,core_masked"),
-        (0.5, "core_masked"),
-        (1.0, "context_swapped,core_masked"),
-        (0.0, "context_swapped,core_masked"),
+        (0.25, ["context_swapped", "core_masked"]),
+        (0.5, ["core_masked"]),
+        (1.0, ["context_swapped", "core_masked"]),
+        (0.0, ["context_swapped", "core_masked"]),
     ],
 )
 def test_cfmoe_step_stays_within_the_documented_budget(tmp_path, fraction, types):
-    model = tiny_model()
+    overrides = {"counterfactual_fraction": fraction, "counterfactual_types": types}
+    model = tiny_model(**{name: value for name, value in overrides.items() if value is not None})
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
     batch, length = inputs["input_ids"].shape
-    calls = train_step_calls(
-        model, "cfmoe", inputs, tmp_path, counterfactual_fraction=fraction, counterfactual_types=types
-    )
+    calls = train_step_calls(model, "cfmoe", inputs, tmp_path)
     config = model.config
     n_cf = math.ceil(config.counterfactual_fraction * batch) * len(config.counterfactual_types)
 
@@ -169,9 +168,9 @@ def test_vanilla_step_is_one_language_model_call_of_the_batch(tmp_path):
 @pytest.mark.parametrize("method, step", [("cfmoe", 0), ("text_poe", 100)])
 def test_no_counterfactual_rows_where_the_loss_does_not_read_them(tmp_path, method, step):
     """cfmoe's bias-only warm-up and the peer methods: the factual rows and the short text-only rows only."""
-    model = tiny_model()
+    model = tiny_model(counterfactual_fraction=1.0)
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
-    calls = train_step_calls(model, method, inputs, tmp_path, step=step, counterfactual_fraction=1.0)
+    calls = train_step_calls(model, method, inputs, tmp_path, step=step)
     assert [c["rows"] for c in calls.lm] == [len(TEXT_LENGTHS)] * 2
 
 

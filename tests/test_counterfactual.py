@@ -148,7 +148,8 @@ def test_context_swapped_rows_exchange_the_cue_token_and_keep_the_core():
     embeds = model.get_input_embeddings()(batch["input_ids"])
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     torch.manual_seed(0)
-    cf_embeds, cf_mask, _, source, kind = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
+    cf = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
+    cf_embeds, cf_mask, source, kind = cf.embeds, cf.mask, cf.source, cf.kind
     cue, width = model.get_input_embeddings()(torch.tensor(250)), ids.shape[1]
     for row, item in enumerate(source.tolist()):
         partner = (item + 1) % 4
@@ -172,7 +173,8 @@ def test_a_modality_left_out_of_the_counterfactuals_is_kept_whole():
         embeds = model.get_input_embeddings()(ids)
         for edited in ("text", "image"):
             model.config.counterfactual_modalities = [edited]
-            cf_embeds, cf_mask, _, source, _ = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
+            cf = _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"])
+            cf_embeds, cf_mask, source = cf.embeds, cf.mask, cf.source
             images = image_mask[source]
             if edited == "image":  # same text, same width; the images went through the tower edited
                 assert cf_embeds.shape == embeds.shape and torch.equal(cf_mask, mask[source])

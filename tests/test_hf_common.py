@@ -146,7 +146,7 @@ NOT_APPLICABLE = {
     "test_can_init_all_missing_weights": "custom-code models initialise missing weights through transformers' "
     "remote-code path",
     "test_training_gradient_checkpointing": "branch-only heads (text-only, image-only) have no gradient without "
-    "return_counterfactuals",
+    "counterfactuals",
     "test_training_gradient_checkpointing_use_reentrant_false": "as test_training_gradient_checkpointing",
     "test_training_gradient_checkpointing_use_reentrant_true": "as test_training_gradient_checkpointing",
 }

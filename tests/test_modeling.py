@@ -81,7 +81,7 @@ def test_remote_code_loads_without_our_packages(tiny_model, tiny_batch, tmp_path
 def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tiny_batch):
     model = tiny_model
     with torch.no_grad():
-        out = model(**tiny_batch, return_counterfactuals=True)
+        out = model(**tiny_batch, counterfactuals="effects")
         plain = model(**tiny_batch)
         torch.testing.assert_close(out.logits, plain.logits, rtol=1e-5, atol=1e-6)
         # text-only branch: the same model on the text alone, computed as its own forward
@@ -98,7 +98,7 @@ def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tin
         # image-only branch: vision tower -> projector -> visual MoE (same gates) -> pooled -> head
         feats = torch.cat(model.mllm.get_image_features(pixel_values=tiny_batch["pixel_values"]).pooler_output)
         rows = torch.arange(4).repeat_interleave(16)
-        feats = model.visual_moe(feats, out.routing_gates[0][rows])
+        feats = model.visual_moe(feats, out.visual_gates[rows])
         torch.testing.assert_close(
             out.image_only_logits, model.image_head(pool_by_row(feats, rows, 4)), rtol=1e-5, atol=1e-6
         )
@@ -106,57 +106,43 @@ def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tin
         for i in range(4):
             single = {k: v[i : i + 1] for k, v in tiny_batch.items()}
             single["attention_mask"] = single["attention_mask"].clone()
-            alone = model(**single, return_counterfactuals=True)
+            alone = model(**single, counterfactuals="effects")
             torch.testing.assert_close(alone.logits, out.logits[i : i + 1], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(alone.text_only_logits, out.text_only_logits[i : i + 1], rtol=1e-5, atol=1e-5)
 
 
-def test_vision_tower_runs_once_per_image_and_once_per_edited_image(tiny_model_and_processor, tiny_batch):
-    model = tiny_model_and_processor[0].train()
+def test_vision_tower_runs_once_per_image_and_once_per_edited_image(make_tiny_model, tiny_batch):
+    model = make_tiny_model().train()
     calls = []
-    handle = model.mllm.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        out = model(**tiny_batch, return_counterfactuals=True)
-    finally:
-        handle.remove()
-        model.eval()
+    model.mllm.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    out = model(**tiny_batch, counterfactuals="rows")
     assert calls == [4, 1]  # the factual images, then the one context-swapped row's image, edited in pixel space
     assert out.counterfactual_logits.shape[0] == 1  # 25% of 4 rows, one counterfactual kind (context-swapped)
 
 
-def test_counterfactual_rows_do_not_change_factual_rows(tiny_model_and_processor, tiny_batch):
-    model = tiny_model_and_processor[0]
-    model.train()
-    model.config.counterfactual_types = ["context_swapped", "core_masked"]
-    try:
-        torch.manual_seed(0)
-        with_cf = model(**tiny_batch, return_counterfactuals=True)
-        torch.manual_seed(0)
-        without = model(**tiny_batch)
-    finally:
-        model.eval()
-        model.config.counterfactual_types = ["context_swapped"]
+def test_counterfactual_rows_do_not_change_factual_rows(make_tiny_model, tiny_batch):
+    model = make_tiny_model(counterfactual_types=["context_swapped", "core_masked"]).train()
+    torch.manual_seed(0)
+    with_cf = model(**tiny_batch, counterfactuals="rows")
+    torch.manual_seed(0)
+    without = model(**tiny_batch)
     torch.testing.assert_close(with_cf.fused_logits, without.fused_logits, rtol=1e-5, atol=1e-6)
     assert set(with_cf.counterfactual_kind.tolist()) == {0, 1}
 
 
 def test_effects_decompose_exactly_and_routing_is_valid(tiny_model, tiny_batch):
     with torch.no_grad():
-        out = tiny_model(**tiny_batch, return_counterfactuals=True)
+        out = tiny_model(**tiny_batch, counterfactuals="effects")
     assert torch.equal(out.total_effect, out.direct_effect_text + out.direct_effect_image + out.indirect_effect)
-    for gates in out.routing_gates:
+    for gates in (out.visual_gates, out.text_gates):
         torch.testing.assert_close(gates.sum(-1), torch.ones(4))
         assert ((gates > 0).sum(-1) == tiny_model.config.experts_top_k).all()
     assert torch.isfinite(out.aux_loss) and out.aux_loss > 0
 
 
-def test_tie_inference_mode_subtracts_direct_effects(tiny_model, tiny_batch):
-    tiny_model.config.inference_mode = "tie"
-    try:
-        with torch.no_grad():
-            out = tiny_model(**tiny_batch)
-    finally:
-        tiny_model.config.inference_mode = "fused"
+def test_tie_inference_mode_subtracts_direct_effects(make_tiny_model, tiny_batch):
+    with torch.no_grad():
+        out = make_tiny_model(inference_mode="tie").eval()(**tiny_batch)
     torch.testing.assert_close(out.logits, out.prior_logits + out.indirect_effect)
     assert not torch.allclose(out.logits, out.fused_logits)
 
@@ -178,7 +164,7 @@ def test_base_families_forward_and_backward(model_type):
         input_ids=input_ids,
         pixel_values=pixel_values,
         labels=torch.tensor([0, 2]),
-        return_counterfactuals=True,
+        counterfactuals="rows",
         **extra,
     )
     (
@@ -280,9 +266,9 @@ def test_clear_errors_on_labels_and_unsupported_bases(tiny_model, tiny_batch):
 def test_text_only_model_runs_without_images(tiny_model):
     ids = torch.tensor([[1, 9, 10, 11], [1, 12, 13, 0]])
     with torch.no_grad():
-        out = tiny_model(input_ids=ids, attention_mask=(ids != 0).long(), return_counterfactuals=True)
+        out = tiny_model(input_ids=ids, attention_mask=(ids != 0).long(), counterfactuals="effects")
     torch.testing.assert_close(out.image_only_logits, out.prior_logits)
-    assert out.router_logits[0].shape == (2, tiny_model.config.num_text_experts)
+    assert out.visual_gates is None and out.text_router_logits.shape == (2, tiny_model.config.num_text_experts)
 
 
 def test_make_tiny_model_script_writes_an_offline_checkpoint(tmp_path):
@@ -321,7 +307,7 @@ def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
         model.update_context_statistics(
             batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
         )
-        out = model(**batch, return_counterfactuals=True)
+        out = model(**batch, counterfactuals="rows")
         (out.loss + out.aux_loss + out.text_only_logits.float().sum()).backward()
         assert torch.isfinite(out.loss) and model.context_statistics.local_moments.isfinite().all()
         assert model.fused_head.weight.grad is not None
@@ -343,41 +329,38 @@ def test_disk_offloaded_experts_and_heads_match_the_reference(tiny_model, tiny_b
     assert offloaded.visual_moe.router.weight.device.type == "meta"  # really offloaded
     with torch.no_grad():
         want, got = (
-            tiny_model(**tiny_batch, return_counterfactuals=True),
-            offloaded(**tiny_batch, return_counterfactuals=True),
+            tiny_model(**tiny_batch, counterfactuals="effects"),
+            offloaded(**tiny_batch, counterfactuals="effects"),
         )
     for name in ("logits", "text_only_logits", "image_only_logits", "pooled"):
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0)
-    for got_gates, want_gates in zip(got.routing_gates, want.routing_gates, strict=True):
-        torch.testing.assert_close(got_gates, want_gates, rtol=0, atol=0)
+    for site in ("visual_gates", "text_gates"):
+        torch.testing.assert_close(got[site], want[site], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------ transformers conventions
-def test_output_hidden_states_attentions_and_tuples(tiny_model, tiny_batch):
-    layers, (batch, length) = tiny_model.config.base_config.text_config.num_hidden_layers, tiny_batch["input_ids"].shape
-    tiny_model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = tiny_model(**tiny_batch, output_hidden_states=True, output_attentions=True)
-            as_tuple = tiny_model(**tiny_batch, return_dict=False)
-            tiny_model.config.output_hidden_states, tiny_model.config.return_dict = True, False
-            from_config = tiny_model(**tiny_batch)
-    finally:
-        tiny_model.config.output_hidden_states, tiny_model.config.return_dict = False, True
-        tiny_model.set_attn_implementation("sdpa")
+def test_output_hidden_states_attentions_and_tuples(make_tiny_model, tiny_batch):
+    model = make_tiny_model().eval()
+    layers, (batch, length) = model.config.base_config.text_config.num_hidden_layers, tiny_batch["input_ids"].shape
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = model(**tiny_batch, output_hidden_states=True, output_attentions=True)
+        as_tuple = model(**tiny_batch, return_dict=False)
+        assert model(**tiny_batch).hidden_states is None
+        model.config.output_hidden_states, model.config.return_dict = True, False
+        from_config = model(**tiny_batch)
     assert len(out.hidden_states) == layers + 1 and out.hidden_states[-1].shape == (batch, length, 64)
     assert len(out.attentions) == layers and out.attentions[0].shape == (batch, 4, length, length)
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
     assert isinstance(from_config, tuple) and any(isinstance(x, tuple) and len(x) == layers + 1 for x in from_config)
-    assert tiny_model(**tiny_batch).hidden_states is None
 
 
 def test_inputs_embeds_equal_the_input_ids_path(tiny_model, tiny_batch):
     batch = {k: v for k, v in tiny_batch.items() if k != "input_ids"}
     embeds = tiny_model.get_input_embeddings()(tiny_batch["input_ids"])
     with torch.no_grad():
-        by_ids = tiny_model(**tiny_batch, return_counterfactuals=True)
-        by_embeds = tiny_model(**batch, inputs_embeds=embeds, return_counterfactuals=True)
+        by_ids = tiny_model(**tiny_batch, counterfactuals="effects")
+        by_embeds = tiny_model(**batch, inputs_embeds=embeds, counterfactuals="effects")
     for name in ("logits", "text_only_logits", "image_only_logits", "loss"):
         torch.testing.assert_close(by_embeds[name], by_ids[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
@@ -390,7 +373,7 @@ def test_language_model_never_builds_a_cache(tiny_model_and_processor, tiny_batc
     model.mllm.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("use_cache")), with_kwargs=True
     )
-    model(**tiny_batch, return_counterfactuals=True)
+    model(**tiny_batch, counterfactuals="rows")
     assert calls == [False, False]  # factual + counterfactual rows, text-only rows
 
 
@@ -406,7 +389,7 @@ def test_resized_vocabulary_saves_loads_and_trains(tiny_model_and_processor, tin
     ids = tiny_batch["input_ids"].clone()
     ids[:, -1] = torch.where(tiny_batch["attention_mask"][:, -1].bool(), old + 2, ids[:, -1])  # the new token
     reloaded.update_context_statistics(ids, tiny_batch["labels"], tiny_batch["attention_mask"])
-    out = reloaded(**dict(tiny_batch, input_ids=ids), return_counterfactuals=True)
+    out = reloaded(**dict(tiny_batch, input_ids=ids), counterfactuals="rows")
     out.loss.backward()
     assert reloaded.context_statistics.token_counts[old + 2].any()
 
@@ -436,4 +419,4 @@ def test_uniform_gates_are_saved_with_the_model(tiny_batch, tmp_path):
     with torch.no_grad():
         want, got = model(**tiny_batch), reloaded(**tiny_batch)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
-    assert all(torch.equal(gates, torch.full_like(gates, 0.25)) for gates in got.routing_gates)
+    assert all(torch.equal(gates, torch.full_like(gates, 0.25)) for gates in (got.visual_gates, got.text_gates))

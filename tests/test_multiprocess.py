@@ -24,8 +24,8 @@ CONFIG = REPO / "examples" / "accelerate_configs" / "multi_cpu.yaml"
 RUN = ["--num_train", "32", "--num_validation", "8", "--num_test", "8", "--max_steps", "4", "--logging_steps", "1",
        "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no", "--load_best_model_at_end", "False",
        "--seed", "3", "--use_cpu", "True", "--disable_tqdm", "True", "--report_to", "none",
-       "--counterfactual_fraction", "0", "--factual_task_weight", "1", "--aux_loss_weight", "0", "--router_jitter", "0",
-       "--experts_top_k", "1"]  # fmt: skip
+       "--counterfactual_fraction", "0", "--factual_task_weight", "1", "--router_aux_loss_coef", "0",
+       "--router_jitter", "0", "--experts_top_k", "1"]  # fmt: skip
 
 
 def free_port() -> int:

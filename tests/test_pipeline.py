@@ -56,7 +56,7 @@ def test_scores_are_the_model_softmax_sorted_with_effects(pipe, tiny_model, proc
     item = _items(1)[0]
     inputs = encode_examples(processor, [item["image"]], [item["text"]], tiny_model.config.prompt_template)
     with torch.no_grad():
-        out = tiny_model(**inputs, return_counterfactuals=True)
+        out = tiny_model(**inputs, counterfactuals="effects")
     probs = out.logits.softmax(-1)[0]
     result = pipe(item, return_effects=True)
     assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)

@@ -43,10 +43,11 @@ def tiny_data():
 
 def make_trainer(tmp_path: Path, data, **extra) -> CFMoETrainer:
     """A 2-step cfmoe Trainer with counterfactual rows for every item (so every loss term is on)."""
-    model, processor = build_tiny_model("sarcasm", seed=0)
+    model, processor = build_tiny_model(
+        "sarcasm", seed=0, counterfactual_fraction=1.0, counterfactual_types=["context_swapped", "core_masked"]
+    )
     options = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2, weight_decay=0.1, logging_steps=1,
-                   save_strategy="no", report_to="none", use_cpu=True, seed=0, counterfactual_fraction=1.0,
-                   counterfactual_types="context_swapped,core_masked", debias_warmup_ratio=0.0,
+                   save_strategy="no", report_to="none", use_cpu=True, seed=0, debias_warmup_ratio=0.0,
                    factual_task_weight=1.0, upweight=19.0, disable_tqdm=True)  # fmt: skip
     args = CFMoETrainingArguments(output_dir=str(tmp_path), **{**options, **extra})
     collator = CFMoECollator(processor, num_labels=2)
@@ -145,27 +146,17 @@ def test_bf16_training_keeps_loss_terms_float32_and_finite(tmp_path, tiny_data):
 # ------------------------------------------------------------------------------------------------ routing under DDP
 
 
-def test_experts_without_tokens_still_get_gradients(tiny_model_and_processor, tiny_batch):
+def test_experts_without_tokens_still_get_gradients(make_tiny_model, tiny_batch):
     """Experts are evaluated densely with zero gates, so an expert no item picked gets a zero gradient, never
     None: DDP needs no unused-parameter detection for them."""
-    model = tiny_model_and_processor[0]
-    moe = model.visual_moe
-    model.train()
-    top_k = moe.router.top_k
-    moe.router.top_k = 1
-    try:
-        model.zero_grad(set_to_none=True)
-        outputs = model(**tiny_batch, return_counterfactuals=True)
-        (outputs.fused_logits.sum() + outputs.text_only_logits.sum() + outputs.image_only_logits.sum()).backward()
-        picked = (outputs.routing_gates[0] > 0).any(0)
-        assert not picked.all()  # with top-1 routing of 4 items, some expert receives no token
-        for name in ("up", "up_bias", "down", "down_bias"):
-            grad = getattr(moe.experts, name).grad
-            assert grad is not None and (grad[~picked] == 0).all(), name
-    finally:
-        moe.router.top_k = top_k
-        model.zero_grad(set_to_none=True)
-        model.eval()
+    model = make_tiny_model(experts_top_k=1).train()
+    outputs = model(**tiny_batch, counterfactuals="effects")
+    (outputs.fused_logits.sum() + outputs.text_only_logits.sum() + outputs.image_only_logits.sum()).backward()
+    picked = (outputs.visual_gates > 0).any(0)
+    assert not picked.all()  # with top-1 routing of 4 items, some expert receives no token
+    for name in ("up", "up_bias", "down", "down_bias"):
+        grad = getattr(model.visual_moe.experts, name).grad
+        assert grad is not None and (grad[~picked] == 0).all(), name
 
 
 # ------------------------------------------------------------------------------------------------ resume, atomic saves

@@ -57,8 +57,9 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, tiny_data):
     # upweighting on from step 0; the per-micro-batch balance loss, the random counterfactual rows and routing by
     # bias evidence (the context statistics count each micro-batch before its forward) cannot match a large batch
     # exactly, so they are off here
-    extra = dict(method="cfmoe", debias_warmup_ratio=0.0, counterfactual_fraction=0.0, aux_loss_weight=0.0,
-                 factual_task_weight=1.0, upweight=19.0, model_config={"router_input": "content"})  # fmt: skip
+    model_config = {"router_input": "content", "counterfactual_fraction": 0.0, "router_aux_loss_coef": 0.0}
+    extra = dict(method="cfmoe", debias_warmup_ratio=0.0, factual_task_weight=1.0, upweight=19.0,
+                 model_config=model_config)  # fmt: skip
     big = _train_one_step(tmp_path / "big", tiny_data, 8, 1, **extra)
     accumulated = _train_one_step(tmp_path / "ga", tiny_data, 4, 2, **extra)
     big_log, ga_log = big.state.log_history[0], accumulated.state.log_history[0]
@@ -77,11 +78,10 @@ def test_vanilla_logs_only_the_task_loss_and_ablations_switch_terms_off(tmp_path
         tiny_data,
         8,
         1,
+        {"counterfactual_fraction": 1.0, "counterfactual_types": ["context_swapped", "core_masked"]},
         method="cfmoe",
         contrast_loss_weight=0.0,
         prior_kl_weight=0.0,
-        counterfactual_fraction=1.0,
-        counterfactual_types="context_swapped,core_masked",
         factual_task_weight=1.0,
         fused_warmup=True,
     )
@@ -216,5 +216,36 @@ def test_warmup_checkpoints_are_never_the_best_model_and_cfmoe_needs_a_fused_sig
     assert not trainer._determine_best_metric({"eval_accuracy": 0.99}, None)
     trainer.state.global_step = 3
     assert trainer._determine_best_metric({"eval_accuracy": 0.5}, None)
+    model.config.counterfactual_fraction = 0.0
     with pytest.raises(ValueError, match="context-swapped rows only, but there are none"):
-        CFMoETrainer(model=model, args=CFMoETrainingArguments(str(tmp_path), counterfactual_fraction=0.0))
+        CFMoETrainer(model=model, args=CFMoETrainingArguments(str(tmp_path)))
+
+
+def _one_logged_step(tmp_path: Path, model, batch: dict, **args) -> dict[str, float]:
+    """`training_step` on `batch` (forward, backward), then the trainer's log: what a logging step writes."""
+    trainer = CFMoETrainer(
+        model=model, args=CFMoETrainingArguments(str(tmp_path), report_to="none", use_cpu=True, **args)
+    )
+    trainer.state.max_steps = 10
+    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s loop otherwise
+    trainer.training_step(model, batch)
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    return logs
+
+
+def test_a_text_only_batch_logs_the_text_routing_under_its_own_name(tmp_path):
+    model, _ = build_tiny_model("sarcasm", seed=0)
+    ids = torch.randint(10, 200, (4, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    logs = _one_logged_step(tmp_path, model, batch, debias_warmup_ratio=0.0)
+    assert {key for key in logs if key.startswith("routing_")} == {f"routing_text_expert_{i}" for i in range(4)}
+
+
+def test_the_balance_loss_is_weighted_once_by_the_config_coefficient(tmp_path, tiny_data):
+    model, processor = build_tiny_model("sarcasm", seed=0, router_jitter=0.0, router_aux_loss_coef=0.5)
+    batch = CFMoECollator(processor, num_labels=2)([tiny_data["train"][i] for i in range(4)])
+    logs = _one_logged_step(tmp_path, model, dict(batch), method="text_poe")
+    with torch.no_grad():  # the context statistics as the step left them, the same weights: the same routing
+        raw = model.train()(**{k: v for k, v in batch.items() if k != "labels"}, counterfactuals="effects").aux_loss
+    assert logs["loss_aux"] == pytest.approx(0.5 * float(raw), rel=1e-5)

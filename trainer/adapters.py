@@ -58,7 +58,7 @@ def apply_lora(
 ) -> PeftModel:
     """LoRA on the base model; experts, routers, heads (and the projector) trained in full, `prior_logits` too.
 
-    No `task_type`: the generic `PeftModel` forwards every keyword (`pixel_values`, `return_counterfactuals`).
+    No `task_type`: the generic `PeftModel` forwards every keyword (`pixel_values`, `counterfactuals`).
     """
     config = LoraConfig(
         r=r,

@@ -11,6 +11,7 @@ Defaults depend on what is trained, and live in the argument dataclasses, so `--
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,6 +19,8 @@ from typing import Any, Literal
 from transformers import HfArgumentParser
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
+
+from modeling_cfmoe import CFMoEConfig
 
 from .training_args import CFMoETrainingArguments
 
@@ -102,6 +105,17 @@ class ModelArguments:
         metadata={"help": "routers read each item's bias evidence (bias, the default) or its pooled content"},
     )
     uniform_gates: bool | None = field(default=None, metadata={"help": "ablation: every expert weighted equally"})
+    counterfactual_fraction: float | None = field(
+        default=None, metadata={"help": "fraction of the items that get fine-grained counterfactual rows (1.0)"}
+    )
+    counterfactual_types: str | None = field(
+        default=None, metadata={"help": "comma separated: context_swapped (default), core_masked"}
+    )
+    text_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the text"})
+    image_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the image"})
+    inference_mode: Literal["fused", "tie"] | None = field(
+        default=None, metadata={"help": "fused (one pass, default) or tie (subtract the direct effects; cfvqa's)"}
+    )
     expert_intermediate_size: int | None = field(default=None, metadata={"help": "bottleneck width of an expert"})
     router_jitter: float | None = field(default=None, metadata={"help": "router input noise in training"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
@@ -126,6 +140,11 @@ class ModelArguments:
     load_in_8bit: bool = field(default=False, metadata={"help": "load the base in LLM.int8"})
 
     def __post_init__(self):
+        if not (self.text_counterfactuals or self.image_counterfactuals):
+            raise ValueError(
+                "text_counterfactuals and image_counterfactuals cannot both be False; set "
+                "--counterfactual_fraction 0 to switch the counterfactual rows off"
+            )
         if self.lora_include_vision and self.freeze_vision_tower:
             raise ValueError(
                 "--lora_include_vision trains LoRA weights in the vision tower, which --freeze_vision_tower keeps "
@@ -133,11 +152,16 @@ class ModelArguments:
             )
 
     def config_kwargs(self) -> dict:
-        """The CF-MoE config values given on the command line."""
-        names = ("num_visual_experts", "num_text_experts", "experts_top_k", "router_input", "uniform_gates",
-                 "expert_intermediate_size", "router_jitter", "router_aux_loss_coef", "classifier_dropout",
-                 "prompt_template", "detach_bias_branches")  # fmt: skip
-        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The CF-MoE config values given on the command line (every field named as a `CFMoEConfig` argument, and
+        the counterfactual modalities)."""
+        names = [name for name in inspect.signature(CFMoEConfig.__init__).parameters if hasattr(self, name)]
+        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if "counterfactual_types" in kwargs:
+            kwargs["counterfactual_types"] = [t.strip() for t in kwargs["counterfactual_types"].split(",") if t.strip()]
+        modalities = {"text": self.text_counterfactuals, "image": self.image_counterfactuals}
+        if not all(modalities.values()):
+            kwargs["counterfactual_modalities"] = [name for name, on in modalities.items() if on]
+        return kwargs
 
 
 @dataclass
@@ -263,4 +287,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
         "True) before --help to see a real checkpoint's (the llava recipe).",
     )
-    return tuple(parser.parse_args_into_dataclasses(args=argv))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if training_args.method == "cfvqa" and model_args.inference_mode is None:
+        model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
+    return model_args, data_args, training_args

@@ -481,8 +481,8 @@ def study_routing(
             batch.pop("labels")
             with torch.no_grad():
                 outputs = model(**batch)
-            for site, gates in zip(sites, outputs.routing_gates, strict=True):
-                batches[site].append(gates.float().numpy())
+            for site in sites:
+                batches[site].append(getattr(outputs, f"{site}_gates").float().numpy())
         collected[split] = {
             "gates": batches,
             "groups": np.asarray(dataset["group"]),

@@ -6,6 +6,7 @@ itself after [`complete_hub_folder`] has checked it and added what remote loadin
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -17,23 +18,14 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 import modeling_cfmoe
+from modeling_cfmoe import CFMoEConfig
 from modeling_cfmoe.pipeline_cfmoe import TASK, custom_pipelines_config
 
 CARD_TAG = "cfmoe"
 TAGS = ["multimodal", "debiasing", "mixture-of-experts", "counterfactual", "custom_code", CARD_TAG]
-CONFIG_SETTINGS = (
-    "num_visual_experts",
-    "num_text_experts",
-    "experts_top_k",
-    "expert_intermediate_size",
-    "router_aux_loss_coef",
-    "counterfactual_types",
-    "counterfactual_fraction",
-    "counterfactual_modalities",
-    "text_context_threshold",
-    "image_context_threshold",
-    "inference_mode",
-    "prompt_template",
+# every CF-MoE knob of the model config (the arguments of `CFMoEConfig`), read from one place
+CONFIG_SETTINGS = tuple(
+    name for name in inspect.signature(CFMoEConfig.__init__).parameters if name not in ("self", "base_config", "kwargs")
 )
 METRIC_ORDER = ("accuracy", "macro_f1", "binary_f1", "worst_group_accuracy", "cue_reliance")
 # never uploaded: intermediate checkpoints, TensorBoard logs, pickles (weights here are safetensors only)

@@ -23,19 +23,15 @@ from .hub import complete_hub_folder, method_settings_from_config, push_folder_t
 from .plots import plot_training
 from .tiny import build_tiny_model
 from .trainer import CFMoETrainer
+from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
 
-LOSS_SETTINGS = (
-    "factual_task_weight",
-    "upweight",
-    "conflict_rule",
-    "debias_warmup_ratio",
-    "counterfactual_task_weight",
-    "contrast_loss_weight",
-    "prior_kl_weight",
-    "bias_loss_weight",
-    "aux_loss_weight",
+# the method knobs of the training arguments (what `CFMoETrainingArguments` adds to `TrainingArguments`)
+LOSS_SETTINGS = tuple(
+    field.name
+    for field in fields(CFMoETrainingArguments)
+    if field.name not in TrainingArguments.__dataclass_fields__ and field.name != "nan_policy"
 )
 TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_accuracy": "worst group",
                  "cue_reliance": "cue reliance"}  # fmt: skip
@@ -186,11 +182,7 @@ def write_card(
     """Our model card (`OUTPUT/README.md`): base, data, method settings, the evaluation table, routing shares."""
     args = trainer.args
     synthetic = data_args.dataset == "synthetic"
-    settings = {
-        **method_settings_from_config(trainer.model.config),
-        "method": args.method,
-        **{name: getattr(args, name) for name in LOSS_SETTINGS},
-    }
+    settings = {**method_settings_from_config(trainer.model.config), **{n: getattr(args, n) for n in LOSS_SETTINGS}}
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
     write_model_card(
         args.output_dir,

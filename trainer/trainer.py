@@ -47,6 +47,7 @@ from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
 
+ROUTING_SITES = ("visual", "text", "counterfactual_text")  # logged as routing_<site>_expert_<i>
 # checkpoints are written here and renamed into place when complete (hidden from get_last_checkpoint and
 # from push_to_hub, which ignores "_*")
 CHECKPOINT_STAGING_DIR = "_checkpoint-staging"
@@ -63,7 +64,7 @@ class CFMoETrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, CFMoETrainingArguments):
             raise TypeError("CFMoETrainer needs CFMoETrainingArguments")
-        self._configure_model()
+        self._check_model_config()
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._micro_steps = 0
         self._group_weights: torch.Tensor | None = None
@@ -73,18 +74,9 @@ class CFMoETrainer(Trainer):
         if self.args.nan_policy == "skip" and self.is_deepspeed_enabled:
             raise ValueError("nan_policy='skip' cannot undo DeepSpeed's fused backward and step; use 'raise'")
 
-    def _configure_model(self) -> None:
-        """Apply the argument overrides (counterfactuals, inference mode) to the model config."""
+    def _check_model_config(self) -> None:
+        """The method's needs against the model config (model knobs live there, set when the model is built)."""
         args, config = self.args, self.model.config
-        if args.counterfactual_fraction is not None:
-            config.counterfactual_fraction = args.counterfactual_fraction
-        if args.counterfactual_types is not None:
-            config.counterfactual_types = [t.strip() for t in args.counterfactual_types.split(",") if t.strip()]
-        config.counterfactual_modalities = [
-            name for name, on in (("text", args.text_counterfactuals), ("image", args.image_counterfactuals)) if on
-        ]
-        if args.method == "cfvqa":
-            config.inference_mode = "tie"
         cf_rows = config.counterfactual_fraction > 0 and "context_swapped" in config.counterfactual_types
         if args.method == "cfmoe" and not (args.factual_task_weight or (cf_rows and args.counterfactual_task_weight)):
             raise ValueError(
@@ -92,27 +84,22 @@ class CFMoETrainer(Trainer):
                 "there are none (counterfactual_fraction 0, no context_swapped type or counterfactual_task_weight "
                 "0): set --factual_task_weight 1 or --counterfactual_fraction > 0"
             )
+        if args.method == "cfvqa" and config.inference_mode != "tie":
+            raise ValueError(
+                "method cfvqa predicts with the total indirect effect: build the model with inference_mode='tie'"
+            )
 
     # ------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, groups = inputs.pop("labels"), inputs.pop("groups", None)
-        uses_branches = self.args.method != "vanilla" or not model.training
-        # only cfmoe's loss reads the fine-grained counterfactual rows, and not during its bias-only warm-up
-        uses_rows = self.args.method == "cfmoe" and not self._bias_only_warmup()
         config = self.model.config
-        builds_rows = self.args.method == "cfmoe" and config.counterfactual_fraction > 0
-        if model.training and (builds_rows or config.router_input == "bias"):
-            # the statistics that pick each item's context and route the experts
+        if model.training and (self._builds_rows() or config.router_input == "bias"):
+            # the statistics that pick each item's context and route the experts: an explicit step before the forward
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )
-        outputs = model(
-            **inputs,
-            return_counterfactuals=uses_branches,
-            counterfactual_rows=uses_rows,
-            factual_rows=not uses_rows or self._reads_factual_rows(),
-        )
+        outputs = model(**inputs, counterfactuals=self._counterfactuals(model.training))
         terms = self._loss_terms(outputs, labels, groups) if model.training else self._eval_terms(outputs, labels)
         loss = sum(terms.values())
         if model.training:
@@ -126,13 +113,26 @@ class CFMoETrainer(Trainer):
             }
         return loss
 
-    def _reads_factual_rows(self) -> bool:
-        """Whether cfmoe's loss reads the fused head on the factual rows beside the counterfactual ones (the factual
-        task term, or the contrast of factual with counterfactual representations); if not, the language model
-        runs on the counterfactual rows only."""
+    def _builds_rows(self) -> bool:
+        return self.args.method == "cfmoe" and self.model.config.counterfactual_fraction > 0
+
+    def _counterfactuals(self, training: bool) -> str | None:
+        """What the forward computes (`CFMoEForMultimodalClassification.forward`): only what this step's loss reads.
+
+        Evaluation: the effects (the bias-branch metrics read them). Training: nothing extra for vanilla; the
+        branches for the bias-aware peers and cfmoe's bias-only warm-up; then cfmoe's counterfactual rows, beside
+        the factual rows only when the loss reads both (the factual task term, or the contrast of factual with
+        counterfactual representations).
+        """
         args = self.args
+        if not training:
+            return "effects"
+        if args.method == "vanilla":
+            return None
+        if args.method != "cfmoe" or self._bias_only_warmup():
+            return "effects"
         contrast = args.contrast_loss_weight > 0 and "core_masked" in self.model.config.counterfactual_types
-        return args.factual_task_weight > 0 or contrast
+        return "rows" if args.factual_task_weight > 0 or contrast else "rows_only"
 
     def _eval_terms(self, outputs, labels) -> dict[str, torch.Tensor]:
         return {"task": weighted_cross_entropy(outputs.logits, labels)}
@@ -214,9 +214,10 @@ class CFMoETrainer(Trainer):
         }
 
     def _aux(self, outputs) -> dict[str, torch.Tensor]:
-        if self.args.aux_loss_weight == 0 or outputs.aux_loss is None:
+        coefficient = self.model.config.router_aux_loss_coef
+        if coefficient == 0 or outputs.aux_loss is None:
             return {}
-        return {"aux": self.args.aux_loss_weight * outputs.aux_loss}
+        return {"aux": coefficient * outputs.aux_loss}
 
     def _group_dro_loss(self, logits, labels, groups) -> torch.Tensor:
         """Online group DRO (Sagawa et al. 2020): exponentiated-gradient weights over the groups' losses."""
@@ -239,9 +240,11 @@ class CFMoETrainer(Trainer):
         """Sum each term (detached, on device: no host sync per step) until the next logging step."""
         for name, value in terms.items():
             self._sums[f"loss_{name}"] += value.detach().float()
-        for site, gates in zip(("visual", "text"), outputs.routing_gates or (), strict=False):
-            for index, share in enumerate(gates.detach().float().mean(0)):
-                self._sums[f"routing_{site}_expert_{index}"] += share
+        for site in ROUTING_SITES:
+            gates = getattr(outputs, f"{site}_gates")
+            if gates is not None:
+                for index, share in enumerate(gates.detach().float().mean(0)):
+                    self._sums[f"routing_{site}_expert_{index}"] += share
         self._micro_steps += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

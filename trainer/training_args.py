@@ -56,15 +56,6 @@ class CFMoETrainingArguments(TrainingArguments):
     contrast_loss_weight: float = field(default=0.1, metadata={"help": "counterfactual InfoNCE (cfmoe)"})
     contrast_temperature: float = field(default=0.1, metadata={"help": "temperature of the InfoNCE"})
     prior_kl_weight: float = field(default=0.1, metadata={"help": "KL of core-masked predictions to the prior"})
-    aux_loss_weight: float = field(default=1.0, metadata={"help": "router load-balancing loss (x the config coef)"})
-    counterfactual_fraction: float | None = field(
-        default=None, metadata={"help": "override config.counterfactual_fraction (rows with fine-grained CFs)"}
-    )
-    counterfactual_types: str | None = field(
-        default=None, metadata={"help": "override config.counterfactual_types, comma separated"}
-    )
-    text_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the text"})
-    image_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the image"})
     group_dro_step_size: float = field(default=0.01, metadata={"help": "exponentiated-gradient step of group DRO"})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "kept False: the collator turns raw columns into model inputs"}
@@ -85,11 +76,6 @@ class CFMoETrainingArguments(TrainingArguments):
             raise ValueError("remove_unused_columns must stay False: the collator needs the raw image/text columns")
         if self.nan_policy not in ("raise", "skip", "ignore"):
             raise ValueError(f"nan_policy must be raise, skip or ignore, got {self.nan_policy!r}")
-        if not (self.text_counterfactuals or self.image_counterfactuals):
-            raise ValueError(
-                "text_counterfactuals and image_counterfactuals cannot both be False; set "
-                "counterfactual_fraction 0 to switch the counterfactual rows off"
-            )
         if self.conflict_rule not in ("per_modality", "combined"):
             raise ValueError(f"conflict_rule must be per_modality or combined, got {self.conflict_rule!r}")
         if not 0.0 <= self.debias_warmup_ratio <= 1.0:
