@@ -18,7 +18,8 @@ class CFMoEConfig(PretrainedConfig):
             Config of the wrapped image-text-to-text model (one of `SUPPORTED_BASE_MODEL_TYPES`).
         num_visual_experts / num_text_experts (`int`):
             Experts of the visual debiasing MoE (after the projector) and of the language debiasing MoE
-            (after the language model).
+            (after the language model). 1 (the default) makes each site one residual bottleneck MLP: on the
+            planted-cue benchmark, several routed experts did no better (docs/results.md, routing).
         experts_top_k (`int`): experts kept per item by the router (gates renormalised over them).
         router_input (`str`): what the routers read: "bias" (the default: each item's bias evidence, how strongly
             its text, its local pixels and its overall colour carry a shortcut according to the context statistics,
@@ -67,9 +68,9 @@ class CFMoEConfig(PretrainedConfig):
     def __init__(
         self,
         base_config: dict[str, Any] | PretrainedConfig | None = None,
-        num_visual_experts: int = 4,
-        num_text_experts: int = 4,
-        experts_top_k: int = 2,
+        num_visual_experts: int = 1,
+        num_text_experts: int = 1,
+        experts_top_k: int = 1,
         router_input: str = "bias",
         uniform_gates: bool = False,
         expert_intermediate_size: int | None = None,
@@ -154,6 +155,13 @@ class CFMoEConfig(PretrainedConfig):
         if self.base_config is None:
             return super().get_text_config(decoder=decoder, encoder=encoder)
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    @property
+    def routes_by_evidence(self) -> bool:
+        """Whether a router reads the bias evidence: the bias router, several experts at a site, gates not
+        uniform."""
+        several = max(self.num_visual_experts, self.num_text_experts) > 1
+        return self.router_input == "bias" and several and not self.uniform_gates
 
     @property
     def hidden_size(self) -> int:

@@ -353,10 +353,10 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
 
         # 0. how strongly each token and pixel carries a shortcut: it picks the context and routes the experts
         strength = evidence = None
-        if build_rows or config.router_input == "bias":
+        if build_rows or config.routes_by_evidence:
             token_ids = input_ids if input_ids is not None else self._nearest_token_ids(inputs_embeds)
             strength = self._context_strength(token_ids, pixel_values, batch, warn=build_rows)
-            evidence = self._bias_evidence(strength, text_mask, pixel_values)
+            evidence = self._bias_evidence(strength, text_mask, pixel_values) if config.routes_by_evidence else None
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE
         image_features = image_rows = visual_routing = None

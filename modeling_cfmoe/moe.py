@@ -132,9 +132,15 @@ class DebiasingMoE(nn.Module):
         self.experts = ExpertBank(hidden_size, intermediate_size, num_experts)
         self.uniform_gates = uniform_gates
 
-    def route(self, content: torch.Tensor, evidence: torch.Tensor) -> RoutingResult:
-        """content: `(batch, hidden)` pooled item states; evidence: `(batch, num_evidence)` bias evidence."""
-        routing = self.router(evidence if self.router_input == "bias" else content)
+    def route(self, content: torch.Tensor, evidence: torch.Tensor | None) -> RoutingResult:
+        """content: `(batch, hidden)` pooled item states; evidence: `(batch, num_evidence)` bias evidence, or None
+        where it would not change the gates (one expert, uniform gates)."""
+        if self.router_input == "content":
+            routing = self.router(content)
+        else:
+            routing = self.router(
+                content.new_zeros(content.shape[0], self.router.weight.shape[1]) if evidence is None else evidence
+            )
         if self.uniform_gates:
             uniform = torch.full_like(routing.gates, 1.0 / routing.gates.shape[-1])
             return RoutingResult(gates=uniform, router_logits=routing.router_logits)

@@ -70,7 +70,7 @@ def test_model_card_metadata_round_trips_and_body(tiny_model, tmp_path):
     assert parsed == expected
     text = card.text
     assert "| test_iid | 0.9125 | 0.9000 | 0.7500 |" in text and "| test_ood | 0.8125 | 0.8000 | n/a |" in text
-    assert "| visual | 0.6250 | 0.3750 |" in text and "`num_visual_experts` | `4`" in text
+    assert "| visual | 0.6250 | 0.3750 |" in text and "`num_visual_experts` | `1`" in text
     assert "not MMSD2.0" in text and "2509.15361" in text and "@inproceedings" in text
     assert 'pipeline(model="someone/cfmoe-tiny", trust_remote_code=True)' in text
 

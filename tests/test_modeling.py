@@ -404,7 +404,8 @@ def test_torch_export_of_fused_inference(tiny_model, tiny_batch):
 
 # ------------------------------------------------------------------------ routing
 def test_bias_router_starts_by_routing_each_kind_of_evidence_to_its_own_expert():
-    router = CFMoEForMultimodalClassification(CFMoEConfig(base_config=tiny_base_config())).text_moe.router
+    config = CFMoEConfig(base_config=tiny_base_config(), num_text_experts=4, num_visual_experts=4, experts_top_k=2)
+    router = CFMoEForMultimodalClassification(config).text_moe.router
     evidence = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
     routing = router.eval()(evidence)
     assert routing.gates.argmax(-1).tolist() == [0, 1, 2, 3]  # none, text, local pixels, colour
@@ -412,7 +413,8 @@ def test_bias_router_starts_by_routing_each_kind_of_evidence_to_its_own_expert()
 
 
 def test_uniform_gates_are_saved_with_the_model(tiny_batch, tmp_path):
-    model = build_tiny_model("sarcasm", seed=0, uniform_gates=True)[0].eval()
+    experts = {"num_visual_experts": 4, "num_text_experts": 4, "experts_top_k": 2}
+    model = build_tiny_model("sarcasm", seed=0, uniform_gates=True, **experts)[0].eval()
     model.save_pretrained(tmp_path)
     reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).eval()
     assert reloaded.config.uniform_gates and reloaded.visual_moe.uniform_gates and reloaded.text_moe.uniform_gates

@@ -25,7 +25,8 @@ RUN = ["--num_train", "32", "--num_validation", "8", "--num_test", "8", "--max_s
        "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no", "--load_best_model_at_end", "False",
        "--seed", "3", "--use_cpu", "True", "--disable_tqdm", "True", "--report_to", "none",
        "--counterfactual_fraction", "0", "--factual_task_weight", "1", "--router_aux_loss_coef", "0",
-       "--router_jitter", "0", "--experts_top_k", "1"]  # fmt: skip
+       "--router_jitter", "0", "--num_visual_experts", "4", "--num_text_experts", "4",
+       "--experts_top_k", "1"]  # fmt: skip
 
 
 def free_port() -> int:

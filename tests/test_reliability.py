@@ -149,7 +149,7 @@ def test_bf16_training_keeps_loss_terms_float32_and_finite(tmp_path, tiny_data):
 def test_experts_without_tokens_still_get_gradients(make_tiny_model, tiny_batch):
     """Experts are evaluated densely with zero gates, so an expert no item picked gets a zero gradient, never
     None: DDP needs no unused-parameter detection for them."""
-    model = make_tiny_model(experts_top_k=1).train()
+    model = make_tiny_model(num_visual_experts=4, num_text_experts=4, experts_top_k=1).train()
     outputs = model(**tiny_batch, counterfactuals="effects")
     (outputs.fused_logits.sum() + outputs.text_only_logits.sum() + outputs.image_only_logits.sum()).backward()
     picked = (outputs.visual_gates > 0).any(0)

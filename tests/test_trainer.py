@@ -90,7 +90,8 @@ def test_vanilla_logs_only_the_task_loss_and_ablations_switch_terms_off(tmp_path
 
 
 def test_uniform_gates_ablation_weights_every_expert_equally(tmp_path, tiny_data):
-    trainer = _train_one_step(tmp_path / "uniform", tiny_data, 8, 1, {"uniform_gates": True}, method="cfmoe")
+    config = {"uniform_gates": True, "num_visual_experts": 4, "num_text_experts": 4, "experts_top_k": 2}
+    trainer = _train_one_step(tmp_path / "uniform", tiny_data, 8, 1, config, method="cfmoe")
     shares = [v for k, v in trainer.state.log_history[0].items() if k.startswith("routing_visual_expert_")]
     assert shares == pytest.approx([0.25] * 4)
 
@@ -235,7 +236,7 @@ def _one_logged_step(tmp_path: Path, model, batch: dict, **args) -> dict[str, fl
 
 
 def test_a_text_only_batch_logs_the_text_routing_under_its_own_name(tmp_path):
-    model, _ = build_tiny_model("sarcasm", seed=0)
+    model, _ = build_tiny_model("sarcasm", seed=0, num_visual_experts=4, num_text_experts=4, experts_top_k=2)
     ids = torch.randint(10, 200, (4, 8))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
     logs = _one_logged_step(tmp_path, model, batch, debias_warmup_ratio=0.0)

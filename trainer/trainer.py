@@ -94,7 +94,7 @@ class CFMoETrainer(Trainer):
         inputs = dict(inputs)
         labels, groups = inputs.pop("labels"), inputs.pop("groups", None)
         config = self.model.config
-        if model.training and (self._builds_rows() or config.router_input == "bias"):
+        if model.training and (self._builds_rows() or config.routes_by_evidence):
             # the statistics that pick each item's context and route the experts: an explicit step before the forward
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
