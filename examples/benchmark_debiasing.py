@@ -13,7 +13,7 @@ synthetic planted-cue data with the same budget by `examples/run_sarcasm.py`; th
 `RUNS` table below (edit it there). Regimes: `scratch` (the tiny model from a random initialisation) and
 `pretrained` (a perception-pretrained tiny LLaVA base per seed, built once under `DIR/bases/seed<k>/` and reused,
 fine-tuned with the vision tower frozen). Each run also gets `--cue_setting <name>` (the cue forms:
-`trainer.data.CUE_SETTINGS`). Each (regime, cue setting, method, seed) runs in a fresh subprocess writing to
+`trainer.synthetic.CUE_SETTINGS`). Each (regime, cue setting, method, seed) runs in a fresh subprocess writing to
 `DIR/runs/<regime>/<cue_setting>/<method>/seed<k>/`; a finished run is not run again, so an interrupted benchmark
 continues where it stopped. A run whose argv the run script's parser rejects is reported as skipped, with the
 parser's reason, and a run that crashes as failed (its log is `benchmark.log` in its folder).
@@ -48,11 +48,12 @@ from trainer.benchmarking import (  # noqa: E402
     plot_path,
     write_report,
 )
-from trainer.data import CUE_SETTINGS  # noqa: E402
+from trainer.synthetic import CUE_SETTINGS  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ the run table
 # Extra argv of `examples/run_sarcasm.py` per method; edit the method configurations here.
 # Ablations (names starting with "cfmoe_") list only what they change: the "cfmoe" entry is prepended to them.
+ROUTED = ["--num_visual_experts", "4", "--num_text_experts", "4", "--experts_top_k", "2"]
 NO_SPLIT = ["--counterfactual_fraction", "0", "--factual_task_weight", "1", "--upweight", "19"]
 RUNS: dict[str, list[str]] = {
     # peers: same model, same data, same budget
@@ -66,9 +67,10 @@ RUNS: dict[str, list[str]] = {
     "oracle_unbiased": ["--method", "vanilla", "--rho_train", "0.5"],  # cue-free training data
     "group_dro": ["--method", "group_dro"],  # group labels
     # ablations of cfmoe (each adds its flags to the cfmoe entry)
-    "cfmoe_single_expert": ["--num_visual_experts", "1", "--num_text_experts", "1", "--experts_top_k", "1"],
-    "cfmoe_uniform_gates": ["--uniform_gates", "True"],
-    "cfmoe_content_router": ["--router_input", "content"],  # routers read the pooled content (the cue's value too)
+    # routed experts (cfmoe has one expert per site): by bias evidence, by content, or all weighted equally
+    "cfmoe_routed": [*ROUTED],
+    "cfmoe_content_router": [*ROUTED, "--router_input", "content"],  # reads the pooled content (the cue's value too)
+    "cfmoe_uniform_gates": [*ROUTED, "--uniform_gates", "True"],
     "cfmoe_no_text_cf": ["--text_counterfactuals", "False"],  # only the image context is swapped
     "cfmoe_no_visual_cf": ["--image_counterfactuals", "False"],  # only the text context is swapped
     "cfmoe_with_contrast": ["--counterfactual_types", "context_swapped,core_masked"],  # + core-masked rows, contrast

@@ -147,7 +147,7 @@ class CounterfactualRows:
 class CFMoEPreTrainedModel(PreTrainedModel):
     config_class = CFMoEConfig
     config: CFMoEConfig
-    base_model_prefix = "cfmoe"
+    base_model_prefix = "mllm"  # `model.base_model` is the wrapped LLaVA-family model
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True

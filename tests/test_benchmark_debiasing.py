@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trainer import benchmarking as bm
-from trainer.data import NO_CUE, group_index
+from trainer.synthetic import NO_CUE, group_index
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_debiasing.py"
 SETTINGS = {"mode": "quick", "common": ["--num_train", "64"], "jobs": 1, "threads": 1}
@@ -157,7 +157,7 @@ def test_results_json_schema_robust_acc_and_ranking(bench, tmp_path):
 
 
 def test_ablation_cost_on_robust_acc(bench, tmp_path):
-    robust = {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80, "cfmoe_single_expert": 0.95}
+    robust = {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80, "cfmoe_routed": 0.95}
     for method, value in robust.items():
         write_fake_run(tmp_path / f"runs/scratch/tint_hashtag/{method}/seed0", iid=0.99, ood=value)
     report = bm.write_report(tmp_path, plan(bench, tmp_path, list(robust), [0]), bench.TABLE, SETTINGS)
@@ -166,8 +166,8 @@ def test_ablation_cost_on_robust_acc(bench, tmp_path):
     assert set(costs) == set(robust) - {"cfmoe"}
     assert costs["cfmoe_with_contrast"]["cost"] == pytest.approx(0.01) and costs["cfmoe_with_contrast"]["cheap"]
     assert costs["cfmoe_uniform_gates"]["cost"] == pytest.approx(0.10) and not costs["cfmoe_uniform_gates"]["cheap"]
-    assert costs["cfmoe_single_expert"]["cheap"]  # better than the full method: costs nothing
-    assert "Cheap ablations: cfmoe_with_contrast, cfmoe_single_expert." in report["markdown"]
+    assert costs["cfmoe_routed"]["cheap"]  # better than the full method: costs nothing
+    assert "Cheap ablations: cfmoe_with_contrast, cfmoe_routed." in report["markdown"]
     assert "| cfmoe_uniform_gates | 0.800 ± 0.000 | +10.0 | no |" in report["markdown"]
 
 

@@ -1,4 +1,4 @@
-"""Tests for trainer/data.py: the synthetic planted-cue benchmark and the real-data loaders (on fixtures)."""
+"""Tests for trainer/synthetic.py (the planted-cue benchmark) and trainer/data.py (the real-data loaders)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from datasets import Image
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.data import (
+from trainer.data import load_benchmark, load_dmsd_ood, load_mmsd, load_mvsa, mvsa_label
+from trainer.synthetic import (
     CUE_SETTINGS,
     HASHTAGS,
     MARK_SIZE,
@@ -28,12 +29,7 @@ from trainer.data import (
     group_index,
     group_parts,
     id2label,
-    load_benchmark,
-    load_dmsd_ood,
-    load_mmsd,
-    load_mvsa,
     make_synthetic_benchmark,
-    mvsa_label,
     synthetic_vocabulary,
 )
 

@@ -149,6 +149,8 @@ NOT_APPLICABLE = {
     "counterfactuals",
     "test_training_gradient_checkpointing_use_reentrant_false": "as test_training_gradient_checkpointing",
     "test_training_gradient_checkpointing_use_reentrant_true": "as test_training_gradient_checkpointing",
+    "test_correct_missing_keys": "a CF-MoE config wraps the base's config: a bare base checkpoint (`model.base_model`) "
+    "loads through `from_base_pretrained`, not `from_pretrained`",
 }
 
 

@@ -22,7 +22,7 @@ from modeling_cfmoe import CFMoEForMultimodalClassification
 from modeling_cfmoe.moe import AttentionRouter
 from modeling_cfmoe.preprocessing import BadExampleError
 from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
-from trainer.data import SyntheticConfig, make_synthetic_benchmark
+from trainer.synthetic import SyntheticConfig, make_synthetic_benchmark
 from trainer.tiny import build_tiny_model
 
 # the example's main(argv)
@@ -89,7 +89,7 @@ def test_skip_policy_drops_exactly_the_bad_updates_and_counts_them(tmp_path, tin
     trainer = make_trainer(tmp_path / "all", tiny_data, nan_policy="skip")
     before = snapshot(trainer.model)
     poison(monkeypatch, float("nan"))
-    with caplog.at_level(logging.WARNING, logger="trainer.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trainer.nonfinite"):
         trainer.train()
     # no update at all (not even AdamW's weight decay) and no optimizer state for any parameter
     for name, param in trainer.model.named_parameters():

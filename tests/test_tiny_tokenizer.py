@@ -7,7 +7,7 @@ import string
 import pytest
 from conftest import random_images
 
-from trainer.data import synthetic_vocabulary
+from trainer.synthetic import synthetic_vocabulary
 from trainer.tiny import tiny_processor, train_tiny_tokenizer
 
 TEXTS = [

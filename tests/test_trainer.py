@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
-from trainer.data import SyntheticConfig, make_synthetic_benchmark
+from trainer.synthetic import SyntheticConfig, make_synthetic_benchmark
 from trainer.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

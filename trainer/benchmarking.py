@@ -36,9 +36,9 @@ from unittest import mock
 
 import numpy as np
 
-from .data import NO_CUE, group_parts
 from .metrics import robust_accuracy, summarize_runs
 from .pretrain import SUMMARY_FILE as PRETRAINING_FILE
+from .synthetic import NO_CUE, group_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = ROOT / "examples" / "run_sarcasm.py"
@@ -462,7 +462,7 @@ def study_routing(
     from modeling_cfmoe import CFMoEForMultimodalClassification
 
     from .collator import CFMoECollator
-    from .data import SyntheticConfig, make_synthetic_benchmark
+    from .synthetic import SyntheticConfig, make_synthetic_benchmark
 
     data_config = load_json(run_dir / RESULTS_FILE)["data"]
     model = CFMoEForMultimodalClassification.from_pretrained(run_dir).eval()

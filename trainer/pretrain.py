@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
 
 from .collator import CFMoECollator
-from .data import NO_CUE, SyntheticConfig, id2label, make_synthetic_benchmark
+from .synthetic import NO_CUE, SyntheticConfig, id2label, make_synthetic_benchmark
 from .tiny import build_tiny_model
 
 PERCEPTION_TARGETS = ("text_polarity", "image_polarity", "text_cue", "image_cue")

@@ -17,10 +17,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
 from .arguments import DataArguments, ModelArguments
 from .collator import CFMoECollator
-from .data import SyntheticConfig, flip_cues, id2label, load_benchmark, make_synthetic_benchmark
+from .data import load_benchmark
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .plots import plot_training
+from .synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
 from .tiny import build_tiny_model
 from .trainer import CFMoETrainer
 from .training_args import CFMoETrainingArguments

@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .data import synthetic_vocabulary
+from .synthetic import synthetic_vocabulary
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 BYTE_TOKENS = [f"<0x{byte:02X}>" for byte in range(256)]  # byte fallback: any character, as UTF-8 bytes
@@ -140,7 +140,7 @@ def build_tiny_model(task: str = "sarcasm", model_type: str = "llava", seed: int
 
     from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
-    from .data import id2label
+    from .synthetic import id2label
 
     tokenizer = train_tiny_tokenizer(synthetic_vocabulary(task))
     processor = tiny_processor(tokenizer)

@@ -11,29 +11,24 @@ branches and the fine-grained counterfactual rows, and
       + L_bias                     CE of the text-only, image-only and prior branches
       + L_contrast                 InfoNCE: factual ~ context-swapped, not ~ core-masked (with core-masked rows)
       + L_prior_kl                 core-masked predictions -> prior
-      + L_aux                      router load balancing
+      + L_aux                      router load balancing (the model's raw `aux_loss` x `config.router_aux_loss_coef`)
 
 During the first `debias_warmup_ratio` of training only L_bias and L_aux are on, while the context statistics
 (`model.update_context_statistics`, every training step) gather the counts that pick each item's context. Every
-term has its weight in [`CFMoETrainingArguments`] and is
-logged as `loss_<term>`.
+other term has its weight in [`CFMoETrainingArguments`]; each is logged as `loss_<term>`. Model knobs (experts,
+counterfactual rows, inference mode) live in the model config, set when the model is built; the trainer reads them.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
 from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
 
-from .checkpointing import publish_checkpoint, remove_if_empty
+from .checkpointing import StagedCheckpointsMixin
 from .losses import (
     bias_conflict_weights,
     counterfactual_contrast,
@@ -43,18 +38,13 @@ from .losses import (
     rubi_logits,
     weighted_cross_entropy,
 )
+from .nonfinite import NonFiniteGuardMixin
 from .training_args import CFMoETrainingArguments
 
-logger = logging.getLogger(__name__)
-
 ROUTING_SITES = ("visual", "text", "counterfactual_text")  # logged as routing_<site>_expert_<i>
-# checkpoints are written here and renamed into place when complete (hidden from get_last_checkpoint and
-# from push_to_hub, which ignores "_*")
-CHECKPOINT_STAGING_DIR = "_checkpoint-staging"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
-class CFMoETrainer(Trainer):
+class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
     """`Trainer` for [`CFMoEForMultimodalClassification`] with the losses of the chosen `args.method`."""
 
     # compute_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
@@ -68,11 +58,6 @@ class CFMoETrainer(Trainer):
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._micro_steps = 0
         self._group_weights: torch.Tensor | None = None
-        self._nonfinite: list[tuple[tuple[str, ...], torch.Tensor]] = []  # this optimizer step's NaN/inf flags
-        self._nonfinite_skipped = 0
-        self._checkpoint_staging_root: str | None = None
-        if self.args.nan_policy == "skip" and self.is_deepspeed_enabled:
-            raise ValueError("nan_policy='skip' cannot undo DeepSpeed's fused backward and step; use 'raise'")
 
     def _check_model_config(self) -> None:
         """The method's needs against the model config (model knobs live there, set when the model is built)."""
@@ -255,100 +240,3 @@ class CFMoETrainer(Trainer):
             if self._nonfinite_skipped:
                 logs["nonfinite_skipped_steps"] = self._nonfinite_skipped
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------------------------------ NaN / inf
-    def _record_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
-        """Flag the loss terms of this micro-step that are NaN or inf, on device (no host sync here)."""
-        if self.args.nan_policy != "ignore" and terms:
-            values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
-            self._nonfinite.append((tuple(terms), ~values.isfinite()))
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's forward/backward; before each optimizer update, [`_guard_nonfinite`]."""
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.nan_policy != "ignore" and self.accelerator.sync_gradients:
-            self._guard_nonfinite(model)
-        return loss
-
-    def _guard_nonfinite(self, model) -> None:
-        """If a loss term of this optimizer step's micro-batches was NaN/inf on any process: raise before the
-        update (`nan_policy="raise"`, naming the terms), or drop the gradients so that the optimizer leaves every
-        weight and its state untouched (`"skip"`; logged and counted as `nonfinite_skipped_steps`).
-
-        Cost: one host sync per optimizer step (a 1-element all-reduce first with several processes). The Trainer
-        already syncs on the loss after every backward (`logging_nan_inf_filter`), so this adds no stall there.
-        """
-        entries, self._nonfinite = self._nonfinite, []
-        flags = torch.cat([bad for _, bad in entries]) if entries else torch.zeros(1, dtype=torch.bool)
-        count = flags.sum()
-        if self.accelerator.num_processes > 1:
-            count = self.accelerator.reduce(count.to(self.args.device), reduction="sum")
-        if int(count) == 0:
-            return
-        names = [name for term_names, _ in entries for name in term_names]
-        bad = sorted({f"loss_{name}" for name, flag in zip(names, flags.tolist(), strict=True) if flag})
-        where = ", ".join(bad) if bad else "a loss term on another process"
-        step = self.state.global_step + 1
-        if self.args.nan_policy == "raise":
-            raise FloatingPointError(
-                f"optimizer step {step}: {where} is NaN or inf; training stopped before the update, so the weights "
-                "are intact. Lower the learning rate or that term's weight, check this step's inputs, prefer bf16 to "
-                "fp16, or pass --nan_policy skip to drop such updates"
-            )
-        model.zero_grad(set_to_none=True)  # optimizers skip parameters without a gradient: no update, no state change
-        self._nonfinite_skipped += 1
-        logger.warning(
-            "optimizer step %d: %s is NaN or inf; update skipped (%d so far)", step, where, self._nonfinite_skipped
-        )
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into `<output_dir>/_checkpoint-staging/checkpoint-N` and renamed to
-        `<output_dir>/checkpoint-N` only when every process has written its files. A stop in the middle of a save
-        leaves nothing that `get_last_checkpoint` / `--resume_from_checkpoint last` would take for a checkpoint;
-        `save_total_limit` removes old checkpoints by renaming them away first, for the same reason."""
-        run_dir = self._get_output_dir(trial=trial)
-        staging_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
-        if self.args.should_save:
-            shutil.rmtree(staged, ignore_errors=True)  # left by a stop during an earlier save
-        self.accelerator.wait_for_everyone()
-        self._checkpoint_staging_root = staging_root
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging_root = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            best = self.state.best_model_checkpoint
-            if best is not None and os.path.dirname(best) == staging_root:
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-            publish_checkpoint(staged, final)
-            self._rotate_published_checkpoints(run_dir, staging_root)
-        self.accelerator.wait_for_everyone()
-
-    def _get_output_dir(self, trial) -> str:
-        if self._checkpoint_staging_root is not None:  # inside _save_checkpoint: write into the staging folder
-            return self._checkpoint_staging_root
-        return super()._get_output_dir(trial)
-
-    def _rotate_published_checkpoints(self, run_dir: str, staging_root: str) -> None:
-        """`save_total_limit` as the Trainer applies it (newest and best kept), each removal a rename then a delete."""
-        limit = self.args.save_total_limit
-        if not limit or limit <= 0:
-            return
-        checkpoints = sort_checkpoints(run_dir, use_mtime=True)
-        if not checkpoints:
-            return
-        best = self.state.best_model_checkpoint
-        protected = {checkpoints[-1]} | ({str(Path(best))} if best else set())
-        surplus = len(checkpoints) - max(limit, len(protected))
-        for path in [path for path in checkpoints if path not in protected][: max(surplus, 0)]:
-            trash = os.path.join(staging_root, f"deleting-{os.path.basename(path)}")
-            shutil.rmtree(trash, ignore_errors=True)  # left by a stop during an earlier removal
-            os.makedirs(staging_root, exist_ok=True)
-            os.replace(path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        remove_if_empty(staging_root)
