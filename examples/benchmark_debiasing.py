@@ -28,17 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from trainer.benchmarking import (  # noqa: E402
+from trainer.benchmarking import (
     REGIMES,
     MethodTable,
     build_bases,
@@ -48,7 +43,7 @@ from trainer.benchmarking import (  # noqa: E402
     plot_path,
     write_report,
 )
-from trainer.synthetic import CUE_SETTINGS  # noqa: E402
+from trainer.synthetic import CUE_SETTINGS
 
 # ------------------------------------------------------------------------------------------------ the run table
 # Extra argv of `examples/run_sarcasm.py` per method; edit the method configurations here.

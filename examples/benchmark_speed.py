@@ -86,7 +86,7 @@ def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool) -> dict:
             "peak_memory_mb": counts["peak_bytes"] / 2**20,
             "step_memory_mb": counts["step_bytes"] / 2**20,
             "train_step_gflops": counts["flops"] / 1e9,
-            "lm_calls": counts["train"].lm_calls,
+            "lm_calls": [(call.rows, call.length) for call in counts["train"].lm_calls],
             "lm_tokens": counts["train"].lm_tokens,
             "images": counts["train"].images,
             "inference_lm_tokens": counts["inference"].lm_tokens,

@@ -16,54 +16,18 @@ rows at length L.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from trainer.speed import Work, count_work
 from trainer.tiny import IMAGE_SIZE, PATCH_SIZE, tiny_base_config
 from trainer.trainer import CFMoETrainer
 from trainer.training_args import CFMoETrainingArguments
 
 IMAGE_TOKEN, PAD, BOS, VOCAB = 4, 0, 1, 64
 N_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2  # the tiny tower's patches; its CLS feature is dropped
-
-
-@dataclass
-class Calls:
-    """What the hooks saw: images per vision-tower call, and per language-model call its rows, length,
-    attended tokens and whether an image token was among its input ids."""
-
-    vision: list[int] = field(default_factory=list)
-    lm: list[dict] = field(default_factory=list)
-
-
-def record_calls(model: CFMoEForMultimodalClassification) -> tuple[Calls, list]:
-    calls = Calls()
-
-    def on_vision(module, args, kwargs):
-        calls.vision.append((args[0] if args else kwargs["pixel_values"]).shape[0])
-
-    def on_lm(module, args, kwargs):
-        ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs["attention_mask"]
-        rows, length = (ids if ids is not None else embeds).shape[:2]
-        has_image = ids is not None and bool((ids == IMAGE_TOKEN).any())
-        calls.lm.append(
-            {
-                "rows": rows,
-                "length": length,
-                "attended": int(mask.sum()),
-                "input_ids": ids is not None,
-                "image_ids": has_image,
-            }
-        )
-
-    handles = [
-        model.mllm.vision_tower.register_forward_pre_hook(on_vision, with_kwargs=True),
-        model.mllm.language_model.register_forward_pre_hook(on_lm, with_kwargs=True),
-    ]
-    return calls, handles
 
 
 def tiny_model(**config_kwargs) -> CFMoEForMultimodalClassification:
@@ -91,7 +55,7 @@ def batch_of(batch: int, text_lengths: list[int]) -> dict[str, torch.Tensor]:
     }
 
 
-def train_step_calls(model, method: str, inputs: dict, tmp_path, step: int = 100, **overrides) -> Calls:
+def train_step_calls(model, method: str, inputs: dict, tmp_path, step: int = 100, **overrides) -> Work:
     """One training step (compute_loss + backward) through `CFMoETrainer` at `step` of 100 (default: past the
     warm-up), with the full objective on."""
     overrides = {"factual_task_weight": 1.0, "upweight": 19.0, **overrides}  # every term on
@@ -99,13 +63,9 @@ def train_step_calls(model, method: str, inputs: dict, tmp_path, step: int = 100
     trainer = CFMoETrainer(model=model, args=args)
     trainer.state.global_step, trainer.state.max_steps = step, 100
     model.train()
-    calls, handles = record_calls(model)
-    try:
+    with count_work(model) as work:
         trainer.compute_loss(model, inputs).backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+    return work
 
 
 TEXT_LENGTHS = [7, 3, 5, 6, 2]  # B = 5: ceil(0.25 * 5) = 2 rows per counterfactual type
@@ -130,19 +90,20 @@ def test_cfmoe_step_stays_within_the_documented_budget(tmp_path, fraction, types
     config = model.config
     n_cf = math.ceil(config.counterfactual_fraction * batch) * len(config.counterfactual_types)
 
-    assert calls.vision[0] == batch and sum(calls.vision[1:]) == n_cf, "each image once, each edited image once"
-    *row_calls, text_only = calls.lm  # merged image + text rows, then the short text-only rows
-    assert 1 <= len(row_calls) <= 2, calls.lm
-    assert not text_only["image_ids"], "the text-only rows hold no image token"
-    assert text_only["rows"] == batch and text_only["length"] <= 1 + max(TEXT_LENGTHS)
-    assert text_only["attended"] == sum(1 + n for n in TEXT_LENGTHS), "every text token, nothing else"
+    images, *edited = calls.vision_calls
+    assert images == batch and sum(edited) == n_cf, "each image once, each edited image once"
+    *row_calls, text_only = calls.lm_calls  # merged image + text rows, then the short text-only rows
+    assert 1 <= len(row_calls) <= 2, calls.lm_calls
+    assert not text_only.image_ids, "the text-only rows hold no image token"
+    assert text_only.rows == batch and text_only.length <= 1 + max(TEXT_LENGTHS)
+    assert text_only.attended == sum(1 + n for n in TEXT_LENGTHS), "every text token, nothing else"
     factual = row_calls[0]
-    assert factual["length"] == length and factual["rows"] >= batch, "the factual rows, at full length"
-    assert sum(c["rows"] for c in row_calls) == batch + n_cf
+    assert factual.length == length and factual.rows >= batch, "the factual rows, at full length"
+    assert sum(c.rows for c in row_calls) == batch + n_cf
     longest = length + max(TEXT_LENGTHS)  # a row's own tokens and at most all of its partner's text
-    assert all(c["length"] <= longest for c in row_calls)
+    assert all(c.length <= longest for c in row_calls)
     budget = (batch + n_cf) * longest + batch * (1 + max(TEXT_LENGTHS))
-    assert sum(c["rows"] * c["length"] for c in calls.lm) <= budget
+    assert sum(c.rows * c.length for c in calls.lm_calls) <= budget
 
 
 def test_default_objective_runs_the_language_model_on_the_counterfactual_rows_only(tmp_path):
@@ -152,17 +113,17 @@ def test_default_objective_runs_the_language_model_on_the_counterfactual_rows_on
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
     calls = train_step_calls(model, "cfmoe", inputs, tmp_path, factual_task_weight=0.0, upweight=0.0)
     n_cf = math.ceil(model.config.counterfactual_fraction * len(TEXT_LENGTHS))
-    *row_calls, text_only = calls.lm
-    assert [c["rows"] for c in row_calls] == [n_cf] and text_only["rows"] == len(TEXT_LENGTHS)
-    assert calls.vision == [len(TEXT_LENGTHS), n_cf]
+    *row_calls, text_only = calls.lm_calls
+    assert [c.rows for c in row_calls] == [n_cf] and text_only.rows == len(TEXT_LENGTHS)
+    assert calls.vision_calls == [len(TEXT_LENGTHS), n_cf]
 
 
 def test_vanilla_step_is_one_language_model_call_of_the_batch(tmp_path):
     model = tiny_model()
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
     calls = train_step_calls(model, "vanilla", inputs, tmp_path)
-    assert calls.vision == [len(TEXT_LENGTHS)]
-    assert [(c["rows"], c["length"]) for c in calls.lm] == [tuple(inputs["input_ids"].shape)]
+    assert calls.vision_calls == [len(TEXT_LENGTHS)]
+    assert [(c.rows, c.length) for c in calls.lm_calls] == [tuple(inputs["input_ids"].shape)]
 
 
 @pytest.mark.parametrize("method, step", [("cfmoe", 0), ("text_poe", 100)])
@@ -171,7 +132,7 @@ def test_no_counterfactual_rows_where_the_loss_does_not_read_them(tmp_path, meth
     model = tiny_model(counterfactual_fraction=1.0)
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
     calls = train_step_calls(model, method, inputs, tmp_path, step=step)
-    assert [c["rows"] for c in calls.lm] == [len(TEXT_LENGTHS)] * 2
+    assert [c.rows for c in calls.lm_calls] == [len(TEXT_LENGTHS)] * 2
 
 
 @pytest.mark.parametrize("mode, lm_calls", [("fused", 1), ("tie", 2)])
@@ -181,13 +142,10 @@ def test_inference_budget(mode, lm_calls):
     model = tiny_model(inference_mode=mode).eval()
     inputs = batch_of(len(TEXT_LENGTHS), TEXT_LENGTHS)
     inputs.pop("labels")
-    calls, handles = record_calls(model)
-    with torch.no_grad():
+    with torch.no_grad(), count_work(model) as calls:
         model(**inputs)
-    for handle in handles:
-        handle.remove()
-    assert calls.vision == [len(TEXT_LENGTHS)]
-    assert len(calls.lm) == lm_calls
-    assert (calls.lm[0]["rows"], calls.lm[0]["length"]) == tuple(inputs["input_ids"].shape)
+    assert calls.vision_calls == [len(TEXT_LENGTHS)]
+    assert len(calls.lm_calls) == lm_calls
+    assert (calls.lm_calls[0].rows, calls.lm_calls[0].length) == tuple(inputs["input_ids"].shape)
     if mode == "tie":
-        assert calls.lm[1]["rows"] == len(TEXT_LENGTHS) and not calls.lm[1]["image_ids"]
+        assert calls.lm_calls[1].rows == len(TEXT_LENGTHS) and not calls.lm_calls[1].image_ids

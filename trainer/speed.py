@@ -91,29 +91,45 @@ def make_batch(size: Size, generator: torch.Generator) -> dict[str, torch.Tensor
 
 
 @dataclass
-class Work:
-    """What one call computed: vision-tower images, and rows x length of every language-model call."""
+class LMCall:
+    """One language-model call: its rows, their (padded) length, the attended tokens, and whether image token ids
+    were among its inputs (None when it was given embeddings)."""
 
-    images: int = 0
-    lm_calls: list[tuple[int, int]] = field(default_factory=list)
+    rows: int
+    length: int
+    attended: int
+    image_ids: bool | None
+
+
+@dataclass
+class Work:
+    """What one call computed: the images of each vision-tower call and each language-model call."""
+
+    vision_calls: list[int] = field(default_factory=list)
+    lm_calls: list[LMCall] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return sum(self.vision_calls)
 
     @property
     def lm_tokens(self) -> int:
-        return sum(rows * length for rows, length in self.lm_calls)
+        return sum(call.rows * call.length for call in self.lm_calls)
 
 
 @contextmanager
 def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
-    """Count the vision tower's images and the language model's rows x length (padding included) with forward
-    pre-hooks, as `tests/test_budget.py` does."""
-    work = Work()
+    """Count the vision tower's images and the language model's calls with forward pre-hooks (removed on exit)."""
+    work, image_token = Work(), model.mllm.config.image_token_id
 
     def on_vision(module, args, kwargs):
-        work.images += (args[0] if args else kwargs["pixel_values"]).shape[0]
+        work.vision_calls.append((args[0] if args else kwargs["pixel_values"]).shape[0])
 
     def on_lm(module, args, kwargs):
-        ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        work.lm_calls.append(tuple((ids if ids is not None else embeds).shape[:2]))
+        ids, embeds, mask = kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs["attention_mask"]
+        rows, length = (ids if ids is not None else embeds).shape[:2]
+        image_ids = None if ids is None else bool((ids == image_token).any())
+        work.lm_calls.append(LMCall(rows, length, int(mask.sum()), image_ids))
 
     handles = [
         model.mllm.vision_tower.register_forward_pre_hook(on_vision, with_kwargs=True),
