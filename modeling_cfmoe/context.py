@@ -21,8 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-MOMENT_STRIDE = 2  # the covariance of single local descriptors is estimated on every other pixel in each direction
-
 
 @dataclass
 class ContextStrength:
@@ -82,7 +80,7 @@ class ContextStatistics(nn.Module):
         if pixel_values is not None:
             batch = labels.shape[0]
             centred = centred_pixels(pixel_values).flatten(0, -4)
-            local = local_descriptors(centred, self.radius, MOMENT_STRIDE)  # (images, dim, pixels)
+            local = local_descriptors(centred, self.radius)  # (images, dim, pixels)
             items = mean_descriptor(centred, self.radius)
             colour = mean_colour(pixel_values)
             sums["local_sums"] = onehot.T @ items.view(batch, -1, items.shape[-1]).mean(1)
@@ -244,13 +242,10 @@ def centred_pixels(pixel_values: torch.Tensor, surround: int = 3) -> torch.Tenso
     return (images - box / size**2).view(pixel_values.shape)
 
 
-def local_descriptors(centred: torch.Tensor, radius: int = 1, stride: int = 1) -> torch.Tensor:
+def local_descriptors(centred: torch.Tensor, radius: int = 1) -> torch.Tensor:
     """Each pixel's neighbourhood in `centred_pixels` `(images, channels, height, width)`, `(2 radius + 1)^2`
-    pixels wide (replicate-padded), for every `stride`-th pixel in each direction: `(images, channels * (2 radius +
-    1)^2, pixels)`."""
-    return nn.functional.unfold(
-        nn.functional.pad(centred, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=stride
-    )
+    pixels wide (replicate-padded): `(images, channels * (2 radius + 1)^2, pixels)`."""
+    return nn.functional.unfold(nn.functional.pad(centred, (radius,) * 4, mode="replicate"), 2 * radius + 1)
 
 
 def mean_descriptor(centred: torch.Tensor, radius: int = 1) -> torch.Tensor:

@@ -9,9 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 CONTEXT_SWAPPED, CORE_MASKED = 0, 1
 COUNTERFACTUAL_KINDS = {"context_swapped": CONTEXT_SWAPPED, "core_masked": CORE_MASKED}
+
+
+@dataclass
+class BiasBranches:
+    """The counterfactual branches, each `(batch, num_labels)`: text-only `Z(t, v*)`, image-only `Z(t*, v)` and the
+    learned prior `Z(t*, v*)` (broadcast)."""
+
+    text_only: torch.Tensor
+    image_only: torch.Tensor
+    prior: torch.Tensor
+
+
+@dataclass
+class CounterfactualRows:
+    """Fine-grained counterfactual rows: `embeds` `(rows, width, hidden)` (images inserted), `mask` `(rows, width)`,
+    their bias `evidence` `(rows, 3)`, the item each comes from (`source` `(rows,)`) and its `kind` `(rows,)`
+    (`counterfactual.CONTEXT_SWAPPED` / `CORE_MASKED`)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+    evidence: torch.Tensor
+    source: torch.Tensor
+    kind: torch.Tensor
 
 
 @dataclass
@@ -83,3 +107,34 @@ def drop_image_tokens(
     This is the `v*` state on the short sequence: a text-only branch costs text tokens only.
     """
     return left_align(input_ids, attention_mask.bool() & (input_ids != image_token_id), pad_token_id)
+
+
+def language_rows(
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    evidence: torch.Tensor | None,
+    cf: CounterfactualRows | None,
+    keep_factual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The rows of one language-model call: the factual rows, the counterfactual rows or both (factual first), as
+    `(embeds, mask, position_ids, evidence)`. Counterfactual rows count only their attended tokens (a removed
+    context leaves no gap); position ids are None for factual rows alone (the model's own)."""
+    if cf is None:
+        return inputs_embeds, attention_mask, None, evidence
+    positions = (cf.mask.long().cumsum(1) - 1).clamp_min(0)
+    if not keep_factual:
+        return cf.embeds, cf.mask, positions, cf.evidence
+    width = max(cf.embeds.shape[1], inputs_embeds.shape[1])
+    factual_positions = torch.arange(width, device=attention_mask.device).expand(inputs_embeds.shape[0], -1)
+    return (
+        torch.cat([pad_to(inputs_embeds, width), pad_to(cf.embeds, width)]),
+        torch.cat([pad_to(attention_mask, width), pad_to(cf.mask, width)]),
+        torch.cat([factual_positions, pad_to(positions, width)]),
+        None if evidence is None else torch.cat([evidence, cf.evidence]),
+    )
+
+
+def pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`values` `(rows, length, ...)` padded with zeros (False) to `(rows, width, ...)` along dim 1."""
+    pad = [0, 0] * (values.dim() - 2) + [0, width - values.shape[1]]
+    return nn.functional.pad(values, pad)

@@ -43,8 +43,12 @@ from .context import (
 from .counterfactual import (
     CORE_MASKED,
     COUNTERFACTUAL_KINDS,
+    BiasBranches,
+    CounterfactualRows,
     causal_effects,
+    language_rows,
     left_align,
+    pad_to,
     pool_by_row,
     pool_tokens,
 )
@@ -119,29 +123,6 @@ class CFMoEOutput(ModelOutput):
     aux_loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class BiasBranches:
-    """The counterfactual branches, each `(batch, num_labels)`: text-only `Z(t, v*)`, image-only `Z(t*, v)` and the
-    learned prior `Z(t*, v*)` (broadcast)."""
-
-    text_only: torch.Tensor
-    image_only: torch.Tensor
-    prior: torch.Tensor
-
-
-@dataclass
-class CounterfactualRows:
-    """Fine-grained counterfactual rows: `embeds` `(rows, width, hidden)` (images inserted), `mask` `(rows, width)`,
-    their bias `evidence` `(rows, 3)`, the item each comes from (`source` `(rows,)`) and its `kind` `(rows,)`
-    (`counterfactual.CONTEXT_SWAPPED` / `CORE_MASKED`)."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-    evidence: torch.Tensor
-    source: torch.Tensor
-    kind: torch.Tensor
 
 
 class CFMoEPreTrainedModel(PreTrainedModel):
@@ -377,7 +358,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
             )
         n_factual = 0 if cf is not None and counterfactuals == "rows_only" else batch
-        rows_embeds, rows_mask, position_ids, rows_evidence = _language_rows(
+        rows_embeds, rows_mask, position_ids, rows_evidence = language_rows(
             inputs_embeds, attention_mask, evidence, cf, keep_factual=n_factual > 0
         )
         language_out = self.mllm.language_model(
@@ -621,8 +602,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             kinds.append(torch.full_like(rows, kind))
         width = max(e.shape[1] for e in embeds)
         return CounterfactualRows(
-            embeds=torch.cat([_pad_to(e, width) for e in embeds]),
-            mask=torch.cat([_pad_to(m, width) for m in masks]),
+            embeds=torch.cat([pad_to(e, width) for e in embeds]),
+            mask=torch.cat([pad_to(m, width) for m in masks]),
             evidence=torch.cat(evidence),
             source=rows.repeat(len(kinds)),
             kind=torch.cat(kinds),
@@ -647,31 +628,6 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
 
 
-def _language_rows(
-    inputs_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    evidence: torch.Tensor | None,
-    cf: CounterfactualRows | None,
-    keep_factual: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The rows of one language-model call: the factual rows, the counterfactual rows or both (factual first), as
-    `(embeds, mask, position_ids, evidence)`. Counterfactual rows count only their attended tokens (a removed
-    context leaves no gap); position ids are None for factual rows alone (the model's own)."""
-    if cf is None:
-        return inputs_embeds, attention_mask, None, evidence
-    positions = (cf.mask.long().cumsum(1) - 1).clamp_min(0)
-    if not keep_factual:
-        return cf.embeds, cf.mask, positions, cf.evidence
-    width = max(cf.embeds.shape[1], inputs_embeds.shape[1])
-    factual_positions = torch.arange(width, device=attention_mask.device).expand(inputs_embeds.shape[0], -1)
-    return (
-        torch.cat([_pad_to(inputs_embeds, width), _pad_to(cf.embeds, width)]),
-        torch.cat([_pad_to(attention_mask, width), _pad_to(cf.mask, width)]),
-        torch.cat([factual_positions, _pad_to(positions, width)]),
-        None if evidence is None else torch.cat([evidence, cf.evidence]),
-    )
-
-
 def _branch_fields(branches: BiasBranches) -> dict[str, torch.Tensor]:
     return {
         "text_only_logits": branches.text_only,
@@ -687,12 +643,6 @@ def _counterfactual_fields(cf: CounterfactualRows, logits: torch.Tensor, pooled:
         "counterfactual_source": cf.source,
         "counterfactual_kind": cf.kind,
     }
-
-
-def _pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
-    """`values` `(rows, length, ...)` padded with zeros (False) to `(rows, width, ...)` along dim 1."""
-    pad = [0, 0] * (values.dim() - 2) + [0, width - values.shape[1]]
-    return nn.functional.pad(values, pad)
 
 
 def _factual_rows(states: tuple[torch.Tensor, ...] | None, batch: int, length: int) -> tuple[torch.Tensor, ...] | None:
