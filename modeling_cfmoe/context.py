@@ -2,15 +2,15 @@
 row takes another item's context while keeping its own core.
 
 Nothing here assumes a cue's form. Context is read from non-contextual statistics of the direct effects, gathered on
-the training labels (`ContextStatistics`): per vocabulary token, the log-odds of each class among the items that
-hold it; per pixel, a linear discriminant of its neighbourhood (`local_descriptors`: the 3x3 pixels around it, minus
-the image's mean colour) between the classes. A token is context when alone it moves the class log-odds a lot, a
-pixel when its discriminant is strong against the batch's strongest: a row without such a token has no text context,
-a cue of several tokens is caught whole, a local mark or a frame is found where it is, at pixel resolution; a global
-tint lives in the mean colour, which is always context. Transplants move the partner's context in and the item's own
-context out, so a cue that is present in some items only is decorrelated too. The same statistics give each item's
-bias evidence (`ContextStatistics.bias_evidence`), which the debiasing experts are routed by. All functions are
-vectorised over rows.
+the training labels (`ContextStatistics`): per vocabulary token, the log-odds of each class among the items that hold
+it; per pixel, a linear discriminant of its neighbourhood (`local_descriptors`: the 3x3 pixels around it, each minus
+the mean of its 7x7 surround) between the classes; per item, one of its mean colour. A token is context when alone it
+moves the class log-odds a lot, a pixel when its discriminant is strong against the batch's strongest: a row without
+such a token has no text context, a cue of several tokens is caught whole, a local mark or a frame is found where it
+is, at pixel resolution; a global tint lives in the mean colour, which is always context. Transplants move the
+partner's context in and the item's own context out, so a cue that is present in some items only is decorrelated too.
+The same statistics give each item's bias evidence (`ContextStatistics.bias_evidence`), which the debiasing experts
+are routed by. All functions are vectorised over rows.
 """
 
 from __future__ import annotations
