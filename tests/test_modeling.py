@@ -367,6 +367,21 @@ def test_inputs_embeds_equal_the_input_ids_path(tiny_model, tiny_batch):
         tiny_model(**tiny_batch, inputs_embeds=embeds)
 
 
+def test_embeddings_are_routed_by_bias_evidence_as_their_token_ids_are(make_tiny_model, tiny_batch):
+    routed = {"num_visual_experts": 4, "num_text_experts": 4, "experts_top_k": 2}
+    model, unseen = make_tiny_model(**routed).eval(), make_tiny_model(**routed).eval()
+    labels, ids = tiny_batch["labels"], tiny_batch["input_ids"]
+    for _ in range(3):  # label statistics, so that tokens and pixels carry evidence
+        model.update_context_statistics(ids, labels, tiny_batch["attention_mask"], tiny_batch["pixel_values"])
+    batch = {k: v for k, v in tiny_batch.items() if k != "input_ids"}
+    with torch.no_grad():
+        by_ids = model(**tiny_batch)
+        by_embeds = model(**batch, inputs_embeds=model.get_input_embeddings()(ids))
+        assert not torch.equal(by_ids.visual_gates, unseen(**tiny_batch).visual_gates)  # the evidence routes
+    for name in ("visual_gates", "text_gates", "logits"):
+        torch.testing.assert_close(by_embeds[name], by_ids[name], rtol=1e-5, atol=1e-6)
+
+
 def test_language_model_never_builds_a_cache(tiny_model_and_processor, tiny_batch):
     model = copy.deepcopy(tiny_model_and_processor[0]).train()
     calls = []

@@ -81,6 +81,7 @@ def test_a_checkpoint_gets_the_llava_recipe_and_every_value_can_be_overridden(ll
         0.1,
     )
     assert (model_args.lora_r, model_args.lora_alpha, model_args.dtype) == (128, 256, "float32")
+    assert model_args.freeze_vision_tower  # LLaVA-1.5 fine-tunes with the vision tower frozen
 
     model_args, _, lora = parse_args([*path, "--use_lora", "True"])
     assert _values(lora, TRAINING) == {**recipe, "learning_rate": 2e-4}
@@ -93,12 +94,15 @@ def test_a_checkpoint_gets_the_llava_recipe_and_every_value_can_be_overridden(ll
     assert type(small) is TinyTrainingArguments and model_args.lora_r == 16
 
 
-def test_freeze_vision_tower_on_a_loaded_checkpoint(llava_folder, tmp_path):
-    model_args, _, _ = parse_args(["--model_name_or_path", str(llava_folder), "--freeze_vision_tower", "True"])
-    model, _ = load_model("sarcasm", model_args, {0: "not_sarcastic", 1: "sarcastic"}, seed=0)
-    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    assert trainable and not any(".vision_tower." in name for name in trainable)
-    assert any(".language_model." in name for name in trainable)
+def test_a_checkpoint_trains_with_its_vision_tower_frozen_unless_asked(llava_folder, tmp_path):
+    for flags, tower_trained in (([], False), (["--freeze_vision_tower", "False"], True)):
+        model_args, _, _ = parse_args(["--model_name_or_path", str(llava_folder), *flags])
+        model, _ = load_model("sarcasm", model_args, {0: "not_sarcastic", 1: "sarcastic"}, seed=0)
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        assert any(".vision_tower." in name for name in trainable) == tower_trained
+        assert any(".language_model." in name for name in trainable)
+    with pytest.raises(ValueError, match="pass --freeze_vision_tower False"):
+        parse_args(["--model_name_or_path", str(llava_folder), "--lora_include_vision", "True"])
 
 
 def _option_help(text: str, option: str) -> str:
