@@ -37,39 +37,46 @@ def top_k_gates(logits: torch.Tensor, top_k: int) -> RoutingResult:
     return RoutingResult(gates=gates, router_logits=logits)
 
 
-class BiasRouter(nn.Module):
+class Router(nn.Module):
+    """What every router shares: `num_experts`, top-k, multiplicative input jitter in training, a temperature."""
+
+    def __init__(self, num_experts: int, top_k: int, jitter: float, temperature: float):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.jitter = jitter
+        self.temperature = temperature
+
+    def jittered(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs` times noise uniform in `[1 - jitter, 1 + jitter]` while training."""
+        if self.training and self.jitter > 0:
+            return inputs * torch.empty_like(inputs).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return inputs
+
+
+class BiasRouter(Router):
     """Gates from an item's bias evidence `(batch, num_evidence)` (one non-negative strength per kind of shortcut,
     `ContextStatistics.bias_evidence`): a linear score per expert. Initialised so that expert 0 takes items without
     evidence and expert `1 + f` items with evidence of kind `f`; training may move that."""
 
     def __init__(self, num_evidence: int, num_experts: int, top_k: int, jitter: float, temperature: float):
-        super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.jitter = jitter
-        self.temperature = temperature
+        super().__init__(num_experts, top_k, jitter, temperature)
         self.weight = nn.Parameter(torch.empty(num_experts, num_evidence, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
 
     def forward(self, evidence: torch.Tensor) -> RoutingResult:
         """evidence: `(batch, num_evidence)` -> gates `(batch, num_experts)`."""
-        evidence = evidence.float()
-        if self.training and self.jitter > 0:
-            evidence = evidence * torch.empty_like(evidence).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        evidence = self.jittered(evidence.float())
         with torch.autocast(device_type=evidence.device.type, enabled=False):  # routing stays float32
             logits = (evidence @ self.weight.float().T + self.bias.float()) / self.temperature
         return top_k_gates(logits, self.top_k)
 
 
-class AttentionRouter(nn.Module):
+class AttentionRouter(Router):
     """A query from the pooled item state attends over learned expert keys: softmax, top-k, renormalise."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float, temperature: float):
-        super().__init__()
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.jitter = jitter
-        self.temperature = temperature
+        super().__init__(num_experts, top_k, jitter, temperature)
         self.key_size = max(8, hidden_size // 4)
         # float32 whatever the default dtype (the model keeps routers in float32 when loading in half precision)
         self.query = nn.Linear(hidden_size, self.key_size, bias=False, dtype=torch.float32)
@@ -77,8 +84,7 @@ class AttentionRouter(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> RoutingResult:
         """pooled: `(batch, hidden)` -> gates `(batch, num_experts)`."""
-        if self.training and self.jitter > 0:
-            pooled = pooled * torch.empty_like(pooled).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        pooled = self.jittered(pooled)
         with torch.autocast(device_type=pooled.device.type, enabled=False):  # routing stays float32
             # the module is called (not its weight read) so that offload hooks fire; routers load in float32
             query = self.query(pooled.to(self.expert_keys.dtype)).float()
