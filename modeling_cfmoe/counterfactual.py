@@ -28,12 +28,12 @@ class BiasBranches:
 @dataclass
 class CounterfactualRows:
     """Fine-grained counterfactual rows: `embeds` `(rows, width, hidden)` (images inserted), `mask` `(rows, width)`,
-    their bias `evidence` `(rows, 3)`, the item each comes from (`source` `(rows,)`) and its `kind` `(rows,)`
-    (`counterfactual.CONTEXT_SWAPPED` / `CORE_MASKED`)."""
+    their bias `evidence` `(rows, 3)` (None unless a router reads it), the item each comes from (`source`
+    `(rows,)`) and its `kind` `(rows,)` (`CONTEXT_SWAPPED` / `CORE_MASKED`)."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
-    evidence: torch.Tensor
+    evidence: torch.Tensor | None
     source: torch.Tensor
     kind: torch.Tensor
 
@@ -130,7 +130,7 @@ def language_rows(
         torch.cat([pad_to(inputs_embeds, width), pad_to(cf.embeds, width)]),
         torch.cat([pad_to(attention_mask, width), pad_to(cf.mask, width)]),
         torch.cat([factual_positions, pad_to(positions, width)]),
-        None if evidence is None else torch.cat([evidence, cf.evidence]),
+        None if evidence is None or cf.evidence is None else torch.cat([evidence, cf.evidence]),
     )
 
 

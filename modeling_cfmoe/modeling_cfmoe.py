@@ -569,33 +569,27 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         row_kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
 
         embeds, masks, evidence, kinds = [], [], [], []
+        whole = None if strength.pixels is None else torch.ones_like(strength.pixels, dtype=torch.bool)
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
-            # each row's bias evidence, from the strengths of what it keeps and what it takes
-            if kind == CORE_MASKED:
+            if kind == CORE_MASKED:  # the item's own context only
                 kept = attention_mask & ~(candidates & ~text)
                 row_embeds, row_mask, row_images = inputs_embeds[rows], kept[rows], image_mask[rows]
-                row_text = (strength.tokens * (kept & text_mask)).amax(1)[rows]
                 images = keep_only_context(pixel_values, pixels, rows) if edit_image else None
-                row_local = (strength.pixels * pixels).flatten(1).amax(1)[rows] if edit_image else None
-            else:
+                own, taken = (kept & text_mask, pixels if edit_image else whole), (None, None)
+            else:  # its core, the partner's context
                 row_embeds, row_mask, row_images = transplant_tokens(
                     inputs_embeds, attention_mask, text, rows, partner, image_mask
                 )
-                own, given = (strength.tokens * (text_mask & ~text)).amax(1), (strength.tokens * text).amax(1)
-                row_text = torch.maximum(own[rows], given[partner])
                 images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
-                if edit_image:
-                    own, given = (strength.pixels * ~pixels).flatten(1), (strength.pixels * pixels).flatten(1)
-                    row_local = torch.maximum(own.amax(1)[rows], given.amax(1)[partner])
+                own = (text_mask & ~text, ~pixels if edit_image else whole)
+                taken = (text, pixels if edit_image else None)
+            row_evidence = None
+            if config.routes_by_evidence:
+                shown = images if images is not None else pixel_values[rows]
+                row_evidence = self._row_evidence(strength, rows, partner, own, taken, shown)
             if images is not None:
-                row_evidence = statistics.bias_evidence(row_text, row_local, mean_colour(images))
                 row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs, row_evidence)
-            elif strength.pixels is not None:  # the rows keep their own images
-                local = strength.pixels.flatten(1).amax(1)[rows]
-                row_evidence = statistics.bias_evidence(row_text, local, mean_colour(pixel_values[rows]))
-            else:
-                row_evidence = statistics.bias_evidence(row_text, None, None)
             embeds.append(row_embeds)
             masks.append(row_mask)
             evidence.append(row_evidence)
@@ -604,10 +598,26 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         return CounterfactualRows(
             embeds=torch.cat([pad_to(e, width) for e in embeds]),
             mask=torch.cat([pad_to(m, width) for m in masks]),
-            evidence=torch.cat(evidence),
+            evidence=None if evidence[0] is None else torch.cat(evidence),
             source=rows.repeat(len(kinds)),
             kind=torch.cat(kinds),
         )
+
+    def _row_evidence(self, strength: ContextStrength, rows, partner, own, taken, images) -> torch.Tensor:
+        """`(n, 3)` the bias evidence of counterfactual rows, from the strongest strength of what each row keeps of
+        its item (`own`: a token mask and a pixel mask, each None for nothing) and takes from its partner (`taken`);
+        the colour from the row's `images`."""
+
+        def strongest(values: torch.Tensor | None, mask: torch.Tensor | None, items: torch.Tensor) -> torch.Tensor:
+            if values is None or mask is None:
+                return strength.tokens.new_zeros(len(items))
+            return (values * mask).flatten(1).amax(1)[items]
+
+        text = torch.maximum(strongest(strength.tokens, own[0], rows), strongest(strength.tokens, taken[0], partner))
+        if strength.pixels is None:
+            return self.context_statistics.bias_evidence(text, None, None)
+        local = torch.maximum(strongest(strength.pixels, own[1], rows), strongest(strength.pixels, taken[1], partner))
+        return self.context_statistics.bias_evidence(text, local, mean_colour(images))
 
     def _one_image_per_item(self, pixel_values: torch.Tensor, batch: int, warn: bool) -> bool:
         if pixel_values.shape[0] == batch:

@@ -204,3 +204,18 @@ def test_bias_evidence_tells_which_modality_carries_a_shortcut_not_which_class()
     for items in (text_items, image_items):  # whichever class the cue points at, the same evidence
         by_class = [items[labels[:32] == c].mean(0) for c in (0, 1)]
         torch.testing.assert_close(by_class[0], by_class[1], rtol=0.1, atol=0.05)
+
+
+def test_counterfactual_rows_carry_bias_evidence_only_where_a_router_reads_it():
+    model, batch = _model_and_batch()  # one expert per site: nothing reads evidence
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    embeds = model.get_input_embeddings()(ids)
+    assert _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"]).evidence is None
+    routed, _ = build_tiny_model(
+        "sarcasm", seed=0, counterfactual_fraction=1.0, num_visual_experts=4, num_text_experts=4, experts_top_k=2
+    )
+    routed.context_statistics.load_state_dict(model.context_statistics.state_dict())
+    cf = _counterfactual_rows(routed.train(), ids, embeds, mask, batch["pixel_values"])
+    assert cf.evidence.shape == (len(cf.source), 3)
+    takes_cue = (cf.source + 1) % 4 < 2  # a context-swapped row takes its partner's text context (the cue token)
+    assert (cf.evidence[takes_cue, 0] > cf.evidence[~takes_cue, 0].max()).all()
