@@ -104,10 +104,10 @@ def test_table_and_plan(bench, tmp_path):
     scratch, pretrained = plan(bench, tmp_path, ["rubi"], [2], ("scratch", "pretrained"), ("mixed",))
     assert scratch.setting == "scratch/mixed" and scratch.run_dir == tmp_path / "runs/scratch/mixed/rubi/seed2"
     fixed = ["--cue_setting", "mixed", "--output_dir", str(scratch.run_dir), "--seed", "2", "--report_to", "none"]
-    assert scratch.argv == ["--method", "rubi", *fixed]
+    assert scratch.argv == [*bench.RUNS["rubi"], *fixed] and bench.RUNS["rubi"][:2] == ["--method", "rubi"]
     base = ["--model_name_or_path", str(tmp_path / "bases/seed2"), "--freeze_vision_tower", "True", "--recipe", "tiny"]
     fixed[3] = str(pretrained.run_dir)
-    assert pretrained.argv == ["--method", "rubi", *base, *fixed]
+    assert pretrained.argv == [*bench.RUNS["rubi"], *base, *fixed]
     assert bench.names("mixed, local_mark", ["local_mark", "mixed"], "x") == ["mixed", "local_mark"]
     with pytest.raises(SystemExit, match="unknown regime"):
         bench.names("scratch,finetuned", bm.REGIMES, "regime")
