@@ -72,6 +72,7 @@ RUNS: dict[str, list[str]] = {
     "cfmoe_no_visual_cf": ["--image_counterfactuals", "False"],  # only the text context is swapped
     "cfmoe_with_contrast": ["--counterfactual_types", "context_swapped,core_masked"],  # + core-masked rows, contrast
     "cfmoe_with_factual_task": ["--factual_task_weight", "1"],  # the fused head also learns from factual rows
+    "cfmoe_joint_bias": [*JOINT],  # the bias branches' losses also train the shared base
     # no core/context split: whole-modality counterfactuals only (the text-only and image-only branches), used to
     # reweight the factual rows per modality (w = prod_m (1 + 19 [branch m wrong])), or with the JTT rule
     "cfmoe_no_split": [*NO_SPLIT],

@@ -96,7 +96,7 @@ def accept_all(argv):
 def test_table_and_plan(bench, tmp_path):
     required = {"vanilla", "text_poe", "image_poe", "rubi", "cfvqa", "cfmoe", "oracle_unbiased", "group_dro"}
     ablations = {name for name in bench.RUNS if name.startswith("cfmoe_")}
-    assert required <= set(bench.RUNS) and len(ablations) == 9
+    assert required <= set(bench.RUNS) and len(ablations) == 10
     for name in ablations:
         assert bench.TABLE.kind(name) == "ablation"
         assert bench.TABLE.argv(name) == [*bench.RUNS["cfmoe"], *bench.RUNS[name]]
