@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+from .context import DECLARED_CONTEXT_PATTERNS
 
 SUPPORTED_BASE_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 
@@ -38,12 +41,30 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_types (`list[str]`): any of "context_swapped" (the item's context replaced by
             another item's, its core kept) and "core_masked" (its core removed, its context kept).
         counterfactual_modalities (`list[str]`): which modalities the counterfactual rows edit ("text", "image").
-        text_context_threshold (`float`): a token is text *context* when, alone, it moves the log-odds between two
-            classes by at least this much (label statistics of the training items that hold it, against the class
-            prior); a row without such a token has no text context. 2.0: the token alone multiplies the odds by 7.4.
+        text_context_threshold (`float`): a token is text *context* when its training items lean toward one class at
+            least this far of the way from the class prior to certainty (`ContextStatistics.token_determination`,
+            in [0, 1]; 0.6: for two balanced classes, 80% of its items in one class) and it is blind to the image
+            core (below); a row without such a token has no text context. Its whole word is context.
+        context_support (`float`): pseudo-items that pull a token's class distribution toward the prior before it
+            is scored, so that a token seen in a few items points at no class (10: a token in 10 items all of one
+            class gets half of the way).
+        core_dependence_threshold (`float`, *optional*): a token whose items, within their class, differ in what
+            their image core says by at least this many within-class standard deviations
+            (`ContextStatistics.token_dependence`) moves with the image: it is core, whatever its strength. A
+            spurious cue, caused by the label, is blind to the image given the label. None: no such test (every
+            token that points at one class is context). Needs images, one per item.
+        declared_text_context (`list[str]`): word patterns that are always context, whatever the statistics:
+            regular expressions matched against each vocabulary piece, or the names "hashtag", "mention", "url",
+            "emoji" (`context.DECLARED_CONTEXT_PATTERNS`). A word holding a matching piece is context.
+        protected_words (`list[str]`): words and phrases that are never context (their vocabulary pieces).
+        discover_text_context / discover_image_context (`bool`): find context from the statistics (True) or take
+            only what is declared (False).
+        declared_image_context (`list[list[float]]`): image regions that are always context, boxes
+            `[left, top, right, bottom]` as fractions of the image side (e.g. `[[0, 0, 0.25, 0.25]]` for a
+            watermark in the top-left corner).
         image_context_threshold (`float`): image *context* is the image's mean colour plus the pixels whose
             local linear discriminant scores (label statistics of 3x3 pixel neighbourhoods) reach this fraction of
-            the batch's strongest pixel.
+            the batch's strongest pixel, closed over the marks they outline.
         detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
             text-only language-model pass runs without gradient): they measure what one modality alone predicts
             without shaping the shared base. True by default: on the planted-cue benchmark (pretrained, 3 seeds) it
@@ -83,7 +104,14 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_fraction: float = 1.0,
         counterfactual_types: list[str] | None = None,
         counterfactual_modalities: list[str] | None = None,
-        text_context_threshold: float = 2.0,
+        text_context_threshold: float = 0.6,
+        context_support: float = 10.0,
+        core_dependence_threshold: float | None = 0.15,
+        declared_text_context: list[str] | None = None,
+        protected_words: list[str] | None = None,
+        discover_text_context: bool = True,
+        discover_image_context: bool = True,
+        declared_image_context: list[list[float]] | None = None,
         image_context_threshold: float = 0.5,
         detach_bias_branches: bool = True,
         inference_mode: str = "fused",
@@ -113,6 +141,13 @@ class CFMoEConfig(PretrainedConfig):
         self.counterfactual_types = list(counterfactual_types or ["context_swapped"])
         self.counterfactual_modalities = list(counterfactual_modalities or ["text", "image"])
         self.text_context_threshold = text_context_threshold
+        self.context_support = context_support
+        self.core_dependence_threshold = core_dependence_threshold
+        self.declared_text_context = list(declared_text_context or [])
+        self.protected_words = list(protected_words or [])
+        self.discover_text_context = discover_text_context
+        self.discover_image_context = discover_image_context
+        self.declared_image_context = [list(map(float, box)) for box in declared_image_context or []]
         self.image_context_threshold = image_context_threshold
         self.detach_bias_branches = detach_bias_branches
         self.inference_mode = inference_mode
@@ -145,11 +180,30 @@ class CFMoEConfig(PretrainedConfig):
             )
         if not 0.0 <= self.counterfactual_fraction <= 1.0:
             raise ValueError(f"counterfactual_fraction must be in [0, 1], got {self.counterfactual_fraction}")
-        if not (self.text_context_threshold > 0 and 0.0 < self.image_context_threshold <= 1.0):
+        if not (0.0 < self.text_context_threshold <= 1.0 and 0.0 < self.image_context_threshold <= 1.0):
             raise ValueError(
-                "text_context_threshold must be > 0 and image_context_threshold in (0, 1], got "
+                "text_context_threshold and image_context_threshold must lie in (0, 1], got "
                 f"{self.text_context_threshold} and {self.image_context_threshold}"
             )
+        if self.context_support < 0:
+            raise ValueError(f"context_support must be >= 0, got {self.context_support}")
+        if self.core_dependence_threshold is not None and self.core_dependence_threshold <= 0:
+            raise ValueError(
+                f"core_dependence_threshold must be > 0 (or None: no test), got {self.core_dependence_threshold}"
+            )
+        for pattern in self.declared_text_context:
+            try:
+                re.compile(DECLARED_CONTEXT_PATTERNS.get(pattern, pattern))
+            except re.error as error:
+                raise ValueError(
+                    f"declared_text_context pattern {pattern!r} is no regular expression: {error}"
+                ) from None
+        for box in self.declared_image_context:
+            if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                raise ValueError(
+                    f"declared_image_context box {box} must be [left, top, right, bottom] fractions with "
+                    "0 <= left < right <= 1 and 0 <= top < bottom <= 1"
+                )
 
     def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> PretrainedConfig:
         """The base's text config: what `resize_token_embeddings` and generic code update and read (vocab size)."""

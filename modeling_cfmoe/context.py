@@ -1,25 +1,50 @@
-"""Context discovery and transplant: which parts of an item carry a modality's direct effect, and how a counterfactual
-row takes another item's context while keeping its own core.
+"""Context discovery and transplant: which parts of an item carry a shortcut, and how a counterfactual row takes
+another item's context while keeping its own core.
 
-Nothing here assumes a cue's form. Context is read from non-contextual statistics of the direct effects, gathered on
-the training labels (`ContextStatistics`): per vocabulary token, the log-odds of each class among the items that hold
-it; per pixel, a linear discriminant of its neighbourhood (`local_descriptors`: the 3x3 pixels around it, each minus
-the mean of its 7x7 surround) between the classes; per item, one of its mean colour. A token is context when alone it
-moves the class log-odds a lot, a pixel when its discriminant is strong against the batch's strongest: a row without
-such a token has no text context, a cue of several tokens is caught whole, a local mark or a frame is found where it
-is, at pixel resolution; a global tint lives in the mean colour, which is always context. Transplants move the
-partner's context in and the item's own context out, so a cue that is present in some items only is decorrelated too.
-The same statistics give each item's bias evidence (`ContextStatistics.bias_evidence`), which the debiasing experts
-are routed by. All functions are vectorised over rows.
+Nothing here assumes a cue's form. Context is read from non-contextual statistics gathered on the training labels
+(`ContextStatistics`). What the default treats as a shortcut:
+
+* a token is text context when it *points at one class* (its items' class distribution, pulled toward the prior by
+  `support` pseudo-items, moves toward one class a large part of the way from the prior to certainty: its
+  `token_determination`) **and** it is *blind to the rest of the item*: among the items of each class, those that
+  hold it see the same image core as those that do not (`token_dependence`, read against each item's image-core
+  reading: what its image says once its own image context is swapped out). A spurious cue is caused by the label
+  (a hashtag added to sarcastic posts, a collection artefact), so given the label it says nothing about the image;
+  a core word (a sentiment word, a sarcasm marker) takes part in what the item means, so given the label it moves
+  with the image. Words that rule a class out without pointing at one (a sentiment word among three classes) are
+  never context; words that point at one class but move with the image are core, however strong.
+* image context is the image's mean colour plus the pixels whose linear discriminant of their neighbourhood
+  (`local_descriptors`: the 3x3 pixels around it, each minus the mean of its 7x7 surround) is strong against the
+  batch's strongest, grown to the marks they outline;
+* the user's knowledge comes first: declared context (word patterns, image regions) is always context, protected
+  words never are (`set_vocabulary`).
+
+Transplants move the partner's context in and the item's own context out, so a cue that is present in some items
+only is decorrelated too. The same statistics give each item's bias evidence (`ContextStatistics.bias_evidence`),
+which routed experts read. All functions are vectorised over rows.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+# Named word patterns for `declared_text_context`, matched against each vocabulary piece (its text, word marker
+# removed): a word holding a matching piece is context.
+DECLARED_CONTEXT_PATTERNS = {
+    "hashtag": r"^#",
+    "mention": r"^@",
+    "url": r"^(https?\b|www\.)",
+    "emoji": r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]|^emoji_?|^<0xF[0-4]>$",
+}
+WORD_MARKERS = (" ", "\u2581", "\u0120")  # a piece starting with one of these starts a word
+DEPENDENCE_SIGNIFICANCE = 0.01  # a token moves with the image core only when chance alone would rarely show as much
+CORE_DIM = 64  # image-core features are projected to at most this many dimensions (per-token sums stay small)
 
 
 @dataclass
@@ -35,37 +60,66 @@ class ContextStrength:
 
 
 class ContextStatistics(nn.Module):
-    """Running label statistics that score each token and image pixel by the direct effect it carries alone.
+    """Running label statistics that score each token and image pixel by the shortcut it carries.
 
-    Buffers (saved with the model): `token_counts` `(vocab, num_labels)` int64, items of each class holding each
-    token; `class_counts` `(num_labels,)` int64; `local_sums` `(num_labels, local_dim)` float32, per class the sum of
-    the items' mean local descriptor; `local_moments` `(local_dim + 1, local_dim + 1)` float32, the sums of
-    `[d, 1] [d, 1]^T` over single pixels' descriptors (their count, mean and covariance); `colour_sums` /
-    `colour_moments` the same for the items' mean colour (the global component); `continues_word`
-    `(vocab,)` bool, the tokens that continue a word rather than start one (`set_word_pieces`), so that context is
-    taken a whole word at a time. Closed-form, so they need no learning rate and follow any training recipe.
+    Buffers (saved with the model):
+    * `token_counts` `(vocab, num_labels)` int64, items of each class holding each token; `class_counts`
+      `(num_labels,)` int64;
+    * the image core (`update_core_readings`): the pooled features of context-swapped images, projected to
+      `core_dim` dimensions by the fixed `core_projection` `(feature_dim, core_dim)`: `core_feature_sums`
+      `(num_labels, core_dim)` and `core_feature_counts` `(num_labels,)` per class, `core_feature_products`
+      `(core_dim, core_dim)` the sum of their outer products (a Gaussian linear discriminant of the image core),
+      and per token `token_core_sums` `(vocab, num_labels, core_dim)` float32 and `token_core_counts`
+      `(vocab, num_labels)` int64, the sum and number of those of the items of each class that hold it;
+    * `local_sums` `(num_labels, local_dim)` float32, per class the sum of the items' mean local descriptor;
+      `local_moments` `(local_dim + 1, local_dim + 1)` float32, the sums of `[d, 1] [d, 1]^T` over single pixels'
+      descriptors (their count, mean and covariance); `colour_sums` / `colour_moments` the same for the items' mean
+      colour (the global component);
+    * vocabulary flags (`set_vocabulary`): `continues_word` (the piece continues the word before it),
+      `word_boundary` (specials and whitespace pieces: the piece after one starts a word), `declared_token` (always
+      context) and `protected_token` (never context), each `(vocab,)` bool.
+    Closed-form, so they need no learning rate and follow any training recipe. `support`: the pseudo-items that
+    pull a token's class distribution toward the prior (a token seen in few items points nowhere).
     """
 
-    def __init__(self, vocab_size: int, local_dim: int, num_labels: int, num_channels: int = 3, smoothing: float = 1.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        local_dim: int,
+        num_labels: int,
+        num_channels: int = 3,
+        support: float = 10.0,
+        feature_dim: int = 1,
+    ):
         super().__init__()
-        self.smoothing = smoothing
+        core_dim = min(feature_dim, CORE_DIM)
+        self.support = support
         self.radius = (math.isqrt(local_dim // num_channels) - 1) // 2  # local_dim = channels * (2 radius + 1)^2
-        self.register_buffer("token_counts", torch.zeros(vocab_size, num_labels, dtype=torch.long))
-        self.register_buffer("continues_word", torch.zeros(vocab_size, dtype=torch.bool))
-        self.register_buffer("class_counts", torch.zeros(num_labels, dtype=torch.long))
-        self.register_buffer("local_sums", torch.zeros(num_labels, local_dim, dtype=torch.float32))
+        k = num_labels
+        self.register_buffer("token_counts", torch.zeros(vocab_size, k, dtype=torch.long))
+        self.register_buffer("class_counts", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("core_projection", core_projection(feature_dim, core_dim))
+        self.register_buffer("core_feature_sums", torch.zeros(k, core_dim, dtype=torch.float32))
+        self.register_buffer("core_feature_counts", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("core_feature_products", torch.zeros(core_dim, core_dim, dtype=torch.float32))
+        self.register_buffer("token_core_sums", torch.zeros(vocab_size, k, core_dim, dtype=torch.float32))
+        self.register_buffer("token_core_counts", torch.zeros(vocab_size, k, dtype=torch.long))
+        self.register_buffer("local_sums", torch.zeros(k, local_dim, dtype=torch.float32))
         self.register_buffer("local_moments", torch.zeros(local_dim + 1, local_dim + 1, dtype=torch.float32))
-        self.register_buffer("colour_sums", torch.zeros(num_labels, num_channels, dtype=torch.float32))
+        self.register_buffer("colour_sums", torch.zeros(k, num_channels, dtype=torch.float32))
         self.register_buffer("colour_moments", torch.zeros(num_channels + 1, num_channels + 1, dtype=torch.float32))
+        for name in VOCABULARY_FLAGS:
+            self.register_buffer(name, torch.zeros(vocab_size, dtype=torch.bool))
 
     def _apply(self, fn, recurse=True):
         """Casts (`model.half()`, `model.to(torch.bfloat16)`) leave the sums in float32: they grow past what half
         precision can count."""
         super()._apply(fn, recurse)
-        for name in ("local_sums", "local_moments", "colour_sums", "colour_moments"):
+        for name in FLOAT_SUMS:
             self._buffers[name] = self._buffers[name].float()
         return self
 
+    # ------------------------------------------------------------------------------------------ counting
     @torch.no_grad()
     def update(
         self, token_ids: torch.Tensor, token_mask: torch.Tensor, pixel_values: torch.Tensor | None, labels: torch.Tensor
@@ -74,8 +128,7 @@ class ContextStatistics(nn.Module):
         `(batch, ..., channels, height, width)` (one image per item) or None, labels `(batch,)`. Sums over every
         process under DDP."""
         onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
-        present = torch.zeros(token_ids.shape[0], self.token_counts.shape[0], device=token_ids.device)
-        present = present.scatter_add(1, token_ids * token_mask, token_mask.float()).clamp_max(1)
+        present = self._present(token_ids, token_mask)
         sums = {"token_counts": present.T @ onehot, "class_counts": onehot.sum(0)}
         if pixel_values is not None:
             batch = labels.shape[0]
@@ -89,6 +142,64 @@ class ContextStatistics(nn.Module):
             )
             sums["colour_sums"] = onehot.T @ colour
             sums["colour_moments"] = _moments(colour.T @ colour, colour.sum(0), batch)
+        self._add(sums)
+
+    @torch.no_grad()
+    def update_core_readings(
+        self, token_ids: torch.Tensor, token_mask: torch.Tensor, labels: torch.Tensor, features: torch.Tensor
+    ) -> None:
+        """Count what some items' images show once their own context is swapped out: token_ids / token_mask
+        `(n, length)` their texts, labels `(n,)`, features `(n, feature_dim)` their images' pooled features
+        (projected by `core_projection`), per class and per token; they tell a token that moves with the image core
+        (core) from one that is blind to it (a shortcut)."""
+        onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
+        core = features.detach().float() @ self.core_projection
+        per_class = (onehot.unsqueeze(-1) * core.unsqueeze(1)).flatten(1)  # (n, k * core_dim)
+        present = self._present(token_ids, token_mask)
+        self._add(
+            {
+                "core_feature_sums": onehot.T @ core,
+                "core_feature_counts": onehot.sum(0),
+                "core_feature_products": core.T @ core,
+                "token_core_counts": present.T @ onehot,
+                "token_core_sums": (present.T @ per_class).view(present.shape[1], *self.core_feature_sums.shape),
+            }
+        )
+
+    def _core_gaussian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image core's class means `(num_labels, core_dim)` and pooled within-class covariance (with a ridge)."""
+        counts = self.core_feature_counts.float().clamp_min(1)
+        means = self.core_feature_sums / counts.unsqueeze(-1)
+        within = (self.core_feature_products - (means.T * counts) @ means) / counts.sum()
+        ridge = 1e-2 * within.diagonal().mean().clamp_min(1e-6)
+        return means, within + ridge * torch.eye(within.shape[0], device=within.device)
+
+    def core_discriminant(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image core's linear discriminant (Fisher's): its weights `(core_dim, num_labels)` (the class scores of
+        a projected feature `x` are `x @ weights`, each class's mean minus the overall mean, whitened by the pooled
+        within-class covariance, so that the scores carry what tells the classes apart and nothing they share) and
+        the within-class covariance of those scores `(num_labels, num_labels)`."""
+        means, within = self._core_gaussian()
+        counts = self.core_feature_counts.float()
+        overall = (counts @ means) / counts.sum().clamp_min(1)
+        weights = torch.linalg.solve(within, (means - overall).T)
+        return weights, weights.T @ within @ weights
+
+    def core_separation(self) -> torch.Tensor:
+        """`(num_labels, num_labels)` Mahalanobis distances between the image core's class means: how far apart the
+        images of two classes are once their context is swapped out (0: the image core tells them apart not at all,
+        and no token can be found to move with it)."""
+        means, within = self._core_gaussian()
+        gaps = means.unsqueeze(0) - means.unsqueeze(1)  # (k, k, core_dim)
+        return (gaps * torch.linalg.solve(within, gaps.flatten(0, 1).T).T.view_as(gaps)).sum(-1).clamp_min(0).sqrt()
+
+    def _present(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """`(n, vocab)` float: 1 where the item holds the token (among `token_mask`)."""
+        present = torch.zeros(token_ids.shape[0], self.token_counts.shape[0], device=token_ids.device)
+        return present.scatter_add(1, token_ids * token_mask, token_mask.float()).clamp_max(1)
+
+    def _add(self, sums: dict[str, torch.Tensor]) -> None:
+        """Add `sums` to the buffers of the same names, summed over every process under DDP first."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             for value in sums.values():
                 torch.distributed.all_reduce(value)
@@ -96,13 +207,66 @@ class ContextStatistics(nn.Module):
             buffer = self._buffers[name]
             buffer += value.round().to(buffer.dtype) if not buffer.is_floating_point() else value
 
-    def token_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """`(..., num_labels)` log-odds of each class given the token, against the class prior (smoothed)."""
-        counts = self.token_counts[token_ids].float() + self.smoothing
-        classes = self.class_counts.float() + self.smoothing
-        prior = classes.log() - classes.sum().log()
-        return counts.log() - counts.sum(-1, keepdim=True).log() - prior
+    # ------------------------------------------------------------------------------------------ text scores
+    def class_prior(self) -> torch.Tensor:
+        """`(num_labels,)` the share of each class among the counted items (uniform before any)."""
+        classes = self.class_counts.float() + 1.0
+        return classes / classes.sum()
 
+    def token_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`(..., num_labels)` each class's probability among the items holding the token, pulled toward the prior
+        by `support` pseudo-items."""
+        counts = self.token_counts[token_ids].float()
+        prior = self.class_prior()
+        return (counts + self.support * prior) / (counts.sum(-1, keepdim=True) + self.support)
+
+    def token_determination(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`(...)` in [0, 1]: how far the token's items lean toward one class, `max_c (p_c - prior_c) / (1 - prior_c)`
+        over its `token_scores`: 1 when every item holding it is of one class, 0 when they are distributed as all
+        items are. A token that only rules a class out (its probability toward 0) points at no class."""
+        prior = self.class_prior()
+        return ((self.token_scores(token_ids) - prior) / (1 - prior).clamp_min(1e-6)).amax(-1).clamp_min(0)
+
+    def token_dependence(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How much the items holding each token differ, within their class, in what their image core shows (the
+        image-core discriminant's class scores of `update_core_readings`'s features), as (effect, p-value), each
+        `(...)`.
+
+        effect >= 0: the root mean square over classes (weighted by the token's items) and class scores of the
+        shift of the token's mean score, in within-class standard deviations, less the shift that sampling alone
+        gives (`1 / n` in squared units): about 0 for a token blind to the image given the label. p-value: of that
+        shift under blindness (`sum_c n_c z_c^2` against a chi-square with one degree of freedom per class the token
+        occurs in), so that a few items cannot make a token look dependent by chance. (0, 1) where the token has no
+        image-core features.
+        """
+        weights, score_covariance = self.core_discriminant()
+        n = self.token_core_counts[token_ids].float()  # (..., k)
+        means = self.core_feature_sums / self.core_feature_counts.float().clamp_min(1).unsqueeze(-1)
+        shift = (self.token_core_sums[token_ids] / n.clamp_min(1).unsqueeze(-1) - means) @ weights  # (..., k, k)
+        z2 = (shift.square() / score_covariance.diagonal().clamp_min(1e-12)).mean(-1)
+        z2 = torch.where(n > 0, z2, torch.zeros_like(z2))
+        corrected = torch.where(n > 0, z2 - 1 / n.clamp_min(1), torch.zeros_like(n))
+        effect = ((n * corrected).sum(-1) / n.sum(-1).clamp_min(1)).clamp_min(0).sqrt()
+        classes = (n > 0).sum(-1).float()
+        statistic = (n * z2).sum(-1)
+        p_value = torch.where(
+            classes > 0, torch.special.gammaincc(classes.clamp_min(1) / 2, statistic / 2), torch.ones_like(statistic)
+        )
+        return effect, p_value
+
+    def token_strength(self, token_ids: torch.Tensor, dependence_threshold: float | None) -> torch.Tensor:
+        """`(...)` in [0, 1]: the shortcut each token carries: its `token_determination`, 0 when it moves with the
+        image core (`token_dependence`: an effect of at least `dependence_threshold`, significant at
+        `DEPENDENCE_SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context."""
+        strength = self.token_determination(token_ids)
+        if dependence_threshold is not None:
+            effect, p_value = self.token_dependence(token_ids)
+            dependent = (effect >= dependence_threshold) & (p_value < DEPENDENCE_SIGNIFICANCE)
+            strength = torch.where(dependent, 0.0, strength)
+        strength = torch.where(self.protected_token[token_ids], 0.0, strength)
+        return torch.where(self.declared_token[token_ids], 1.0, strength)
+
+    # ------------------------------------------------------------------------------------------ pixel scores
     def local_scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(..., height, width, num_labels)`: each pixel's linear discriminant score for each class (Fisher's, with
         the class means of the items' mean local descriptor and the covariance of single descriptors), centred on the
@@ -139,45 +303,94 @@ class ContextStatistics(nn.Module):
         self, text_strength: torch.Tensor, local_strength: torch.Tensor | None, colour: torch.Tensor | None
     ) -> torch.Tensor:
         """`(batch, 3)`: how strongly each item's text, local pixels and overall colour carry a shortcut, as
-        `log(1 + spread)` of its strongest scores, whichever class they point at.
+        `log(1 + strength)` of its strongest parts, whichever class they point at.
 
-        text_strength / local_strength: `(batch,)` the largest strength (`spread` of the scores) of the item's tokens
-        and pixels; colour: `(batch, channels)` the item's `mean_colour`. None: no image evidence (no image, or
-        several per item).
+        text_strength: `(batch,)` the largest `token_strength` of the item's tokens; local_strength: `(batch,)` the
+        largest `spread` of its pixels' `local_scores`; colour: `(batch, channels)` the item's `mean_colour`. None:
+        no image evidence (no image, or several per item).
         """
         local = colour_strength = torch.zeros_like(text_strength)
         if local_strength is not None:
             local, colour_strength = local_strength, spread(self.colour_scores(colour))
         return torch.stack([text_strength, local, colour_strength], dim=-1).float().clamp_min(0).log1p()
 
-    def set_word_pieces(self, tokenizer) -> None:
-        """Mark the vocabulary's word-continuing pieces from a tokenizer: a token whose text starts with neither a
-        space nor a word marker ("▁", "Ġ") continues the word before it. Special tokens always start one."""
+    # ------------------------------------------------------------------------------------------ vocabulary
+    def set_vocabulary(
+        self, tokenizer, declared_context: Sequence[str] = (), protected_words: Sequence[str] = ()
+    ) -> None:
+        """The vocabulary flags from a tokenizer.
+
+        * `continues_word`: a piece whose text starts with no word marker (" ", "▁", "Ġ") and that is no special or
+          byte token continues the word before it; `word_boundary`: special tokens and pieces that are whitespace
+          (a newline byte, "Ċ"): the piece after one starts a word, so that text context is taken a whole word at a
+          time;
+        * `declared_token`: pieces matching one of `declared_context` (regular expressions, or the names of
+          `DECLARED_CONTEXT_PATTERNS`) on their text without the word marker, or on the raw piece: a word holding one
+          is always context;
+        * `protected_token`: the pieces of `protected_words` (each word of each phrase, tokenized alone with and
+          without a leading space, as written, lower-cased and capitalised): never context.
+        """
+        size = min(len(tokenizer), self.continues_word.shape[0])
         special = set(tokenizer.all_special_ids)
-        tokens = tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), self.continues_word.shape[0]))))
-        flags = [
-            index not in special and not token.startswith((" ", "\u2581", "\u0120", "<"))
-            for index, token in enumerate(tokens)
-        ]
-        self.continues_word[: len(flags)] = torch.tensor(flags, dtype=self.continues_word.dtype)
+        pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+        texts = [tokenizer.convert_tokens_to_string([piece]) if piece is not None else "" for piece in pieces]
+        patterns = [re.compile(DECLARED_CONTEXT_PATTERNS.get(name, name)) for name in declared_context]
+        flags = {name: torch.zeros(size, dtype=torch.bool) for name in VOCABULARY_FLAGS}
+        for index, (piece, text) in enumerate(zip(pieces, texts, strict=True)):
+            piece = piece or ""
+            is_special = index in special
+            flags["continues_word"][index] = not (is_special or piece.startswith((*WORD_MARKERS, "<")))
+            flags["word_boundary"][index] = is_special or (text != "" and text.isspace())
+            bare = text.strip()
+            flags["declared_token"][index] = not is_special and any(
+                pattern.search(bare) or pattern.search(piece) for pattern in patterns
+            )
+        for word in {variant for phrase in protected_words for w in phrase.split() for variant in _variants(w)}:
+            for ids in (tokenizer(word, add_special_tokens=False)["input_ids"],
+                        tokenizer(" " + word, add_special_tokens=False)["input_ids"]):  # fmt: skip
+                flags["protected_token"][[i for i in ids if i < size and i not in special]] = True
+        for name, values in flags.items():
+            self._buffers[name][:size] = values.to(self._buffers[name].device)
 
     def whole_words(self, token_ids: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """`context` `(batch, length)` grown to whole words: a word (a piece that starts one and the pieces that
-        continue it, among `candidates`) is context when any of its pieces is."""
-        continues = self.continues_word[token_ids].bool() & candidates
+        continue it, among `candidates`) is context when any of its pieces is; protected pieces stay out."""
+        after_boundary = nn.functional.pad(self.word_boundary[token_ids[:, :-1]], (1, 0), value=True)
+        continues = self.continues_word[token_ids] & ~after_boundary & candidates
         word = (~continues).long().cumsum(1)
         any_piece = torch.zeros(word.shape[0], word.shape[1] + 1, device=word.device)
         any_piece = any_piece.scatter_reduce(1, word, context.float(), "amax")
-        return candidates & (any_piece.gather(1, word) > 0)
+        return candidates & (any_piece.gather(1, word) > 0) & ~self.protected_token[token_ids]
 
     def resize_vocabulary(self, vocab_size: int) -> None:
-        """Keep the counts of the first `vocab_size` tokens; new tokens start unseen (and start words)."""
+        """Keep the statistics of the first `vocab_size` tokens; new tokens start unseen (and start words)."""
         kept = min(vocab_size, self.token_counts.shape[0])
-        counts = self.token_counts.new_zeros(vocab_size, self.token_counts.shape[1])
-        counts[:kept] = self.token_counts[:kept]
-        continues = self.continues_word.new_zeros(vocab_size)
-        continues[:kept] = self.continues_word[:kept]
-        self.token_counts, self.continues_word = counts, continues
+        for name in ("token_counts", "token_core_sums", "token_core_counts", *VOCABULARY_FLAGS):
+            old = self._buffers[name]
+            new = old.new_zeros(vocab_size, *old.shape[1:])
+            new[:kept] = old[:kept]
+            self._buffers[name] = new
+
+
+VOCABULARY_FLAGS = ("continues_word", "word_boundary", "declared_token", "protected_token")
+FLOAT_SUMS = (
+    "core_projection", "core_feature_sums", "core_feature_products", "token_core_sums", "local_sums", "local_moments",
+    "colour_sums", "colour_moments",
+)  # fmt: skip
+
+
+def core_projection(feature_dim: int, core_dim: int) -> torch.Tensor:
+    """`(feature_dim, core_dim)`: the identity when the features are small enough, else a fixed random orthonormal
+    projection (seeded, so that every model gets the same one)."""
+    if core_dim == feature_dim:
+        return torch.eye(feature_dim)
+    generator = torch.Generator().manual_seed(0)
+    return torch.linalg.qr(torch.randn(feature_dim, core_dim, generator=generator))[0]
+
+
+def _variants(word: str) -> set[str]:
+    """A protected word as written, lower-cased and capitalised."""
+    return {word, word.lower(), word.capitalize()}
 
 
 def spread(scores: torch.Tensor) -> torch.Tensor:
@@ -271,6 +484,22 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return grown.view_as(mask)
 
 
+def close_holes(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A bool mask `(..., height, width)` closed by `radius` pixels (dilated, then eroded): the inside of a solid
+    mark whose rim alone was found (its interior is uniform, so local evidence sees nothing there) joins it."""
+    return ~dilate(~dilate(mask, radius), radius)
+
+
+def region_mask(regions: Sequence[Sequence[float]], height: int, width: int, device=None) -> torch.Tensor:
+    """`(height, width)` bool: the union of boxes `(left, top, right, bottom)`, each a fraction of the image side."""
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    for left, top, right, bottom in regions:
+        rows = slice(math.floor(top * height), math.ceil(bottom * height))
+        cols = slice(math.floor(left * width), math.ceil(right * width))
+        mask[rows, cols] = True
+    return mask
+
+
 def background_colour(pixel_values: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """Mean colour `(..., channels, 1, 1)` of each image's pixels outside its local context (`(..., height, width)`
     bool), so that a local cue's own colour does not leak into the global component."""
@@ -279,7 +508,7 @@ def background_colour(pixel_values: torch.Tensor, context: torch.Tensor) -> torc
 
 
 def transplant_pixels(
-    pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor
+    pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor, recolour: bool = True
 ) -> torch.Tensor:
     """The rows' images with the partner's context: its background colour, and its pixels wherever the row's
     context lies (the row's own local cue leaves) or the partner's (the partner's arrives). A row without local
@@ -287,11 +516,12 @@ def transplant_pixels(
     never tells whether the row had a cue.
 
     pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool;
-    rows / partner `(n,)` item indices. Returns `(n, ..., channels, height, width)`.
+    rows / partner `(n,)` item indices; `recolour=False` keeps the rows' own background colour. Returns
+    `(n, ..., channels, height, width)`.
     """
     own, given = pixel_values[rows], pixel_values[partner]
     colour = background_colour(pixel_values, context)
-    recoloured = own - colour[rows] + colour[partner]
+    recoloured = own - colour[rows] + colour[partner] if recolour else own
     has_context = context.flatten(1).any(1)
     footprint = context[rows]
     if bool(has_context.any()):

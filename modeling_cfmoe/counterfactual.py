@@ -29,13 +29,15 @@ class BiasBranches:
 class CounterfactualRows:
     """Fine-grained counterfactual rows: `embeds` `(rows, width, hidden)` (images inserted), `mask` `(rows, width)`,
     their bias `evidence` `(rows, 3)` (None unless a router reads it), the item each comes from (`source`
-    `(rows,)`) and its `kind` `(rows,)` (`CONTEXT_SWAPPED` / `CORE_MASKED`)."""
+    `(rows,)`) and its `kind` `(rows,)` (`CONTEXT_SWAPPED` / `CORE_MASKED`); `image_core`: the pooled features
+    `(n, hidden)` of the context-swapped images (stop-gradient) and their items `(n,)` (None without image edits)."""
 
     embeds: torch.Tensor
     mask: torch.Tensor
     evidence: torch.Tensor | None
     source: torch.Tensor
     kind: torch.Tensor
+    image_core: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -32,9 +32,12 @@ from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .context import (
     ContextStatistics,
     ContextStrength,
+    close_holes,
+    core_projection,
     dilate,
     keep_only_context,
     mean_colour,
+    region_mask,
     spread,
     strong_context,
     transplant_pixels,
@@ -55,8 +58,15 @@ from .counterfactual import (
 from .moe import AttentionRouter, BiasRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import custom_pipelines_config
 
-COUNTERFACTUALS = (None, "effects", "rows", "rows_only")  # what `forward(counterfactuals=...)` computes
+COUNTERFACTUALS = (
+    None,
+    "effects",
+    "core_readings",
+    "rows",
+    "rows_only",
+)  # what `forward(counterfactuals=...)` computes
 LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
+MARK_RADIUS = 3  # pixel context is closed by this much: the surround of the local evidence (7x7)
 BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
 AUTO_MAP = {
     "AutoConfig": "configuration_cfmoe.CFMoEConfig",
@@ -87,6 +97,9 @@ class CFMoEOutput(ModelOutput):
     counterfactual_logits / counterfactual_pooled: `(rows, num_labels)` / `(rows, hidden)` fine-grained
         counterfactual rows; `counterfactual_source` `(rows,)` the item each row comes from and
         `counterfactual_kind` `(rows,)` 0 = context-swapped, 1 = core-masked.
+    image_core_features: `(n, hidden)` the projected image features, pooled, of the images of `image_core_source`
+        `(n,)` with their own image context swapped out (stop-gradient, float32): what the context statistics read
+        the image core from (`update_core_readings`), to tell a token that moves with it from one blind to it.
     visual_gates / visual_router_logits: `(batch, num_visual_experts)` the visual MoE's routing of the factual
         images (None without images).
     text_gates / text_router_logits: `(batch, num_text_experts)` the language MoE's routing of the factual rows
@@ -115,6 +128,8 @@ class CFMoEOutput(ModelOutput):
     counterfactual_pooled: torch.Tensor | None = None
     counterfactual_source: torch.Tensor | None = None
     counterfactual_kind: torch.Tensor | None = None
+    image_core_features: torch.Tensor | None = None
+    image_core_source: torch.Tensor | None = None
     visual_gates: torch.Tensor | None = None
     visual_router_logits: torch.Tensor | None = None
     text_gates: torch.Tensor | None = None
@@ -169,9 +184,12 @@ class CFMoEPreTrainedModel(PreTrainedModel):
             init.copy_(module.bias, bias)
         elif isinstance(module, CFMoEForMultimodalClassification):
             init.zeros_(module.prior_logits)
-        elif isinstance(module, ContextStatistics):
-            for buffer in module.buffers():
-                init.zeros_(buffer)
+        elif isinstance(module, ContextStatistics):  # nothing counted yet; the fixed image-core projection
+            for name, buffer in module.named_buffers(recurse=False):
+                if name == "core_projection":
+                    init.copy_(buffer, core_projection(*buffer.shape).to(buffer.device))
+                else:
+                    init.zeros_(buffer)
 
 
 class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
@@ -204,7 +222,12 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         # label statistics of each token and image patch: they pick each item's *context* (context.py)
         channels = config.base_config.vision_config.num_channels
         self.context_statistics = ContextStatistics(
-            config.base_config.text_config.vocab_size, channels * (2 * LOCAL_RADIUS + 1) ** 2, num_labels, channels
+            config.base_config.text_config.vocab_size,
+            channels * (2 * LOCAL_RADIUS + 1) ** 2,
+            num_labels,
+            channels,
+            support=config.context_support,
+            feature_dim=hidden,
         )
         self._image_feature_params = set(inspect.signature(self.mllm.get_image_features).parameters)
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
@@ -296,8 +319,12 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         counterfactuals: what to compute besides the prediction (`COUNTERFACTUALS`):
             - None: the prediction only (with `inference_mode="tie"` the branches it needs too);
             - "effects": the text-only, image-only and prior branches and the causal effects;
-            - "rows": those, and the fine-grained counterfactual rows of `config.counterfactual_fraction` of the
-              items (context-swapped / core-masked; needs `input_ids` and images), in the factual rows' call;
+            - "core_readings": those, and the image-core readings of `config.counterfactual_fraction` of the items
+              (their images with the image context swapped out, through the vision tower and projector without
+              gradient, pooled): a warm-up step that gathers what tells a core token from a shortcut;
+            - "rows": the branches, the image-core readings and the fine-grained counterfactual rows of
+              `config.counterfactual_fraction` of the items (context-swapped / core-masked; needs `input_ids` and
+              images), in the factual rows' call;
             - "rows_only": the branches and the fine-grained rows, the factual rows left out of the language-model
               call (a training step whose loss reads the fused head on those rows only): `logits`, `fused_logits`,
               `pooled`, the effects and the factual text routing are then None.
@@ -327,6 +354,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         image_mask = image_mask & attention_mask
         text_mask = attention_mask & ~image_mask
         build_rows = counterfactuals in ("rows", "rows_only") and pixel_values is not None
+        edits_images = (build_rows or counterfactuals == "core_readings") and pixel_values is not None
         if build_rows and input_ids is None:
             raise ValueError(
                 "counterfactual rows pick text context by token id: pass input_ids rather than inputs_embeds"
@@ -334,9 +362,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
 
         # 0. how strongly each token and pixel carries a shortcut: it picks the context and routes the experts
         strength = evidence = None
-        if build_rows or config.routes_by_evidence:
+        if edits_images or config.routes_by_evidence:
             token_ids = input_ids if input_ids is not None else self._nearest_token_ids(inputs_embeds)
-            strength = self._context_strength(token_ids, pixel_values, batch, warn=build_rows)
+            strength = self._context_strength(token_ids, pixel_values, batch, warn=edits_images)
             evidence = self._bias_evidence(strength, text_mask, pixel_values) if config.routes_by_evidence else None
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE
@@ -352,11 +380,14 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             )
 
         # 2. factual rows and/or counterfactual rows through the language model in one call -> language MoE -> head
-        cf = None
+        cf = core = None
         if build_rows and image_features is not None:
             cf = self._counterfactual_rows(
                 input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
             )
+            core = None if cf is None else cf.image_core
+        elif edits_images and image_features is not None and strength.pixels is not None:
+            core = self._image_core_readings(pixel_values, image_mask, image_kwargs, strength)
         n_factual = 0 if cf is not None and counterfactuals == "rows_only" else batch
         rows_embeds, rows_mask, position_ids, rows_evidence = language_rows(
             inputs_embeds, attention_mask, evidence, cf, keep_factual=n_factual > 0
@@ -395,6 +426,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             **({} if effects is None else vars(effects)),
             pooled=pooled[:n_factual] if n_factual else None,
             **({} if cf is None else _counterfactual_fields(cf, rows_logits[n_factual:], pooled[n_factual:])),
+            image_core_features=None if core is None else core[0],
+            image_core_source=None if core is None else core[1],
             visual_gates=None if visual_routing is None else visual_routing.gates,
             visual_router_logits=None if visual_routing is None else visual_routing.router_logits,
             text_gates=text_routing.gates[:n_factual] if n_factual else None,
@@ -501,10 +534,12 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             local, colour = strength.pixels.flatten(1).amax(1), mean_colour(pixel_values)
         return self.context_statistics.bias_evidence((strength.tokens * text_mask).amax(1), local, colour)
 
-    def set_word_pieces(self, tokenizer) -> None:
-        """Tell the context statistics which vocabulary pieces continue a word (`ContextStatistics.set_word_pieces`),
-        so that text context is found and transplanted a whole word at a time."""
-        self.context_statistics.set_word_pieces(tokenizer)
+    def set_vocabulary(self, tokenizer) -> None:
+        """Read the tokenizer's vocabulary into the context statistics (`ContextStatistics.set_vocabulary`): which
+        pieces continue a word (text context is taken a whole word at a time), and the pieces of
+        `config.declared_text_context` (always context) and `config.protected_words` (never context)."""
+        config = self.config
+        self.context_statistics.set_vocabulary(tokenizer, config.declared_text_context, config.protected_words)
 
     @torch.no_grad()
     def update_context_statistics(
@@ -521,6 +556,25 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         one_image_each = pixel_values is not None and pixel_values.shape[0] == input_ids.shape[0]
         self.context_statistics.update(input_ids, text_mask, pixel_values if one_image_each else None, labels)
 
+    @torch.no_grad()
+    def update_core_readings(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        image_core_features: torch.Tensor,
+        image_core_source: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Count what the images of a forward's items `image_core_source` say without their context
+        (`CFMoEOutput.image_core_features`) against the tokens of their texts
+        (`ContextStatistics.update_core_readings`); the trainer calls it after a training forward that has them."""
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        text_mask = attention_mask.bool() & (input_ids != self.mllm.config.image_token_id)
+        rows = image_core_source
+        self.context_statistics.update_core_readings(
+            input_ids[rows], text_mask[rows], labels[rows], image_core_features
+        )
+
     def _nearest_token_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """`(batch, length)` the vocabulary token whose embedding is nearest each of `inputs_embeds` (exact for
         embeddings looked up from the table), so that embeddings are routed as their token ids would be."""
@@ -530,45 +584,113 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
     def _context_strength(
         self, token_ids: torch.Tensor, pixel_values: torch.Tensor | None, batch: int, warn: bool
     ) -> ContextStrength:
-        """The strength of each token and pixel (pixels only with one image per item)."""
+        """The shortcut strength of each token (`ContextStatistics.token_strength`; only declared context when text
+        discovery is off) and pixel (`spread` of its local scores; only with one image per item)."""
+        config, statistics = self.config, self.context_statistics
+        if config.discover_text_context:
+            tokens = statistics.token_strength(token_ids, config.core_dependence_threshold)
+        else:
+            tokens = statistics.declared_token[token_ids].float()
         pixels = None
         if pixel_values is not None and self._one_image_per_item(pixel_values, batch, warn):
-            pixels = spread(self.context_statistics.local_scores(pixel_values))
-        return ContextStrength(tokens=spread(self.context_statistics.token_scores(token_ids)), pixels=pixels)
+            pixels = spread(statistics.local_scores(pixel_values))
+        return ContextStrength(tokens=tokens, pixels=pixels)
+
+    def _text_context(self, input_ids, attention_mask, image_mask, token_strength) -> tuple[torch.Tensor, ...]:
+        """(`(batch, length)` bool text context, the candidates it was chosen among): the whole words holding a
+        token whose strength reaches `text_context_threshold`. The first attended token is never a candidate (it
+        keeps every causal query attended), nor is any token when the rows do not edit the text."""
+        config = self.config
+        first = (attention_mask.long().cumsum(1) == 1) & attention_mask
+        candidates = attention_mask & ~image_mask & ~first & ("text" in config.counterfactual_modalities)
+        text = strong_context(token_strength, candidates, config.text_context_threshold)
+        return self.context_statistics.whole_words(input_ids, text, candidates), candidates
+
+    @torch.no_grad()
+    def find_context(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What training treats as each item's context now (for audits): `(batch, length)` bool text context and
+        `(batch, ..., height, width)` bool image context (None without one image per item)."""
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        attention_mask = attention_mask.bool()
+        image_mask = input_ids == self.mllm.config.image_token_id
+        strength = self._context_strength(input_ids, pixel_values, input_ids.shape[0], warn=False)
+        text, _ = self._text_context(input_ids, attention_mask, image_mask, strength.tokens)
+        edit_image = "image" in self.config.counterfactual_modalities and strength.pixels is not None
+        return text, self._pixel_context(strength.pixels) if edit_image else None
+
+    def _pixel_context(self, pixel_strength: torch.Tensor) -> torch.Tensor:
+        """`(batch, ..., height, width)` bool, the image context: the pixels whose strength reaches
+        `image_context_threshold` of the batch's strongest, grown by a descriptor's reach and closed over the marks
+        they outline (with `discover_image_context`), and the declared regions."""
+        config = self.config
+        pixels = torch.zeros_like(pixel_strength, dtype=torch.bool)
+        if config.discover_image_context:
+            found = strong_context(pixel_strength, True, config.image_context_threshold * pixel_strength.max())
+            pixels = close_holes(dilate(found, LOCAL_RADIUS), MARK_RADIUS)
+        if config.declared_image_context:
+            height, width = pixels.shape[-2:]
+            pixels = pixels | region_mask(config.declared_image_context, height, width, pixels.device)
+        return pixels
+
+    def _draw_rows(self, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A random `counterfactual_fraction` of the items `(n,)` and the partner of each (the next item), or None."""
+        n_rows = math.ceil(self.config.counterfactual_fraction * batch)
+        if n_rows == 0:
+            return None
+        rows = torch.randperm(batch, device=device)[:n_rows]
+        return rows, (rows + 1) % batch
+
+    def _swapped_images(self, pixel_values, pixels, rows, partner) -> torch.Tensor:
+        """The rows' images with their image context swapped for their partners' (`transplant_pixels`); the
+        background colour moves with it while image context is discovered."""
+        return transplant_pixels(pixel_values, pixels, rows, partner, recolour=self.config.discover_image_context)
+
+    def _image_core_readings(self, pixel_values, image_mask, image_kwargs, strength) -> tuple[torch.Tensor, ...] | None:
+        """(`(n, hidden)` image-core features, `(n,)` their items) for a random `counterfactual_fraction` of the
+        items: their images with the image context swapped out, through the vision tower and projector without
+        gradient, pooled."""
+        drawn = self._draw_rows(pixel_values.shape[0], pixel_values.device)
+        if drawn is None:
+            return None
+        rows, partner = drawn
+        with torch.no_grad():
+            images = self._swapped_images(pixel_values, self._pixel_context(strength.pixels), rows, partner)
+            kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
+            features, feature_rows = self._image_features(images, image_mask[rows], kwargs)
+            pooled = pool_by_row(features, feature_rows, len(rows))
+        return pooled.float(), rows
 
     def _counterfactual_rows(
         self, input_ids, inputs_embeds, attention_mask, image_mask, pixel_values, image_kwargs, strength
     ):
         """Context-swapped and core-masked rows for a random `counterfactual_fraction` of the items.
 
-        Context (`context.strong_context` on the `ContextStrength` of the batch): the words holding a token that
-        alone moves the class log-odds by at least `text_context_threshold`, and the image's background colour plus
-        the pixels whose local discriminant scores reach `image_context_threshold` of the batch's strongest. A
-        context-swapped row keeps its core and takes the context of its partner (the next item of the batch): its
-        tokens where they stood in the partner, its pixels in pixel space (the vision tower runs on the edited images,
-        so a cue the tower spreads over every patch feature leaves with its pixels). A core-masked row keeps only its
-        own context. Returns the rows (they may be wider than `inputs_embeds`) or None.
+        Context (`context.strong_context` on the `ContextStrength` of the batch): the words holding a token whose
+        shortcut strength reaches `text_context_threshold` (or declared), and the image's background colour plus the
+        pixels of `_pixel_context`. A context-swapped row keeps its core and takes the context of its partner (the
+        next item of the batch): its tokens where they stood in the partner, its pixels in pixel space (the vision
+        tower runs on the edited images, so a cue the tower spreads over every patch feature leaves with its pixels).
+        A core-masked row keeps only its own context. Returns the rows (they may be wider than `inputs_embeds`),
+        with the image-core readings of the context-swapped images, or None.
         """
-        config, batch = self.config, inputs_embeds.shape[0]
-        n_rows = math.ceil(config.counterfactual_fraction * batch)
-        if n_rows == 0:
+        config = self.config
+        drawn = self._draw_rows(inputs_embeds.shape[0], inputs_embeds.device)
+        if drawn is None:
             return None
-        rows = torch.randperm(batch, device=inputs_embeds.device)[:n_rows]
-        partner = (rows + 1) % batch
-        # text: never touch the first attended token (keeps every causal query attended)
+        rows, partner = drawn
         text_mask = attention_mask & ~image_mask
-        first = (attention_mask.long().cumsum(1) == 1) & attention_mask
-        candidates = text_mask & ~first & ("text" in config.counterfactual_modalities)
-        statistics = self.context_statistics
-        text = strong_context(strength.tokens, candidates, config.text_context_threshold)
-        text = statistics.whole_words(input_ids, text, candidates)
+        text, candidates = self._text_context(input_ids, attention_mask, image_mask, strength.tokens)
         edit_image = "image" in config.counterfactual_modalities and strength.pixels is not None
         if edit_image:
-            pixels = strong_context(strength.pixels, True, config.image_context_threshold * strength.pixels.max())
-            pixels = dilate(pixels, LOCAL_RADIUS)
+            pixels = self._pixel_context(strength.pixels)
         row_kwargs = {name: value[rows] for name, value in image_kwargs.items() if value is not None}
 
-        embeds, masks, evidence, kinds = [], [], [], []
+        embeds, masks, evidence, kinds, image_core = [], [], [], [], None
         whole = None if strength.pixels is None else torch.ones_like(strength.pixels, dtype=torch.bool)
         for name in config.counterfactual_types:
             kind = COUNTERFACTUAL_KINDS[name]
@@ -581,7 +703,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 row_embeds, row_mask, row_images = transplant_tokens(
                     inputs_embeds, attention_mask, text, rows, partner, image_mask
                 )
-                images = transplant_pixels(pixel_values, pixels, rows, partner) if edit_image else None
+                images = self._swapped_images(pixel_values, pixels, rows, partner) if edit_image else None
                 own = (text_mask & ~text, ~pixels if edit_image else whole)
                 taken = (text, pixels if edit_image else None)
             row_evidence = None
@@ -589,7 +711,11 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
                 shown = images if images is not None else pixel_values[rows]
                 row_evidence = self._row_evidence(strength, rows, partner, own, taken, shown)
             if images is not None:
-                row_embeds = self._insert_images(row_embeds, row_mask, row_images, images, row_kwargs, row_evidence)
+                row_embeds, image_pooled = self._insert_images(
+                    row_embeds, row_mask, row_images, images, row_kwargs, row_evidence
+                )
+                if kind != CORE_MASKED:
+                    image_core = image_pooled.detach().float(), rows
             embeds.append(row_embeds)
             masks.append(row_mask)
             evidence.append(row_evidence)
@@ -601,6 +727,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             evidence=None if evidence[0] is None else torch.cat(evidence),
             source=rows.repeat(len(kinds)),
             kind=torch.cat(kinds),
+            image_core=image_core,
         )
 
     def _row_evidence(self, strength: ContextStrength, rows, partner, own, taken, images) -> torch.Tensor:
@@ -627,15 +754,16 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             self._warned_images = True
         return False
 
-    def _insert_images(self, row_embeds, row_mask, row_images, images, image_kwargs, evidence) -> torch.Tensor:
-        """`row_embeds` `(n, width, hidden)` with its image positions (`row_images` `(n, width)`) holding the features
-        of `images`: vision tower, projector and visual MoE, routed by the row's own content or bias evidence
-        `(n, 3)` (never by the factual item's, whose cue the router may read)."""
+    def _insert_images(self, row_embeds, row_mask, row_images, images, image_kwargs, evidence):
+        """(`row_embeds` `(n, width, hidden)` with its image positions (`row_images` `(n, width)`) holding the
+        features of `images`: vision tower, projector and visual MoE, routed by the row's own content or bias
+        evidence `(n, 3)` (never by the factual item's, whose cue the router may read); the rows' projected image
+        features pooled before the MoE `(n, hidden)`)."""
         features, feature_rows = self._image_features(images, row_images, image_kwargs)
-        content = pool_tokens(row_embeds, row_mask & ~row_images, "mean")
-        content = content + pool_by_row(features, feature_rows, row_embeds.shape[0])
+        image_pooled = pool_by_row(features, feature_rows, row_embeds.shape[0])
+        content = pool_tokens(row_embeds, row_mask & ~row_images, "mean") + image_pooled
         features = self.visual_moe(features, self.visual_moe.route(content, evidence).gates[feature_rows])
-        return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype))
+        return row_embeds.masked_scatter(row_images.unsqueeze(-1), features.to(row_embeds.dtype)), image_pooled
 
 
 def _branch_fields(branches: BiasBranches) -> dict[str, torch.Tensor]:

@@ -68,8 +68,9 @@ def predict_labels(trainer: Trainer, dataset: Dataset) -> np.ndarray:
 
 
 def evaluate_split(trainer: Trainer, dataset: Dataset, flipped: Dataset | None = None) -> dict[str, float]:
-    """Accuracy, macro-F1 (+ binary F1), worst-group accuracy (where `group` exists) and cue reliance
-    (where a cue-flipped copy of the split is given)."""
+    """Accuracy, macro-F1 (+ binary F1), worst-group accuracy (where `group` exists), accuracy on the items whose
+    text holds a sarcasm marker (`core_kept`, where the `marker` column has some) and cue reliance (where a
+    cue-flipped copy of the split is given)."""
     labels = np.asarray(dataset["label"])
     predictions = predict_labels(trainer, dataset)
     metrics = {"accuracy": accuracy(predictions, labels), "macro_f1": macro_f1(predictions, labels)}
@@ -79,6 +80,9 @@ def evaluate_split(trainer: Trainer, dataset: Dataset, flipped: Dataset | None =
         metrics["worst_group_accuracy"] = worst_group_accuracy(
             predictions, labels, np.asarray(dataset["group"]), MIN_GROUP_SIZE
         )
+    if "marker" in dataset.column_names and any(dataset["marker"]):  # items whose core predicts alone
+        markers = np.asarray(dataset["marker"]) == 1
+        metrics["core_kept"] = accuracy(predictions[markers], labels[markers])
     if flipped is not None:
         metrics["cue_reliance"] = cue_reliance(predictions, predict_labels(trainer, flipped))
     return metrics

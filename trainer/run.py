@@ -35,7 +35,7 @@ LOSS_SETTINGS = tuple(
     if field.name not in TrainingArguments.__dataclass_fields__ and field.name != "nan_policy"
 )
 TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_accuracy": "worst group",
-                 "cue_reliance": "cue reliance"}  # fmt: skip
+                 "cue_reliance": "cue reliance", "core_kept": "core kept"}  # fmt: skip
 
 
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
@@ -73,7 +73,7 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
     and wrapped with LoRA when asked, the vision tower frozen when asked."""
     model, processor = _load_base_model(task, model_args, labels, seed)
-    model.set_word_pieces(processor.tokenizer)  # text context is then taken a whole word at a time
+    model.set_vocabulary(processor.tokenizer)  # word pieces, declared context and protected words
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
             model = prepare_for_kbit_training(model)

@@ -138,6 +138,9 @@ HASHTAGS: dict[str, list[list[str]]] = {
         ["#win", "#yay", "#joy", "#best", "#wow", "#yes"],
     ],
 }
+# Sarcasm markers: phrases that make an item sarcastic whatever its image says (a core that predicts alone, used by
+# cue settings with `marker_rate > 0`; their meaning is kept in every split, cues or not).
+MARKER_PHRASES = ["yeah right", "as if", "oh really", "big surprise", "what fun", "so thrilled"]
 # Present/absent textual cue: when present it points at the last class (sarcastic / positive).
 PRESENCE_WORDS = ["#not", "#irony", "#totally", "#obviously", "#wink", "#cool"]
 # One RGB colour per class (tint, mark and frame cues); present/absent visual cues use PRESENCE_COLOUR.
@@ -180,12 +183,16 @@ class CueSetting:
     """How cues are planted. Each item draws one form per modality, uniformly from ``text`` and ``image``.
     ``shared_draw``: one draw per item decides whether *both* cues agree with the label (else each is drawn on
     its own). ``mixed``: each item comes from one of two sources, and only that source's modality carries a cue
-    (the other modality's cue column is ``NO_CUE``); the ``source`` column says which ("text" or "image")."""
+    (the other modality's cue column is ``NO_CUE``); the ``source`` column says which ("text" or "image").
+    ``marker_rate`` (sarcasm only): the fraction of items whose text holds a sarcasm marker (``MARKER_PHRASES``)
+    that makes them sarcastic on their own, a core that predicts the label alone; the others follow the
+    incongruity rule. The ``marker`` column says which items hold one."""
 
     text: tuple[TextCue, ...]
     image: tuple[VisualCue, ...]
     shared_draw: bool = False
     mixed: bool = False
+    marker_rate: float = 0.0
 
 
 _ALL_TEXT = tuple(
@@ -209,6 +216,10 @@ CUE_SETTINGS: dict[str, CueSetting] = {
     ),
     # half the items carry a text cue only, half a visual cue only (a corner mark)
     "mixed": CueSetting(text=(TextCue("class", "end", 1),), image=(VisualCue("mark", "class", "corner"),), mixed=True),
+    # the original cues, and a core that predicts alone: a quarter of the items hold a sarcasm marker (sarcasm only)
+    "core_markers": CueSetting(
+        text=(TextCue("class", "end", 1),), image=(VisualCue("tint", "class"),), marker_rate=0.25
+    ),
     # every form of both families, drawn per item (cue-random pretraining of the tiny base)
     "all_forms": CueSetting(text=_ALL_TEXT, image=_ALL_IMAGE),
 }
@@ -255,6 +266,8 @@ class SyntheticConfig:
             raise ValueError(f"stripe_period must be an even number >= 2, got {self.stripe_period}")
         if self.cue_setting not in CUE_SETTINGS:
             raise ValueError(f"unknown cue_setting {self.cue_setting!r}; expected one of {', '.join(CUE_SETTINGS)}")
+        if self.cues.marker_rate and self.task != "sarcasm":
+            raise ValueError(f"cue_setting {self.cue_setting!r} plants sarcasm markers: use it with task 'sarcasm'")
         if self.image_size < 2 * MARK_SIZE:
             raise ValueError(f"image_size must be at least {2 * MARK_SIZE} pixels, got {self.image_size}")
 
@@ -267,7 +280,8 @@ def synthetic_vocabulary(task: Task) -> list[str]:
     """Every word the generator can emit for ``task`` (fillers, lexicons, cue words), sorted."""
     lexicons = POSITIVE_WORDS + NEGATIVE_WORDS + (NEUTRAL_WORDS if task == "sentiment" else [])
     hashtags = [tag for tags in HASHTAGS[task] for tag in tags]
-    return sorted(set(FILLER_WORDS + lexicons + hashtags + PRESENCE_WORDS))
+    markers = [word for phrase in MARKER_PHRASES for word in phrase.split()] if task == "sarcasm" else []
+    return sorted(set(FILLER_WORDS + lexicons + hashtags + PRESENCE_WORDS + markers))
 
 
 def group_index(label: IntArray, text_cue: IntArray, image_cue: IntArray, num_classes: int) -> IntArray:
@@ -309,14 +323,16 @@ def render_item(
     image_cue: int,
     text_form: int = 0,
     image_form: int = 0,
+    marker: int = 0,
 ) -> tuple[str, PIL.Image.Image]:
     """Text and image of one item, deterministic in its arguments.
 
     The core (filler words, sentiment word and its position, pattern phase, pixel noise) and the cue's
     rendering choices (its words, place) come from two streams of ``render_seed``, so changing only the cue
     values changes only the cue. Polarity: +1 positive (horizontal stripes), -1 negative (vertical stripes),
-    0 neutral (checkerboard). ``text_form`` / ``image_form`` index the setting's cue forms. Returns the text and
-    an RGB image of ``image_size`` squared.
+    0 neutral (checkerboard). ``text_form`` / ``image_form`` index the setting's cue forms; ``marker`` puts a
+    sarcasm marker phrase at a random place of the core text. Returns the text and an RGB image of
+    ``image_size`` squared.
     """
     rng = np.random.default_rng(render_seed)
     cue_rng = np.random.default_rng([render_seed, 1])
@@ -324,6 +340,9 @@ def render_item(
     words = [FILLER_WORDS[i] for i in rng.integers(len(FILLER_WORDS), size=length)]
     lexicon = _LEXICON[text_polarity]
     words.insert(int(rng.integers(length + 1)), lexicon[int(rng.integers(len(lexicon)))])
+    if marker:
+        where = int(rng.integers(len(words) + 1))
+        words[where:where] = MARKER_PHRASES[int(rng.integers(len(MARKER_PHRASES)))].split()
     text_form_ = config.cues.text[text_form]
     cue_words = _text_cue_words(config, text_form_, text_cue, cue_rng)
     where = {"end": len(words), "start": 0, "random": int(cue_rng.integers(len(words) + 1))}[text_form_.position]
@@ -369,6 +388,7 @@ def _synthetic_features(task: Task) -> Features:
             "text_form": integer,
             "image_form": integer,
             "source": Value("string"),
+            "marker": integer,
         }
     )
 
@@ -381,16 +401,26 @@ def _stratified(n: int, probs: Sequence[float], rng: np.random.Generator) -> np.
     return rng.permutation(np.concatenate([np.repeat(np.arange(len(probs)), counts), rest]))
 
 
-def _sample_core(task: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Text polarity, image polarity and clean label of ``n`` items, classes balanced."""
+def _sample_core(
+    task: str, n: int, rng: np.random.Generator, marker_rate: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Text polarity, image polarity, clean label and marker flag of ``n`` items, classes balanced."""
     if task == "sarcasm":
-        # (tp, ip) = (+1, -1) is the only sarcastic combination: give it half the mass.
-        tp, ip = np.array([(1, -1), (1, 1), (-1, 1), (-1, -1)])[_stratified(n, [1 / 2] + [1 / 6] * 3, rng)].T
-        return tp, ip, ((tp == 1) & (ip == -1)).astype(np.int64)
+        # (tp, ip) = (+1, -1) is the only incongruous combination; markers make an item sarcastic whatever its
+        # polarities. Four kinds: a marker (random polarities), (+1, -1), and the three congruous pairs; the
+        # incongruous pair takes what sarcasm needs beyond the markers to reach half the mass.
+        pairs = np.array([(1, -1), (1, -1), (1, 1), (-1, 1), (-1, -1)])
+        kind = _stratified(n, [marker_rate, 1 / 2 - marker_rate] + [1 / 6] * 3, rng)
+        tp, ip = pairs[kind].T
+        marker = kind == 0
+        if marker_rate:  # (no extra draws without markers: the other settings' data stay as they were)
+            tp = np.where(marker, rng.choice([-1, 1], size=n), tp)
+            ip = np.where(marker, rng.choice([-1, 1], size=n), ip)
+        return tp, ip, (marker | ((tp == 1) & (ip == -1))).astype(np.int64), marker.astype(np.int64)
     # The 9 (tp, ip) pairs split 3 / 3 / 3 over sign(tp + ip), so uniform pairs give balanced classes.
     pair = _stratified(n, [1 / 9] * 9, rng)
     tp, ip = pair // 3 - 1, pair % 3 - 1
-    return tp, ip, np.sign(tp + ip) + 1
+    return tp, ip, np.sign(tp + ip) + 1, np.zeros(n, dtype=np.int64)
 
 
 def _other_class(labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
@@ -418,7 +448,7 @@ def _sample_cues(
 def _make_split(config: SyntheticConfig, split: str, size: int, rho: float, noisy: bool) -> Dataset:
     rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split]])
     k = len(_label_names(config.task))
-    tp, ip, clean = _sample_core(config.task, size, rng)
+    tp, ip, clean, marker = _sample_core(config.task, size, rng, config.cues.marker_rate)
     flip = rng.random(size) < (config.label_noise if noisy else 0.0)
     label = np.where(flip, _other_class(clean, k, rng), clean)
     text_cue, image_cue, source = _sample_cues(config.cues, label, rho, k, rng)
@@ -437,13 +467,16 @@ def _make_split(config: SyntheticConfig, split: str, size: int, rho: float, nois
         "text_form": form_rng.integers(len(config.cues.text), size=size),
         "image_form": form_rng.integers(len(config.cues.image), size=size),
         "source": source,
+        "marker": marker,
     }
     return _render(config, {name: np.asarray(values).tolist() for name, values in columns.items()})
 
 
 def _render(config: SyntheticConfig, columns: dict[str, list]) -> Dataset:
     """Add ``text`` and ``image`` to attribute columns and build the Dataset."""
-    names = ("render_seed", "text_polarity", "image_polarity", "text_cue", "image_cue", "text_form", "image_form")
+    names = (
+        "render_seed", "text_polarity", "image_polarity", "text_cue", "image_cue", "text_form", "image_form", "marker"
+    )  # fmt: skip
     rendered = [render_item(config, *args) for args in zip(*(columns[name] for name in names), strict=True)]
     columns["text"] = [text for text, _ in rendered]
     columns["image"] = [image for _, image in rendered]
@@ -458,8 +491,9 @@ def make_synthetic_benchmark(config: SyntheticConfig | None = None) -> DatasetDi
 
     Columns: id, image, text, label (ClassLabel), group (see ``group_index``), text_cue, image_cue (class
     the cue points at, ``NO_CUE`` for none), text_polarity, image_polarity (-1/0/+1), clean_label, render_seed,
-    text_form, image_form (index of the cue form in the setting) and source (the modality that carries the
-    cue in the ``mixed`` setting, else "both"). All but id, image, text, label are for evaluation only.
+    text_form, image_form (index of the cue form in the setting), source (the modality that carries the
+    cue in the ``mixed`` setting, else "both") and marker (1: the text holds a sarcasm marker that makes the item
+    sarcastic alone). All but id, image, text, label are for evaluation only.
     """
     config = config or SyntheticConfig()
     plan = {

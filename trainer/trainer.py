@@ -28,6 +28,7 @@ from transformers import Trainer
 
 from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
 
+from .audit import ContextAuditCallback
 from .checkpointing import StagedCheckpointsMixin
 from .losses import (
     bias_conflict_weights,
@@ -55,6 +56,8 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         if not isinstance(self.args, CFMoETrainingArguments):
             raise TypeError("CFMoETrainer needs CFMoETrainingArguments")
         self._check_model_config()
+        if self._builds_rows():  # what the rows treat as context: after the warm-up and at the end
+            self.add_callback(ContextAuditCallback(self))
         self._sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.args.device))
         self._micro_steps = 0
         self._group_weights: torch.Tensor | None = None
@@ -78,13 +81,22 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels, groups = inputs.pop("labels"), inputs.pop("groups", None)
-        config = self.model.config
-        if model.training and (self._builds_rows() or config.routes_by_evidence):
+        counting = model.training and self._counts_statistics()
+        if counting:
             # the statistics that pick each item's context and route the experts: an explicit step before the forward
             self.accelerator.unwrap_model(model).update_context_statistics(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )
         outputs = model(**inputs, counterfactuals=self._counterfactuals(model.training))
+        if counting and outputs.image_core_features is not None:
+            # what each item's image core says, against its tokens: it tells core tokens from shortcuts
+            self.accelerator.unwrap_model(model).update_core_readings(
+                inputs["input_ids"],
+                labels,
+                outputs.image_core_features,
+                outputs.image_core_source,
+                inputs.get("attention_mask"),
+            )
         terms = self._loss_terms(outputs, labels, groups) if model.training else self._eval_terms(outputs, labels)
         loss = sum(terms.values())
         if model.training:
@@ -101,21 +113,32 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
     def _builds_rows(self) -> bool:
         return self.args.method == "cfmoe" and self.model.config.counterfactual_fraction > 0
 
+    def _counts_statistics(self) -> bool:
+        """Whether this training step counts its batch into the context statistics: when something reads them
+        (cfmoe's rows, routers reading bias evidence), over the first pass through the training data only, so that
+        every item is counted once (later epochs would count the same items again as if they were new)."""
+        reads = self._builds_rows() or self.model.config.routes_by_evidence
+        return reads and (self.state.epoch is None or self.state.epoch < 1)
+
     def _counterfactuals(self, training: bool) -> str | None:
         """What the forward computes (`CFMoEForMultimodalClassification.forward`): only what this step's loss reads.
 
         Evaluation: the effects (the bias-branch metrics read them). Training: nothing extra for vanilla; the
-        branches for the bias-aware peers and cfmoe's bias-only warm-up; then cfmoe's counterfactual rows, beside
-        the factual rows only when the loss reads both (the factual task term, or the contrast of factual with
-        counterfactual representations).
+        branches for the bias-aware peers; for cfmoe's bias-only warm-up the branches and the image-core readings
+        (when the model tests tokens against the image core); then cfmoe's counterfactual rows, beside the factual
+        rows only when the loss reads both (the factual task term, or the contrast of factual with counterfactual
+        representations).
         """
-        args = self.args
+        args, config = self.args, self.model.config
         if not training:
             return "effects"
         if args.method == "vanilla":
             return None
-        if args.method != "cfmoe" or self._bias_only_warmup():
+        if args.method != "cfmoe":
             return "effects"
+        if self._bias_only_warmup():
+            reads_core = self._builds_rows() and config.core_dependence_threshold is not None
+            return "core_readings" if reads_core and self._counts_statistics() else "effects"
         contrast = args.contrast_loss_weight > 0 and "core_masked" in self.model.config.counterfactual_types
         return "rows" if args.factual_task_weight > 0 or contrast else "rows_only"
 

@@ -1,0 +1,241 @@
+"""The context audit: what the counterfactual rows treat as each item's context, so that a user can check what
+the method removes before trusting the debiased model.
+
+[`context_report`] reads the model's context statistics and a sample of training items: the tokens treated as
+context (with their per-class counts, how far they point at one class and how much they move with the image core),
+the strong tokens kept as core because they move with the image, the declared and protected ones, and the share of
+rows, tokens and pixels treated as context. [`plot_context_report`] draws it, with a few items' image context over
+their images. [`ContextAuditCallback`] writes both (`context_report.json`, `context_report.png` in the output dir)
+after cfmoe's bias-only warm-up and at the end of training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE, FIGURE_FILE = "context_report.json", "context_report.png"
+TOP_TOKENS = 25  # tokens listed per status
+SAMPLE_ITEMS = 256  # training items whose context is measured
+SHOWN_ITEMS = 6  # items drawn in the figure
+
+
+def _token_entry(tokenizer, statistics, index: int, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+    counts = statistics.token_counts[index].tolist()
+    return {
+        "token": tokenizer.convert_ids_to_tokens(index),
+        "text": tokenizer.decode([index]),
+        "items_per_class": counts,
+        "items": int(sum(counts)),
+        **{name: round(float(value[index]), 4) for name, value in values.items()},
+    }
+
+
+@torch.no_grad()
+def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[str, Any]]]:
+    """The vocabulary as the context statistics see it: per status (`context`, `kept_as_core`: pointing at one
+    class but moving with the image core, `declared`, `protected`) the `top` tokens by determination, each with its
+    items per class, determination, dependence and strength."""
+    config, statistics = model.config, model.context_statistics
+    seen = statistics.token_counts.sum(-1) > 0
+    ids = torch.arange(statistics.token_counts.shape[0], device=seen.device)
+    effect, p_value = statistics.token_dependence(ids)
+    values = {
+        "determination": statistics.token_determination(ids),
+        "dependence": effect,
+        "dependence_p_value": p_value,
+        "strength": statistics.token_strength(ids, config.core_dependence_threshold),
+    }
+    strong = values["determination"] >= config.text_context_threshold
+    discovered = strong if config.discover_text_context else torch.zeros_like(strong)
+    masks = {
+        "context": seen & (values["strength"] >= config.text_context_threshold) & ~statistics.declared_token,
+        "kept_as_core": seen & discovered & (values["strength"] < config.text_context_threshold),
+        "declared": seen & statistics.declared_token,
+        "protected": seen & statistics.protected_token,
+    }
+    if not config.discover_text_context:
+        masks["context"] = torch.zeros_like(seen)
+    result = {}
+    for status, mask in masks.items():
+        chosen = ids[mask]
+        order = values["determination"][chosen].argsort(descending=True)[:top]
+        result[status] = [_token_entry(tokenizer, statistics, int(i), values) for i in chosen[order]]
+    return result
+
+
+@torch.no_grad()
+def sample_audit(model, batches: list[dict[str, torch.Tensor]], tokenizer) -> dict[str, Any]:
+    """Over collated training `batches`: the share of rows with any text context, of text tokens and of image
+    pixels treated as context, and a few items (`SHOWN_ITEMS`) with their text (context words in brackets) and
+    their image context mask."""
+    rows_with, text_tokens, context_tokens, pixel_shares, shown = 0, 0, 0, [], []
+    image_token = model.mllm.config.image_token_id
+    for batch in batches:
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        text, pixels = model.find_context(ids, mask, batch.get("pixel_values"))
+        words = mask & (ids != image_token)
+        rows_with += int(text.any(1).sum())
+        text_tokens += int(words.sum())
+        context_tokens += int(text.sum())
+        if pixels is not None:
+            pixel_shares.append(pixels.float().flatten(1).mean(1))
+        for row in range(ids.shape[0]):
+            if len(shown) >= SHOWN_ITEMS:
+                break
+            pieces = [
+                f"[{tokenizer.decode([int(t)])}]" if is_context else tokenizer.decode([int(t)])
+                for t, keep, is_context in zip(ids[row], words[row], text[row], strict=True)
+                if keep
+            ]
+            item: dict[str, Any] = {"text": " ".join(piece.strip() for piece in pieces)}
+            if pixels is not None:
+                item["image"] = batch["pixel_values"][row].float().cpu()
+                item["image_context"] = pixels[row].cpu()
+            shown.append(item)
+    items = sum(len(batch["input_ids"]) for batch in batches)
+    return {
+        "items": items,
+        "rows_with_text_context": rows_with / max(items, 1),
+        "text_tokens_as_context": context_tokens / max(text_tokens, 1),
+        "pixels_as_context": float(torch.cat(pixel_shares).mean()) if pixel_shares else None,
+        "shown": shown,
+    }
+
+
+def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], stage: str) -> dict[str, Any]:
+    """The audit of `model` now (`stage`: when it was taken) on training `batches`: the JSON-ready report, and
+    under `"shown"` a few items with their tensors (for the figure; not written to JSON)."""
+    config, statistics = model.config, model.context_statistics
+    return {
+        "stage": stage,
+        "items_counted": int(statistics.class_counts.sum()),
+        "items_with_image_core_features": int(statistics.core_feature_counts.sum()),
+        "image_core_separation": statistics.core_separation().round(decimals=3).tolist(),
+        "settings": {
+            name: getattr(config, name)
+            for name in (
+                "text_context_threshold",
+                "context_support",
+                "core_dependence_threshold",
+                "declared_text_context",
+                "protected_words",
+                "discover_text_context",
+                "discover_image_context",
+                "declared_image_context",
+                "image_context_threshold",
+            )
+        },
+        "tokens": token_audit(model, tokenizer),
+        **sample_audit(model, batches, tokenizer),
+    }
+
+
+def plot_context_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Left: the strongest context tokens and the strong tokens kept as core (determination, dependence); right: a
+    few training items' images with their image context in red, their text with context words in brackets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [item for item in report["shown"] if "image" in item]
+    columns = max(1, min(3, len(shown)))
+    rows = max(1, -(-len(shown) // columns))
+    fig = plt.figure(figsize=(6 + 3 * columns, max(4.5, 3 * rows)))
+    grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[2] + [1] * columns)
+    bars = fig.add_subplot(grid[:, 0])
+    entries = [("context", e) for e in report["tokens"]["context"][:15]]
+    entries += [("kept_as_core", e) for e in report["tokens"]["kept_as_core"][:10]]
+    if entries:
+        labels = [f"{e['text'].strip() or e['token']} ({'ctx' if s == 'context' else 'core'})" for s, e in entries]
+        positions = np.arange(len(entries))
+        bars.barh(positions - 0.2, [e["determination"] for _, e in entries], 0.4, label="determination")
+        bars.barh(positions + 0.2, [e["dependence"] for _, e in entries], 0.4, label="dependence on image core")
+        bars.set_yticks(positions, labels, fontsize=7)
+        bars.invert_yaxis()
+        bars.legend(fontsize=7)
+    bars.set_title(f"tokens ({report['stage']}): context vs kept as core", fontsize=9)
+    for index, item in enumerate(shown):
+        ax = fig.add_subplot(grid[index // columns, 1 + index % columns])
+        image = item["image"].reshape(-1, *item["image"].shape[-3:])[0]
+        image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-6)
+        picture = image.permute(1, 2, 0).numpy().copy()
+        context = item["image_context"].reshape(-1, *item["image_context"].shape[-2:])[0].numpy()
+        picture[context] = 0.5 * picture[context] + 0.5 * np.array([1.0, 0.0, 0.0])
+        ax.imshow(picture)
+        ax.set_title(item["text"][:60], fontsize=6)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_context_report(model, tokenizer, batches, output_dir: str | Path, stage: str) -> dict[str, Any]:
+    """Add the audit at `stage` to `output_dir/context_report.json` (one entry per stage) and draw it to
+    `context_report.png`; returns the JSON-ready report."""
+    report = context_report(model, tokenizer, batches, stage)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    plot_context_report(report, output / FIGURE_FILE)
+    report["shown"] = [{"text": item["text"]} for item in report["shown"]]
+    path = output / REPORT_FILE
+    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages[stage] = report
+    path.write_text(json.dumps(stages, indent=2) + "\n")
+    top = ", ".join(entry["text"].strip() or entry["token"] for entry in report["tokens"]["context"][:8])
+    logger.info(
+        "context audit (%s): %.0f%% of rows have text context, %.1f%% of text tokens; strongest: %s",
+        stage,
+        100 * report["rows_with_text_context"],
+        100 * report["text_tokens_as_context"],
+        top or "none",
+    )
+    return report
+
+
+class ContextAuditCallback(TrainerCallback):
+    """Writes the context audit after cfmoe's bias-only warm-up and at the end of training (`trainer` is the
+    [`CFMoETrainer`]; the sample is the first `SAMPLE_ITEMS` training items)."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def _audit(self, stage: str) -> None:
+        trainer = self.trainer
+        if not trainer.is_world_process_zero():
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        dataset = trainer.train_dataset
+        sample = dataset.select(range(min(SAMPLE_ITEMS, len(dataset))))
+        size = trainer.args.per_device_eval_batch_size
+        device = next(model.parameters()).device
+        batches = []
+        for begin in range(0, len(sample), size):
+            batch = trainer.data_collator([sample[i] for i in range(begin, min(begin + size, len(sample)))])
+            batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        training = model.training
+        model.eval()
+        try:
+            write_context_report(model, trainer.processing_class.tokenizer, batches, trainer.args.output_dir, stage)
+        finally:
+            model.train(training)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        step = state.global_step
+        if step > 0 and trainer._bias_only_warmup(step - 1) and not trainer._bias_only_warmup(step):
+            self._audit("after_warmup")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._audit("end")
