@@ -8,7 +8,9 @@
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
 (docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").
-From Python: `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds.
+From Python: `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds. From the command
+line, bad arguments or data end the script with a one-line `error: ...` and exit code 2 (`CFMOE_TRACEBACK=1`
+shows the traceback).
 This script is `run_sentiment.py` with another `TASK`; keep the two in step.
 """
 
@@ -23,6 +25,7 @@ from transformers import set_seed
 
 from trainer import CFMoECollator, CFMoETrainer
 from trainer.arguments import parse_args
+from trainer.errors import exit_on_user_error
 from trainer.evaluation import build_debiasing_compute_metrics
 from trainer.run import (
     count_skipped,
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, bf16: {training_args.bf16}"
     )
-    logger.info(f"Training/evaluation parameters {training_args}")
+    logger.debug(f"Training/evaluation parameters {training_args}")
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
@@ -135,4 +138,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from transformers import HfArgumentParser
@@ -22,6 +22,8 @@ from transformers.utils import is_torch_bf16_gpu_available
 
 from modeling_cfmoe import CFMoEConfig
 
+from .errors import name_flags, require, user_input
+from .synthetic import SyntheticConfig
 from .training_args import CFMoETrainingArguments
 
 TINY, CHECKPOINT, LORA = 0, 1, 2
@@ -150,6 +152,20 @@ class ModelArguments:
                 "--lora_include_vision trains LoRA weights in the vision tower, which --freeze_vision_tower keeps "
                 "frozen (the default with a checkpoint): pass --freeze_vision_tower False with it"
             )
+        require(self.lora_r >= 1, "lora_r", ">= 1", self.lora_r)
+        require(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        self._check_config_values()
+
+    def _check_config_values(self) -> None:
+        """The CF-MoE config values given, checked by `CFMoEConfig` itself, its messages naming the flags."""
+        values = self.config_kwargs()
+        if self.model_name_or_path is not None:
+            values.pop("experts_top_k", None)  # bounded by the checkpoint's own expert counts
+        try:
+            CFMoEConfig(**values)
+        except ValueError as error:
+            raise ValueError(name_flags(str(error), values)) from error
 
     def config_kwargs(self) -> dict:
         """The CF-MoE config values given on the command line (every field named as a `CFMoEConfig` argument, and
@@ -200,6 +216,31 @@ class DataArguments:
     max_length: int | None = field(default=None, metadata={"help": "max tokens; only text is ever truncated"})
     skip_bad_examples: bool = field(default=False, metadata={"help": "skip and count bad items instead of failing"})
     verify_images: bool = field(default=False, metadata={"help": "open every image while loading real data"})
+
+    def __post_init__(self):
+        if self.max_length is not None:
+            require(self.max_length >= 1, "max_length", ">= 1", self.max_length)
+        if self.dataset != "synthetic":
+            return
+        for name in ("num_train", "num_validation", "num_test"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        try:  # the benchmark's own checks of its values (noise, agreement, cue setting; whatever the task)
+            self.synthetic_config("sarcasm", 0)
+        except ValueError as error:
+            raise ValueError(name_flags(str(error), [f.name for f in fields(self)])) from error
+
+    def synthetic_config(self, task: str, seed: int) -> SyntheticConfig:
+        """The synthetic benchmark these arguments describe, for `task` and the training `seed`."""
+        return SyntheticConfig(
+            task=task,
+            num_train=self.num_train,
+            num_validation=self.num_validation,
+            num_test=self.num_test,
+            label_noise=self.label_noise,
+            rho_train=self.rho_train,
+            cue_setting=self.cue_setting,
+            seed=seed + self.data_seed_offset,
+        )
 
 
 @dataclass
@@ -278,16 +319,18 @@ def run_argument_classes(recipe: str, model_name_or_path: str | None, use_lora: 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CFMoETrainingArguments]:
     """(model, data, training) arguments of a run script's command line (`sys.argv[1:]` when None), with the
     defaults of what it trains (`--recipe`): the tiny model, or a checkpoint given by `--model_name_or_path` (with
-    `--use_lora`). `--help` lists the defaults of the command line it comes with."""
+    `--use_lora`). `--help` lists the defaults of the command line it comes with. A value the run cannot use
+    raises a [`~trainer.errors.UserInputError`] naming its flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
-    model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    parser = HfArgumentParser(
-        run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora),
-        description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
-        "True) before --help to see a real checkpoint's (the llava recipe).",
-    )
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    with user_input():
+        peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
+        model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        parser = HfArgumentParser(
+            run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora),
+            description="Defaults shown are those of this command line: add --model_name_or_path PATH (and "
+            "--use_lora True) before --help to see a real checkpoint's (the llava recipe).",
+        )
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.method == "cfvqa" and model_args.inference_mode is None:
         model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
     return model_args, data_args, training_args
