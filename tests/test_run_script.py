@@ -124,6 +124,12 @@ def test_help_shows_the_defaults_that_run(llava_folder, capsys):
     assert "llava recipe (a --model_name_or_path): 2e-05 (0.0002 with --use_lora)" in _option_help(
         result.stdout, "learning_rate"
     )
+    # the project's groups first, each with a one-line description, then the inherited TrainingArguments
+    groups = re.findall(r"^(\w+):\n  (.*)$", result.stdout, re.M)
+    assert [title for title, _ in groups] == ["options", "model", "data", "method", "training"]
+    assert all(not line.startswith("-") for title, line in groups[1:])
+    assert result.stdout.index("--method METHOD") < result.stdout.index("--output_dir OUTPUT_DIR")
+    assert len(result.stdout.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not every option
 
     with pytest.raises(SystemExit):
         parse_args(["--model_name_or_path", str(llava_folder), "--use_lora", "True", "--help"])

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
@@ -52,6 +52,17 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
     "lora_alpha": (32, 256, 256),
 }
 
+# what CFMoETrainingArguments adds to TrainingArguments: the --help group "method"
+METHOD_FIELDS = tuple(
+    f.name for f in fields(CFMoETrainingArguments) if f.name not in TrainingArguments.__dataclass_fields__
+)
+HELP_GROUPS = {  # --help: the groups of the run scripts' options, in this order
+    "model": "the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation",
+    "data": "the synthetic benchmark (sizes, noise, cues) or a real data set's folder",
+    "method": "the debiasing method and the weights of its loss terms",
+    "training": "transformers.TrainingArguments, some defaults set by the run scripts (see their help)",
+}
+
 
 def _help(base: str, name: str) -> str:
     tiny, checkpoint, lora = RUN_DEFAULTS[name]
@@ -76,6 +87,8 @@ def _default(name: str, which: int, base_help: str | None = None):
 @dataclass
 class ModelArguments:
     """The model: the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation."""
+
+    _argument_group_name = "model"
 
     model_name_or_path: str | None = field(
         default=None,
@@ -197,6 +210,8 @@ class CheckpointModelArguments(ModelArguments):
 class DataArguments:
     """The data: the synthetic benchmark (sizes, noise, cues) or a real data set's folder."""
 
+    _argument_group_name = "data"
+
     dataset: str = field(
         default="synthetic",
         metadata={"help": "synthetic (the task's planted-cue benchmark), mmsd, mmsd2, mvsa_single, mvsa_multiple"},
@@ -246,6 +261,8 @@ class DataArguments:
 @dataclass
 class RunTrainingArguments(CFMoETrainingArguments):
     """[`CFMoETrainingArguments`] with the defaults shared by every run of the run scripts."""
+
+    _argument_group_name = "training"
 
     output_dir: str | None = _training_field("output_dir", "outputs/cfmoe")
     lr_scheduler_type: SchedulerType | str = _training_field("lr_scheduler_type", "cosine")
@@ -325,12 +342,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     with user_input():
         peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
         model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        parser = HfArgumentParser(
-            run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora),
-            description="Defaults shown are those of this command line: add --model_name_or_path PATH (and "
-            "--use_lora True) before --help to see a real checkpoint's (the llava recipe).",
+        parser = run_argument_parser(
+            run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
         )
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.method == "cfvqa" and model_args.inference_mode is None:
         model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
     return model_args, data_args, training_args
+
+
+def run_argument_parser(classes: tuple[type, type, type]) -> HfArgumentParser:
+    """The run scripts' parser: its `--help` lists the model, data and method groups, each with a one-line
+    description, before the options inherited from `TrainingArguments`."""
+    parser = HfArgumentParser(
+        classes,
+        usage="%(prog)s [--model_name_or_path PATH] [--dataset NAME] [--method METHOD] [--output_dir DIR] [...]",
+        description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
+        "True) before --help to see a real checkpoint's (the llava recipe).",
+    )
+    groups = {group.title: group for group in parser._action_groups}
+    for title, description in HELP_GROUPS.items():
+        if title in groups:
+            groups[title].description = description
+    training = groups["training"]
+    method = parser.add_argument_group("method", HELP_GROUPS["method"])
+    for action in [action for action in training._group_actions if action.dest in METHOD_FIELDS]:
+        training._group_actions.remove(action)
+        method._group_actions.append(action)
+    parser._action_groups.remove(method)
+    parser._action_groups.insert(parser._action_groups.index(training), method)
+    return parser
