@@ -195,7 +195,7 @@ def write_card(
 def finish_output_folder(trainer: CFMoETrainer, model_args: ModelArguments, push_to_hub: bool) -> None:
     """`training.png`, and for a full model the remote code, handler and pipeline beside it; pushed when asked."""
     output = Path(trainer.args.output_dir)
-    plot_training(trainer.state.log_history, output / "training.png")
+    plot_training(trainer.state.log_history, output / "training.png", trainer.args.metric_for_best_model)
     if not model_args.use_lora:  # a LoRA run's folder is an adapter: its `merged/` is the full model
         complete_hub_folder(output)
     if push_to_hub:
