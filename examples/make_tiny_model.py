@@ -5,10 +5,11 @@ locally on the synthetic benchmark's vocabulary and a LLaVA processor.
     python examples/make_tiny_model.py --output_dir tiny-llava --pretrain [--pretrain_epochs 6] [--seed 1]
 
 Without `--pretrain`: a freshly initialised CF-MoE checkpoint (base, experts, heads); it loads offline with
-`AutoModel.from_pretrained(DIR, trust_remote_code=True)` and `AutoProcessor.from_pretrained(DIR)`.
-With `--pretrain`: a perception-pretrained stock LLaVA base (`trainer.pretrain`; ~2-3 min on one core at the
-default size), for the pretrained regime: `examples/run_sarcasm.py --model_name_or_path DIR`. Its
-`pretraining.json` holds the validation accuracy per perception target.
+`AutoModel.from_pretrained(DIR, trust_remote_code=True)` and `AutoProcessor.from_pretrained(DIR,
+trust_remote_code=True)` (a stock LLaVA processor; the flag lets its tokenizer read the custom `config.json`).
+With `--pretrain`: a perception-pretrained stock LLaVA base (`trainer.pretrain`), for the pretrained regime:
+`examples/run_sarcasm.py --model_name_or_path DIR`. Its `pretraining.json` holds the validation accuracy per
+perception target.
 """
 
 from dataclasses import dataclass, field

@@ -41,21 +41,29 @@ def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_pa
         torch.testing.assert_close(reloaded(**tiny_batch).logits, tiny_model(**tiny_batch).logits, rtol=0, atol=0)
 
 
-REMOTE_LOADER = BLOCK_OUR_PACKAGES + textwrap.dedent(
-    """
-    import sys
-    import torch
-    from transformers import AutoModel
-    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    batch = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(**batch).logits, sys.argv[3])
-    """
+# this Python has no pillow: `import PIL` raises ModuleNotFoundError, `importlib.util.find_spec("PIL")` is None
+NO_PILLOW = "import sys\nsys.modules['PIL'] = None\n"
+REMOTE_LOADER = (
+    NO_PILLOW
+    + BLOCK_OUR_PACKAGES
+    + textwrap.dedent(
+        """
+        import sys
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = torch.load(sys.argv[2])
+        with torch.no_grad():
+            torch.save(model(**batch).logits, sys.argv[3])
+        assert sys.modules["PIL"] is None
+        """
+    )
 )
 
 
-def test_remote_code_loads_without_our_packages(tiny_model, tiny_batch, tmp_path):
+def test_remote_code_loads_without_our_packages_or_pillow(tiny_model, tiny_batch, tmp_path):
+    """Loading a model and running it on tensors needs torch and transformers only."""
     ckpt = tmp_path / "ckpt"
     tiny_model.save_pretrained(ckpt)
     batch = {k: v for k, v in tiny_batch.items() if k != "labels"}
