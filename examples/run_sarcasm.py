@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The default of training_args.log_level is passive, so we set log level at info here to have that default.
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
-    for name in (__name__, "trainer"):
+    for name in (__name__, "trainer", "modeling_cfmoe"):
         logging.getLogger(name).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
