@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import datasets
 import transformers
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate every test split, save; returns the run's results (also in `OUTPUT/all_results.json`)."""
+    start = time.perf_counter()
     # See all possible arguments in trainer/arguments.py, or by passing the --help flag to this script. Defaults
     # depend on what is trained: the tiny model, or a checkpoint given by --model_name_or_path (with --use_lora).
     model_args, data_args, training_args = parse_args(argv)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
         finish_output_folder(trainer, model_args, push_to_hub)
         data_name = f"synthetic {TASK} benchmark, cues {data_args.cue_setting}" if synthetic else data_args.dataset
         print(f"\n{split_table(eval_results, f'method {training_args.method} on {data_name}:')}\n")
+        print(f"finished in {time.perf_counter() - start:.0f} s")
     return results
 
 
