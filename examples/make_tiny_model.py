@@ -5,12 +5,14 @@ locally on the synthetic benchmark's vocabulary and a LLaVA processor.
     python examples/make_tiny_model.py --output_dir tiny-llava --pretrain [--pretrain_epochs 6] [--seed 1]
 
 Without `--pretrain`: a freshly initialised CF-MoE checkpoint (base, experts, heads); it loads offline with
-`AutoModel.from_pretrained(DIR, trust_remote_code=True)` and `AutoProcessor.from_pretrained(DIR)`.
-With `--pretrain`: a perception-pretrained stock LLaVA base (`trainer.pretrain`; ~2-3 min on one core at the
-default size), for the pretrained regime: `examples/run_sarcasm.py --model_name_or_path DIR`. Its
-`pretraining.json` holds the validation accuracy per perception target.
+`AutoModel.from_pretrained(DIR, trust_remote_code=True)` and `AutoProcessor.from_pretrained(DIR,
+trust_remote_code=True)` (a stock LLaVA processor; the flag lets its tokenizer read the custom `config.json`).
+With `--pretrain`: a perception-pretrained stock LLaVA base (`trainer.pretrain`), for the pretrained regime:
+`examples/run_sarcasm.py --model_name_or_path DIR`. Its `pretraining.json` holds the validation accuracy per
+perception target. The script prints the seconds it took.
 """
 
+import time
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
@@ -37,6 +39,7 @@ class TinyModelArguments:
 
 
 if __name__ == "__main__":
+    start = time.perf_counter()
     (args,) = HfArgumentParser(TinyModelArguments).parse_args_into_dataclasses()
     if args.pretrain:
         config = PretrainConfig(
@@ -53,4 +56,4 @@ if __name__ == "__main__":
         write_pretrained_base(args.output_dir, config)
     else:
         write_tiny_checkpoint(args.output_dir, task=args.task, seed=args.seed, model_type=args.base_model_type)
-    print(f"wrote {args.output_dir}")
+    print(f"wrote {args.output_dir} in {time.perf_counter() - start:.0f} s")

@@ -8,7 +8,9 @@
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
 (docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").
-From Python: `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds.
+From Python: `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds. From the command
+line, bad arguments or data end the script with a one-line `error: ...` and exit code 2 (`CFMOE_TRACEBACK=1`
+shows the traceback).
 This script is `run_sentiment.py` with another `TASK`; keep the two in step.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import datasets
 import transformers
@@ -23,6 +26,7 @@ from transformers import set_seed
 
 from trainer import CFMoECollator, CFMoETrainer
 from trainer.arguments import parse_args
+from trainer.errors import exit_on_user_error
 from trainer.evaluation import build_debiasing_compute_metrics
 from trainer.run import (
     count_skipped,
@@ -44,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: list[str] | None = None) -> dict:
     """Train, evaluate every test split, save; returns the run's results (also in `OUTPUT/all_results.json`)."""
+    start = time.perf_counter()
     # See all possible arguments in trainer/arguments.py, or by passing the --help flag to this script. Defaults
     # depend on what is trained: the tiny model, or a checkpoint given by --model_name_or_path (with --use_lora).
     model_args, data_args, training_args = parse_args(argv)
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The default of training_args.log_level is passive, so we set log level at info here to have that default.
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
-    for name in (__name__, "trainer"):
+    for name in (__name__, "trainer", "modeling_cfmoe"):
         logging.getLogger(name).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, bf16: {training_args.bf16}"
     )
-    logger.info(f"Training/evaluation parameters {training_args}")
+    logger.debug(f"Training/evaluation parameters {training_args}")
 
     # Set seed before initializing model.
     set_seed(training_args.seed)
@@ -131,8 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         finish_output_folder(trainer, model_args, push_to_hub)
         data_name = f"synthetic {TASK} benchmark, cues {data_args.cue_setting}" if synthetic else data_args.dataset
         print(f"\n{split_table(eval_results, f'method {training_args.method} on {data_name}:')}\n")
+        print(f"finished in {time.perf_counter() - start:.0f} s")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, torch_compilable_check
+from transformers.utils import ModelOutput, logging, torch_compilable_check
 
 from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .context import (
@@ -58,13 +58,8 @@ from .counterfactual import (
 from .moe import AttentionRouter, BiasRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import custom_pipelines_config
 
-COUNTERFACTUALS = (
-    None,
-    "effects",
-    "core_readings",
-    "rows",
-    "rows_only",
-)  # what `forward(counterfactuals=...)` computes
+logger = logging.get_logger(__name__)
+COUNTERFACTUALS = (None, "effects", "core_readings", "rows", "rows_only")  # what `forward(counterfactuals=...)` computes
 LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
 MARK_RADIUS = 3  # pixel context is closed by this much: the surround of the local evidence (7x7)
 BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
@@ -265,20 +260,27 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
             label2id={v: k for k, v in id2label.items()},
             **(config_kwargs or {}),
         )
-        model, info = cls.from_pretrained(
-            base_model_name_or_path,
-            config=config,
-            key_mapping=BASE_KEY_MAPPING,
-            output_loading_info=True,
-            **from_pretrained_kwargs,
-        )
-        base_missing = [k for k in info["missing_keys"] if k.startswith("mllm.")]
-        base_unexpected = [k for k in info["unexpected_keys"] if "lm_head" not in k]
-        if base_missing or base_unexpected:
-            raise ValueError(
-                f"{base_model_name_or_path} does not match its config: missing base weights {base_missing[:5]}, "
-                f"unexpected weights {base_unexpected[:5]}"
+        # transformers' load report would list every new module as MISSING and the base's unused lm_head as
+        # UNEXPECTED: both are ignored for this load, so that the report shows only what the base really lacks
+        saved = cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected
+        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = [r"^(?!mllm\.)"], ["lm_head"]
+        try:
+            model, info = cls.from_pretrained(
+                base_model_name_or_path,
+                config=config,
+                key_mapping=BASE_KEY_MAPPING,
+                output_loading_info=True,
+                **from_pretrained_kwargs,
             )
+        finally:
+            cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = saved
+        if info["missing_keys"] or info["unexpected_keys"]:
+            raise ValueError(
+                f"{base_model_name_or_path} does not match its config: missing base weights "
+                f"{sorted(info['missing_keys'])[:5]}, unexpected weights {sorted(info['unexpected_keys'])[:5]}"
+            )
+        new = sorted({key.split(".")[0] for key in model.state_dict() if not key.startswith("mllm.")})
+        logger.info("%s: every base weight loaded; initialised %s", base_model_name_or_path, ", ".join(new))
         return model
 
     def get_input_embeddings(self) -> nn.Module:

@@ -132,9 +132,11 @@ class MultimodalDebiasedClassificationPipeline(Pipeline):
         return batch
 
 
-PIPELINE_REGISTRY.register_pipeline(
-    TASK, pipeline_class=MultimodalDebiasedClassificationPipeline, pt_model=AutoModel, type="multimodal"
-)
+# registered once per process: the package and each loaded model's remote code hold a copy of this module
+if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=MultimodalDebiasedClassificationPipeline, pt_model=AutoModel, type="multimodal"
+    )
 
 
 def custom_pipelines_config() -> dict[str, dict[str, Any]]:

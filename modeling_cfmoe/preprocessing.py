@@ -7,6 +7,7 @@ per image feature) are never cut. Without an explicit `max_length`, sequences ar
 
 Bad input raises [`BadExampleError`] with a message that names the item and what to fix; images in any PIL mode
 are converted to RGB (alpha composited on white, 16-bit and float images rescaled, EXIF rotation applied).
+Pillow is imported where images are decoded, so that loading a model needs torch and transformers only.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 from io import BytesIO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ def load_rgb_image(image: Any, item: str) -> Image.Image:
     `PIL.Image.MAX_IMAGE_PIXELS`), an empty image or an aspect ratio beyond [`MAX_ASPECT_RATIO`] raises
     [`BadExampleError`] naming `item` and the file.
     """
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
     source = (getattr(image, "filename", None) or "(in memory)") if isinstance(image, Image.Image) else image
     try:
         if isinstance(image, dict):
@@ -94,6 +99,8 @@ def load_rgb_image(image: Any, item: str) -> Image.Image:
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     """The image as it is meant to be seen: rotated / flipped by its EXIF orientation tag (phone photos)."""
+    from PIL import ImageOps
+
     if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
         return image
     return ImageOps.exif_transpose(image)
@@ -101,6 +108,8 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB of any PIL mode: high bit depths rescaled to 0..255, transparency composited on white."""
+    from PIL import Image
+
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I") or image.mode == "F":

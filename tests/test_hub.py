@@ -73,6 +73,8 @@ def test_model_card_metadata_round_trips_and_body(tiny_model, tmp_path):
     assert "| visual | 0.6250 | 0.3750 |" in text and "`num_visual_experts` | `1`" in text
     assert "not MMSD2.0" in text and "2509.15361" in text and "@inproceedings" in text
     assert 'pipeline(model="someone/cfmoe-tiny", trust_remote_code=True)' in text
+    assert "Loading the model and running it on tensors needs `torch` and `transformers` only" in text
+    assert "`pillow`" in text and 'AutoProcessor.from_pretrained("someone/cfmoe-tiny", trust_remote_code=True)' in text
 
 
 def test_push_completes_the_folder_and_uploads_our_card(tiny_model, processor, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,21 +42,29 @@ def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_pa
         torch.testing.assert_close(reloaded(**tiny_batch).logits, tiny_model(**tiny_batch).logits, rtol=0, atol=0)
 
 
-REMOTE_LOADER = BLOCK_OUR_PACKAGES + textwrap.dedent(
-    """
-    import sys
-    import torch
-    from transformers import AutoModel
-    model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    batch = torch.load(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(**batch).logits, sys.argv[3])
-    """
+# this Python has no pillow: `import PIL` raises ModuleNotFoundError, `importlib.util.find_spec("PIL")` is None
+NO_PILLOW = "import sys\nsys.modules['PIL'] = None\n"
+REMOTE_LOADER = (
+    NO_PILLOW
+    + BLOCK_OUR_PACKAGES
+    + textwrap.dedent(
+        """
+        import sys
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        batch = torch.load(sys.argv[2])
+        with torch.no_grad():
+            torch.save(model(**batch).logits, sys.argv[3])
+        assert sys.modules["PIL"] is None
+        """
+    )
 )
 
 
-def test_remote_code_loads_without_our_packages(tiny_model, tiny_batch, tmp_path):
+def test_remote_code_loads_without_our_packages_or_pillow(tiny_model, tiny_batch, tmp_path):
+    """Loading a model and running it on tensors needs torch and transformers only."""
     ckpt = tmp_path / "ckpt"
     tiny_model.save_pretrained(ckpt)
     batch = {k: v for k, v in tiny_batch.items() if k != "labels"}
@@ -206,7 +215,15 @@ def _check_base_weights(model: CFMoEForMultimodalClassification, stock: LlavaFor
         )
 
 
-def test_from_base_pretrained_loads_every_stock_weight(tmp_path):
+@pytest.fixture
+def load_logs(caplog, monkeypatch):
+    """The records of transformers' loggers (its load report) and ours, from INFO on."""
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="modeling_cfmoe")
+    return caplog
+
+
+def test_from_base_pretrained_loads_every_stock_weight(tmp_path, load_logs):
     stock = _stock_llava(tmp_path)
     stock.save_pretrained(tmp_path / "stock")  # v5 writes the legacy llava-hf key layout
     model = CFMoEForMultimodalClassification.from_base_pretrained(
@@ -214,6 +231,12 @@ def test_from_base_pretrained_loads_every_stock_weight(tmp_path):
     )
     assert model.config.id2label == {0: "no", 1: "yes"} and model.config.num_text_experts == 3
     _check_base_weights(model, stock)
+    # no load report listing the new modules as MISSING and lm_head as UNEXPECTED: one line names them
+    assert not [r for r in load_logs.records if r.levelno >= logging.WARNING and "LOAD REPORT" in r.getMessage()]
+    (line,) = [r.getMessage() for r in load_logs.records if r.name == "modeling_cfmoe.modeling_cfmoe"]
+    assert line.endswith("every base weight loaded; initialised context_statistics, fused_head, image_head, "
+                         "prior_logits, text_head, text_moe, visual_moe")  # fmt: skip
+    assert CFMoEForMultimodalClassification._keys_to_ignore_on_load_missing is None  # a later load reports all
 
 
 def test_from_base_pretrained_accepts_v5_key_layout(tmp_path):
@@ -228,7 +251,7 @@ def test_from_base_pretrained_accepts_v5_key_layout(tmp_path):
     _check_base_weights(CFMoEForMultimodalClassification.from_base_pretrained(folder, num_labels=2), stock)
 
 
-def test_from_base_pretrained_rejects_a_mismatched_checkpoint(tmp_path):
+def test_from_base_pretrained_rejects_a_mismatched_checkpoint(tmp_path, load_logs):
     stock = _stock_llava(tmp_path)
     folder = tmp_path / "broken"
     stock.config.save_pretrained(folder)
@@ -236,6 +259,9 @@ def test_from_base_pretrained_rejects_a_mismatched_checkpoint(tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing base weights"):
         CFMoEForMultimodalClassification.from_base_pretrained(folder, num_labels=2)
+    (report,) = [r.getMessage() for r in load_logs.records if "LOAD REPORT" in r.getMessage()]
+    assert "layers.1." in report and "MISSING" in report  # what the base really lacks, and only that
+    assert not any(name in report for name in ("fused_head", "visual_moe", "prior_logits", "lm_head"))
 
 
 def test_clear_errors_on_inconsistent_image_inputs(tiny_model, tiny_batch):

@@ -179,6 +179,7 @@ def test_saved_pipeline_and_handler_run_without_our_packages(saved_pipeline, pip
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "already registered" not in result.stderr  # the pipeline module is loaded twice, registered once
     out = json.loads((tmp_path / "out.json").read_text())
     expected = pipe(item, return_effects=True)
     for got in (out["pipeline"], out["handler"][0]):
@@ -188,10 +189,12 @@ def test_saved_pipeline_and_handler_run_without_our_packages(saved_pipeline, pip
 REMOTE_TINY_PIPELINE = BLOCK_OUR_PACKAGES + textwrap.dedent(
     """
     import json, sys
-    from transformers import pipeline
+    from transformers import AutoProcessor, pipeline
     pipe = pipeline(model=sys.argv[1], trust_remote_code=True)
     assert type(pipe).__module__.startswith("transformers_modules"), type(pipe).__module__
     json.dump(pipe({"image": sys.argv[2], "text": "what a lovely monday"}, return_effects=True), open(sys.argv[3], "w"))
+    processor = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True)  # as the model card says
+    assert type(processor).__module__ == "transformers.models.llava.processing_llava", type(processor).__module__
     """
 )
 
@@ -217,8 +220,10 @@ def test_make_tiny_model_folder_is_pipeline_ready_without_our_packages(tmp_path)
         env=env,
         capture_output=True,
         text=True,
+        stdin=subprocess.DEVNULL,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr and "model of type" not in result.stderr
     model = CFMoEForMultimodalClassification.from_pretrained(tmp_path / "tiny").eval()
     local = MultimodalDebiasedClassificationPipeline(
         model=model, processor=AutoProcessor.from_pretrained(tmp_path / "tiny"), device=-1

@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import is_torch_bf16_gpu_available
 
 from trainer.arguments import CheckpointTrainingArguments, TinyTrainingArguments, parse_args
+from trainer.errors import UserInputError, exit_on_user_error
 from trainer.run import load_model
 from trainer.tiny import build_tiny_model, tiny_base_config
 
@@ -122,6 +124,12 @@ def test_help_shows_the_defaults_that_run(llava_folder, capsys):
     assert "llava recipe (a --model_name_or_path): 2e-05 (0.0002 with --use_lora)" in _option_help(
         result.stdout, "learning_rate"
     )
+    # the project's groups first, each with a one-line description, then the inherited TrainingArguments
+    groups = re.findall(r"^(\w+):\n  (.*)$", result.stdout, re.M)
+    assert [title for title, _ in groups] == ["options", "model", "data", "method", "training"]
+    assert all(not line.startswith("-") for title, line in groups[1:])
+    assert result.stdout.index("--method METHOD") < result.stdout.index("--output_dir OUTPUT_DIR")
+    assert len(result.stdout.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not every option
 
     with pytest.raises(SystemExit):
         parse_args(["--model_name_or_path", str(llava_folder), "--use_lora", "True", "--help"])
@@ -151,3 +159,111 @@ def test_tiny_run_writes_results_and_prints_the_split_table(tmp_path, capsys):
     assert "method vanilla on synthetic sarcasm benchmark, cues mixed" in table
     assert re.search(r"test_ood( +(\d\.\d{3}|nan)){4}\n", table)  # accuracy, macro F1, worst group, cue reliance
     assert "robust accuracy min(iid, ood):" in table
+
+
+def _mmsd_folder(folder: Path, mutate=None) -> Path:
+    """A 4-item MMSD layout (`{train,valid,test}.json`, `images/`); `mutate(folder)` breaks it."""
+    (folder / "images").mkdir(parents=True)
+    items = [{"image_id": str(i), "text": f"post number {i}", "label": i % 2} for i in range(4)]
+    for i in range(4):
+        Image.new("RGB", (32, 32)).save(folder / "images" / f"{i}.jpg")
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.json").write_text(json.dumps(items))
+    if mutate is not None:
+        mutate(folder)
+    return folder
+
+
+def _bad_label(folder: Path) -> None:
+    items = json.loads((folder / "train.json").read_text())
+    items[1]["label"] = "yes"
+    (folder / "train.json").write_text(json.dumps(items))
+
+
+MMSD = "--dataset mmsd --data_dir {data}"
+BAD_INPUTS = {  # the data folder's defect (None: no folder), the command line, the message
+    "missing data dir": (None, "--dataset mmsd --data_dir {tmp}/nowhere", r"nowhere/train\.json not found"),
+    "malformed JSON": (
+        lambda folder: (folder / "train.json").write_text('[{"image_id": "0", text: 1}]'),
+        MMSD,
+        r"train\.json: malformed JSON at line 1",
+    ),
+    'label "yes"': (_bad_label, MMSD, r"label 'yes' is not one of \[0, 1\]; .*--skip_bad_examples True"),
+    "missing image": (
+        lambda folder: (folder / "images" / "2.jpg").unlink(),
+        MMSD,
+        r"images/2\.jpg of item '2' not found; .*--skip_bad_examples True",
+    ),
+    "corrupt image (collator)": (
+        lambda folder: (folder / "images" / "1.jpg").write_bytes(b"not an image"),
+        f"{MMSD} --max_steps 1 --per_device_train_batch_size 4 --eval_strategy no --save_strategy no "
+        "--load_best_model_at_end False",
+        r"item 1: image .*1\.jpg cannot be decoded",
+    ),
+    "unknown method": (None, "--method nonsense", r"--method must be one of vanilla, .*got 'nonsense'"),
+    "negative learning rate": (None, "--learning_rate -1", r"--learning_rate must be > 0, got -1\.0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_ends_the_script_with_one_line_and_exit_code_2(case, tmp_path, capsys, monkeypatch):
+    defect, flags, message = BAD_INPUTS[case]
+    data = _mmsd_folder(tmp_path / "data", defect) if defect else None
+    argv = [*flags.format(tmp=tmp_path, data=data).split(), "--output_dir", str(tmp_path / "out")]
+    main = runpy.run_path(str(EXAMPLES / "run_sarcasm.py"))["main"]
+    monkeypatch.setattr(sys, "argv", ["run_sarcasm.py", *argv])
+    monkeypatch.delenv("CFMOE_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        exit_on_user_error(main)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(rf"run_sarcasm\.py: error: .*{message}.*", err[-1]), err[-3:]
+
+
+def test_the_command_line_prints_no_traceback_unless_asked(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("CFMOE_TRACEBACK", None)
+    command = [sys.executable, str(EXAMPLES / "run_sarcasm.py"), "--learning_rate", "-1", "--output_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "run_sarcasm.py: error: --learning_rate must be > 0, got -1.0"
+    result = subprocess.run(command, capture_output=True, text=True, env={**env, "CFMOE_TRACEBACK": "1"}, timeout=300)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "UserValueError" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
+        (["--num_train_epochs", "0"], "--num_train_epochs must be > 0 (or give --max_steps), got 0.0"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1, got 0"),
+        (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be >= 1, got 0"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be >= 1, got 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay must be >= 0, got -0.1"),
+        (["--bias_loss_weight", "-1"], "--bias_loss_weight must be >= 0, got -1.0"),
+        (["--contrast_temperature", "0"], "--contrast_temperature must be > 0, got 0.0"),
+        (["--max_weight", "0.5"], "--max_weight must be >= 1 (item weights start at 1), got 0.5"),
+        (["--debias_warmup_ratio", "1.5"], "--debias_warmup_ratio must be in [0, 1], got 1.5"),
+        (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1), got 1.0"),
+        (["--counterfactual_fraction", "2"], "--counterfactual_fraction must be in [0, 1], got 2.0"),
+        (["--num_visual_experts", "0"], "--num_visual_experts must be >= 1, got 0"),
+        (["--experts_top_k", "2"], "--experts_top_k=2 must lie in [1, min(num_visual_experts, num_text_experts)]"),
+        (["--lora_r", "0"], "--lora_r must be >= 1, got 0"),
+        (["--lora_dropout", "1"], "--lora_dropout must be in [0, 1), got 1.0"),
+        (["--num_train", "0"], "--num_train must be >= 1, got 0"),
+        (["--num_test", "-1"], "--num_test must be >= 1, got -1"),
+        (["--label_noise", "1.5"], "--label_noise must lie in [0, 1], got 1.5"),
+        (["--rho_train", "-0.5"], "--rho_train must lie in [0, 1], got -0.5"),
+        (["--cue_setting", "glitter"], "unknown --cue_setting 'glitter'"),
+        (["--max_length", "0"], "--max_length must be >= 1, got 0"),
+    ],
+)
+def test_numeric_arguments_are_checked_when_parsed(flags, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        parse_args(flags)
+
+
+def test_checks_that_depend_on_a_checkpoint_wait_for_it(llava_folder):
+    path = ["--model_name_or_path", str(llava_folder)]
+    assert parse_args([*path, "--experts_top_k", "2"])[0].experts_top_k == 2  # the checkpoint's experts bound it
+    assert parse_args(["--num_train_epochs", "0", "--max_steps", "3"])[2].max_steps == 3

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
 from modeling_cfmoe import CFMoEConfig
 
+from .errors import name_flags, require, user_input
+from .synthetic import SyntheticConfig
 from .training_args import CFMoETrainingArguments
 
 TINY, CHECKPOINT, LORA = 0, 1, 2
@@ -50,6 +52,17 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
     "lora_alpha": (32, 256, 256),
 }
 
+# what CFMoETrainingArguments adds to TrainingArguments: the --help group "method"
+METHOD_FIELDS = tuple(
+    f.name for f in fields(CFMoETrainingArguments) if f.name not in TrainingArguments.__dataclass_fields__
+)
+HELP_GROUPS = {  # --help: the groups of the run scripts' options, in this order
+    "model": "the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation",
+    "data": "the synthetic benchmark (sizes, noise, cues) or a real data set's folder",
+    "method": "the debiasing method and the weights of its loss terms",
+    "training": "transformers.TrainingArguments, some defaults set by the run scripts (see their help)",
+}
+
 
 def _help(base: str, name: str) -> str:
     tiny, checkpoint, lora = RUN_DEFAULTS[name]
@@ -74,6 +87,8 @@ def _default(name: str, which: int, base_help: str | None = None):
 @dataclass
 class ModelArguments:
     """The model: the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation."""
+
+    _argument_group_name = "model"
 
     model_name_or_path: str | None = field(
         default=None,
@@ -150,6 +165,20 @@ class ModelArguments:
                 "--lora_include_vision trains LoRA weights in the vision tower, which --freeze_vision_tower keeps "
                 "frozen (the default with a checkpoint): pass --freeze_vision_tower False with it"
             )
+        require(self.lora_r >= 1, "lora_r", ">= 1", self.lora_r)
+        require(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
+        require(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        self._check_config_values()
+
+    def _check_config_values(self) -> None:
+        """The CF-MoE config values given, checked by `CFMoEConfig` itself, its messages naming the flags."""
+        values = self.config_kwargs()
+        if self.model_name_or_path is not None:
+            values.pop("experts_top_k", None)  # bounded by the checkpoint's own expert counts
+        try:
+            CFMoEConfig(**values)
+        except ValueError as error:
+            raise ValueError(name_flags(str(error), values)) from error
 
     def config_kwargs(self) -> dict:
         """The CF-MoE config values given on the command line (every field named as a `CFMoEConfig` argument, and
@@ -181,6 +210,8 @@ class CheckpointModelArguments(ModelArguments):
 class DataArguments:
     """The data: the synthetic benchmark (sizes, noise, cues) or a real data set's folder."""
 
+    _argument_group_name = "data"
+
     dataset: str = field(
         default="synthetic",
         metadata={"help": "synthetic (the task's planted-cue benchmark), mmsd, mmsd2, mvsa_single, mvsa_multiple"},
@@ -201,10 +232,37 @@ class DataArguments:
     skip_bad_examples: bool = field(default=False, metadata={"help": "skip and count bad items instead of failing"})
     verify_images: bool = field(default=False, metadata={"help": "open every image while loading real data"})
 
+    def __post_init__(self):
+        if self.max_length is not None:
+            require(self.max_length >= 1, "max_length", ">= 1", self.max_length)
+        if self.dataset != "synthetic":
+            return
+        for name in ("num_train", "num_validation", "num_test"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        try:  # the benchmark's own checks of its values (noise, agreement, cue setting; whatever the task)
+            self.synthetic_config("sarcasm", 0)
+        except ValueError as error:
+            raise ValueError(name_flags(str(error), [f.name for f in fields(self)])) from error
+
+    def synthetic_config(self, task: str, seed: int) -> SyntheticConfig:
+        """The synthetic benchmark these arguments describe, for `task` and the training `seed`."""
+        return SyntheticConfig(
+            task=task,
+            num_train=self.num_train,
+            num_validation=self.num_validation,
+            num_test=self.num_test,
+            label_noise=self.label_noise,
+            rho_train=self.rho_train,
+            cue_setting=self.cue_setting,
+            seed=seed + self.data_seed_offset,
+        )
+
 
 @dataclass
 class RunTrainingArguments(CFMoETrainingArguments):
     """[`CFMoETrainingArguments`] with the defaults shared by every run of the run scripts."""
+
+    _argument_group_name = "training"
 
     output_dir: str | None = _training_field("output_dir", "outputs/cfmoe")
     lr_scheduler_type: SchedulerType | str = _training_field("lr_scheduler_type", "cosine")
@@ -278,16 +336,39 @@ def run_argument_classes(recipe: str, model_name_or_path: str | None, use_lora: 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CFMoETrainingArguments]:
     """(model, data, training) arguments of a run script's command line (`sys.argv[1:]` when None), with the
     defaults of what it trains (`--recipe`): the tiny model, or a checkpoint given by `--model_name_or_path` (with
-    `--use_lora`). `--help` lists the defaults of the command line it comes with."""
+    `--use_lora`). `--help` lists the defaults of the command line it comes with. A value the run cannot use
+    raises a [`~trainer.errors.UserInputError`] naming its flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
-    model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    parser = HfArgumentParser(
-        run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora),
-        description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
-        "True) before --help to see a real checkpoint's (the llava recipe).",
-    )
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    with user_input():
+        peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
+        model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+        parser = run_argument_parser(
+            run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
+        )
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if training_args.method == "cfvqa" and model_args.inference_mode is None:
         model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
     return model_args, data_args, training_args
+
+
+def run_argument_parser(classes: tuple[type, type, type]) -> HfArgumentParser:
+    """The run scripts' parser: its `--help` lists the model, data and method groups, each with a one-line
+    description, before the options inherited from `TrainingArguments`."""
+    parser = HfArgumentParser(
+        classes,
+        usage="%(prog)s [--model_name_or_path PATH] [--dataset NAME] [--method METHOD] [--output_dir DIR] [...]",
+        description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
+        "True) before --help to see a real checkpoint's (the llava recipe).",
+    )
+    groups = {group.title: group for group in parser._action_groups}
+    for title, description in HELP_GROUPS.items():
+        if title in groups:
+            groups[title].description = description
+    training = groups["training"]
+    method = parser.add_argument_group("method", HELP_GROUPS["method"])
+    for action in [action for action in training._group_actions if action.dest in METHOD_FIELDS]:
+        training._group_actions.remove(action)
+        method._group_actions.append(action)
+    parser._action_groups.remove(method)
+    parser._action_groups.insert(parser._action_groups.index(training), method)
+    return parser

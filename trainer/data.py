@@ -49,7 +49,7 @@ class LoadReport:
         return len(self.skipped)
 
 
-_SKIP_HINT = "or pass skip_bad_examples=True to skip such items"
+_SKIP_HINT = "or pass skip_bad_examples=True (--skip_bad_examples True to a run script) to skip such items"
 
 
 class _Items:

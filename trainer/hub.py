@@ -153,10 +153,13 @@ def _card_body(model_name, base_model, dataset_name, task_name, settings, eval_r
 def _usage_section(repo: str) -> str:
     return (
         "## How to use\n\n"
+        "Loading the model and running it on tensors needs `torch` and `transformers` only; the processor and the "
+        "pipeline decode images, which needs `pillow` too (`pip install torch transformers pillow`).\n\n"
         "```python\n"
         "from transformers import AutoModel, AutoProcessor, pipeline\n\n"
         f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)\n'
-        f'processor = AutoProcessor.from_pretrained("{repo}")\n\n'
+        "# a stock LlavaProcessor; the flag lets its tokenizer read this repo's config.json (custom code)\n"
+        f'processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)\n\n'
         f'classifier = pipeline(model="{repo}", trust_remote_code=True)  # task "{TASK}"\n'
         'classifier({"image": "post.jpg", "text": "what a lovely monday"}, return_effects=True)\n'
         "# [{'label': ..., 'score': ..., 'effects': {'TE': ..., 'NDE_T': ..., 'NDE_V': ..., 'TIE': ...}}, ...]\n"

@@ -18,6 +18,7 @@ from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, qua
 from .arguments import DataArguments, ModelArguments
 from .collator import CFMoECollator
 from .data import load_benchmark
+from .errors import UserFileNotFoundError, user_input
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .plots import plot_training
@@ -40,18 +41,10 @@ TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_ac
 
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
     """(splits, the synthetic benchmark's config or None for real data). Images stay undecoded: the collator opens
-    them item by item, so that a corrupt file is named there (or skipped and counted with `skip_bad_examples`)."""
+    them item by item, so that a corrupt file is named there (or skipped and counted with `skip_bad_examples`).
+    Data the loaders refuse raises a [`~trainer.errors.UserInputError`]."""
     if data_args.dataset == "synthetic":
-        synthetic = SyntheticConfig(
-            task=task,
-            num_train=data_args.num_train,
-            num_validation=data_args.num_validation,
-            num_test=data_args.num_test,
-            label_noise=data_args.label_noise,
-            rho_train=data_args.rho_train,
-            cue_setting=data_args.cue_setting,
-            seed=seed + data_args.data_seed_offset,
-        )
+        synthetic = data_args.synthetic_config(task, seed)
         data = make_synthetic_benchmark(synthetic)
     else:
         synthetic = None
@@ -60,7 +53,8 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
             kwargs["image_dir"] = data_args.image_dir
         if data_args.ood_file:
             kwargs["ood_file"] = data_args.ood_file
-        data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
+        with user_input():  # a data set the loaders refuse: its message says what to fix
+            data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
     return data.cast_column("image", Image(decode=False)), synthetic
 
 
@@ -128,10 +122,10 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     if resume == "last":  # restart where an interrupted run stopped
         resume = get_last_checkpoint(args.output_dir)
         if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {args.output_dir}")
+            raise UserFileNotFoundError(f"--resume_from_checkpoint last: no checkpoint-* in {args.output_dir}")
     if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
         # the Trainer would silently restart at step 0 from such a folder's weights
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"--resume_from_checkpoint {resume}: not a complete checkpoint (no trainer_state.json); "
             "pick another checkpoint-* folder or 'last'"
         )
@@ -201,7 +195,7 @@ def write_card(
 def finish_output_folder(trainer: CFMoETrainer, model_args: ModelArguments, push_to_hub: bool) -> None:
     """`training.png`, and for a full model the remote code, handler and pipeline beside it; pushed when asked."""
     output = Path(trainer.args.output_dir)
-    plot_training(trainer.state.log_history, output / "training.png")
+    plot_training(trainer.state.log_history, output / "training.png", trainer.args.metric_for_best_model)
     if not model_args.use_lora:  # a LoRA run's folder is an adapter: its `merged/` is the full model
         complete_hub_folder(output)
     if push_to_hub:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .errors import require
+
 METHODS = ("vanilla", "text_poe", "image_poe", "poe", "rubi", "cfvqa", "group_dro", "cfmoe")
 
 
@@ -69,14 +71,41 @@ class CFMoETrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        self._check_arguments()  # before the base class sets up devices: a bad value fails at once
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+
+    def _check_arguments(self) -> None:
+        """The method's arguments, and the numeric ones that `TrainingArguments` leaves unchecked."""
+        require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
         if self.remove_unused_columns:
-            raise ValueError("remove_unused_columns must stay False: the collator needs the raw image/text columns")
-        if self.nan_policy not in ("raise", "skip", "ignore"):
-            raise ValueError(f"nan_policy must be raise, skip or ignore, got {self.nan_policy!r}")
-        if self.conflict_rule not in ("per_modality", "combined"):
-            raise ValueError(f"conflict_rule must be per_modality or combined, got {self.conflict_rule!r}")
-        if not 0.0 <= self.debias_warmup_ratio <= 1.0:
-            raise ValueError(f"debias_warmup_ratio must be in [0, 1], got {self.debias_warmup_ratio}")
+            raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/text columns")
+        require(self.nan_policy in ("raise", "skip", "ignore"), "nan_policy", "raise, skip or ignore", self.nan_policy)
+        rules = ("per_modality", "combined")
+        require(self.conflict_rule in rules, "conflict_rule", "per_modality or combined", self.conflict_rule)
+        for name in ("learning_rate", "contrast_temperature"):
+            require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            require(getattr(self, name) >= 1, name, ">= 1", getattr(self, name))
+        if self.eval_accumulation_steps is not None:
+            require(self.eval_accumulation_steps >= 1, "eval_accumulation_steps", ">= 1", self.eval_accumulation_steps)
+        require(self.num_train_epochs >= 0, "num_train_epochs", ">= 0", self.num_train_epochs)
+        if self.max_steps <= 0:  # the epochs decide how long training runs
+            require(self.num_train_epochs > 0, "num_train_epochs", "> 0 (or give --max_steps)", self.num_train_epochs)
+        for name in (
+            "bias_loss_weight",
+            "factual_task_weight",
+            "counterfactual_task_weight",
+            "contrast_loss_weight",
+            "prior_kl_weight",
+            "upweight",
+            "group_dro_step_size",
+            "weight_decay",
+            "max_grad_norm",
+            "adam_epsilon",
+            "dataloader_num_workers",
+        ):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(self.max_weight >= 1, "max_weight", ">= 1 (item weights start at 1)", self.max_weight)
+        for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
+            require(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
+        require(0 <= self.debias_warmup_ratio <= 1, "debias_warmup_ratio", "in [0, 1]", self.debias_warmup_ratio)
