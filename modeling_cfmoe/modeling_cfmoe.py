@@ -59,7 +59,8 @@ from .moe import AttentionRouter, BiasRouter, DebiasingMoE, ExpertBank, load_bal
 from .pipeline_cfmoe import custom_pipelines_config
 
 logger = logging.get_logger(__name__)
-COUNTERFACTUALS = (None, "effects", "core_readings", "rows", "rows_only")  # what `forward(counterfactuals=...)` computes
+# what `forward(counterfactuals=...)` computes
+COUNTERFACTUALS = (None, "effects", "core_readings", "rows", "rows_only")
 LOCAL_RADIUS = 1  # a pixel's local descriptor covers its 3x3 neighbourhood
 MARK_RADIUS = 3  # pixel context is closed by this much: the surround of the local evidence (7x7)
 BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
