@@ -1,27 +1,30 @@
-"""Debiasing benchmark: every peer method, the two references and the ablations of CF-MoE, per regime and cue
-setting, over seeds.
+"""Debiasing benchmark: every peer method, the two references and the ablations of CF-MoE, per task, regime, cue
+setting and label noise, over seeds.
 
     python examples/benchmark_debiasing.py --output_dir out/bench                          # 3 seeds, full data
     python examples/benchmark_debiasing.py --output_dir out/bench --quick                  # 1 seed, smaller data
-    python examples/benchmark_debiasing.py --output_dir out/bench --regime scratch,pretrained \
-        --cue_settings tint_hashtag,mixed --methods vanilla,cfmoe --seeds 2
+    python examples/benchmark_debiasing.py --output_dir out/bench --task sarcasm,sentiment --regime pretrained \
+        --cue_settings tint_hashtag,mixed --label_noise 0.2,0.05 --methods vanilla,cfmoe --seeds 2
     python examples/benchmark_debiasing.py --output_dir out/smoke --quick --methods vanilla,cfmoe \
         --num_train 128 --num_validation 64 --num_test 64 --num_train_epochs 1   # extra flags go to every run
 
 Every method is a switchable training method of the same model (the tiny offline CF-MoE), trained on the same
-synthetic planted-cue data with the same budget by `examples/run_sarcasm.py`; the argv of each entry comes from the
-`RUNS` table below (edit it there). Regimes: `scratch` (the tiny model from a random initialisation) and
-`pretrained` (a perception-pretrained tiny LLaVA base per seed, built once under `DIR/bases/seed<k>/` and reused,
-fine-tuned with the vision tower frozen). Each run also gets `--cue_setting <name>` (the cue forms:
-`trainer.synthetic.CUE_SETTINGS`). Each (regime, cue setting, method, seed) runs in a fresh subprocess writing to
-`DIR/runs/<regime>/<cue_setting>/<method>/seed<k>/`; a finished run is not run again, so an interrupted benchmark
-continues where it stopped. A run whose argv the run script's parser rejects is reported as skipped, with the
-parser's reason, and a run that crashes as failed (its log is `benchmark.log` in its folder).
+synthetic planted-cue data with the same budget by `examples/run_<task>.py`; the argv of each entry comes from the
+`RUNS` table below (edit it there). Tasks: `sarcasm` and `sentiment` (three classes). Regimes: `scratch` (the tiny
+model from a random initialisation) and `pretrained` (a perception-pretrained tiny LLaVA base per task and seed,
+built once under `DIR/bases/<task>/seed<k>/` and reused, fine-tuned with the vision tower frozen). Each run also gets
+`--cue_setting <name>` (the cue forms: `trainer.synthetic.CUE_SETTINGS`; `core_markers`, whose sarcasm markers make
+an item sarcastic on their own, runs for sarcasm only) and `--label_noise <eta>`. Each (task, regime, cue setting,
+noise, method, seed) runs in a fresh subprocess writing to
+`DIR/runs/<task>/<regime>/<cue_setting>/noise<eta>/<method>/seed<k>/`; a finished run is not run again, so an
+interrupted benchmark continues where it stopped. A run whose argv the run script's parser rejects is reported as
+skipped, with the parser's reason, and a run that crashes as failed (its log is `benchmark.log` in its folder).
 
-Writes `DIR/results.json` ({"<regime>/<cue_setting>": {method: {metric: {"mean", "std", "n"}}}}; the headline is
-`robust_acc` = min(iid_acc, ood_acc) per run), `DIR/results.md` (overview, one table per setting ranked on
-robust_acc, ablation costs, metric definitions, the bases, run times, the routing study), one plot per setting
-`DIR/<regime>_<cue_setting>.png`, `DIR/routing.json` and `DIR/runs.json` (status and times of every run).
+Writes `DIR/results.json` ({"<task>/<regime>/<cue_setting>/noise<eta>": {method: {metric: {"mean", "std", "n"}}}};
+the headline is `robust_acc` = min(iid_acc, ood_acc) per run), `DIR/results.md` (overview, one table per setting
+ranked on robust_acc, ablation costs, metric definitions, the bases, run times, the routing study), one plot per
+setting `DIR/<task>_<regime>_<cue_setting>_noise<eta>.png`, `DIR/routing.json` and `DIR/runs.json` (status and times
+of every run).
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.benchmarking import (
+    DEFAULT_NOISE,
     REGIMES,
+    TASKS,
     MethodTable,
     build_bases,
     check_argv,
@@ -102,11 +107,17 @@ def parse_cli(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, li
         epilog="Any other flag (e.g. --num_train 128 --num_train_epochs 1) goes to every run, before the table's argv.",
     )
     parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--task", default="sarcasm", help=f"comma-separated subset of: {', '.join(TASKS)}")
     parser.add_argument("--regime", default="scratch", help=f"comma-separated subset of: {', '.join(REGIMES)}")
     parser.add_argument(
         "--cue_settings",
         default=",".join(DEFAULT_CUE_SETTINGS),
         help=f"comma-separated cue settings (default %(default)s); known: {', '.join(CUE_SETTINGS)}",
+    )
+    parser.add_argument(
+        "--label_noise",
+        default=f"{DEFAULT_NOISE:g}",
+        help="comma-separated training label noise levels (default %(default)s), e.g. 0.2,0.05",
     )
     parser.add_argument("--seeds", type=int, default=None, help=f"seeds 0..N-1 (default {DEFAULT_SEEDS}; quick 1)")
     parser.add_argument("--quick", action="store_true", help="1 seed and smaller data (QUICK_ARGS)")
@@ -133,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, passthrough = parse_cli(argv)
     seeds = range(args.seeds if args.seeds is not None else (QUICK_SEEDS if args.quick else DEFAULT_SEEDS))
     regimes = names(args.regime, REGIMES, "regime(s)")
+    tasks = names(args.task, TASKS, "task(s)")
+    try:
+        noises = [float(value) for value in args.label_noise.split(",") if value.strip()]
+    except ValueError as error:
+        raise SystemExit(f"--label_noise takes comma-separated numbers, got {args.label_noise!r}") from error
     cue_settings = names(args.cue_settings, list(CUE_SETTINGS), "cue setting(s)")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     common = [*(QUICK_ARGS if args.quick else FULL_ARGS), *passthrough]
@@ -142,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             pretrain_argv += [flag, str(getattr(args, name))]
     output_dir = args.output_dir.resolve()  # the runs start in the repository root
     methods = names(args.methods, list(RUNS), "method(s)")
-    runs = plan_runs(output_dir, TABLE, methods, seeds, regimes, cue_settings, common)
+    runs = plan_runs(output_dir, TABLE, methods, seeds, regimes, cue_settings, common, tasks, noises)
     settings: dict[str, Any] = {"mode": "quick" if args.quick else "full", "common": common}
     settings |= {"jobs": args.jobs, "threads": threads}
     if args.dry_run:
@@ -158,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"the shared argv {common} is rejected by the run script: {reason}")
         begin = time.perf_counter()
         if "pretrained" in regimes:
-            build_bases(output_dir, seeds, pretrain_argv, threads, args.jobs)
+            build_bases(output_dir, seeds, pretrain_argv, threads, args.jobs, tasks)
         execute(runs, threads, args.jobs)
         settings["elapsed_s"] = time.perf_counter() - begin
     report = write_report(output_dir, runs, TABLE, settings)

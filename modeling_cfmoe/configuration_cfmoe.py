@@ -43,8 +43,9 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_modalities (`list[str]`): which modalities the counterfactual rows edit ("text", "image").
         text_context_threshold (`float`): a token is text *context* when its training items lean toward one class at
             least this far of the way from the class prior to certainty (`ContextStatistics.token_determination`,
-            in [0, 1]; 0.6: for two balanced classes, 80% of its items in one class) and it is blind to the image
-            core (below); a row without such a token has no text context. Its whole word is context.
+            in [0, 1]; 0.7: for two balanced classes, 85% of its items in one class; for three, 80%) and it is
+            blind to the image core (below); a row without such a token has no text context. Its whole word is
+            context.
         context_support (`float`): pseudo-items that pull a token's class distribution toward the prior before it
             is scored, so that a token seen in a few items points at no class (10: a token in 10 items all of one
             class gets half of the way).
@@ -104,7 +105,7 @@ class CFMoEConfig(PretrainedConfig):
         counterfactual_fraction: float = 1.0,
         counterfactual_types: list[str] | None = None,
         counterfactual_modalities: list[str] | None = None,
-        text_context_threshold: float = 0.6,
+        text_context_threshold: float = 0.7,
         context_support: float = 10.0,
         core_dependence_threshold: float | None = 0.15,
         declared_text_context: list[str] | None = None,

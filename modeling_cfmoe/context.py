@@ -43,7 +43,8 @@ DECLARED_CONTEXT_PATTERNS = {
     "emoji": r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]|^emoji_?|^<0xF[0-4]>$",
 }
 WORD_MARKERS = (" ", "\u2581", "\u0120")  # a piece starting with one of these starts a word
-DEPENDENCE_SIGNIFICANCE = 0.01  # a token moves with the image core only when chance alone would rarely show as much
+# a token moves with the image core, pixels or colour carry evidence, only when chance alone would rarely show as much
+SIGNIFICANCE = 0.01
 CORE_DIM = 64  # image-core features are projected to at most this many dimensions (per-token sums stay small)
 
 
@@ -73,8 +74,8 @@ class ContextStatistics(nn.Module):
       `(vocab, num_labels)` int64, the sum and number of those of the items of each class that hold it;
     * `local_sums` `(num_labels, local_dim)` float32, per class the sum of the items' mean local descriptor;
       `local_moments` `(local_dim + 1, local_dim + 1)` float32, the sums of `[d, 1] [d, 1]^T` over single pixels'
-      descriptors (their count, mean and covariance); `colour_sums` / `colour_moments` the same for the items' mean
-      colour (the global component);
+      descriptors (their count, mean and covariance), `local_item_moments` the same over the items' mean
+      descriptors; `colour_sums` / `colour_moments` the same for the items' mean colour (the global component);
     * vocabulary flags (`set_vocabulary`): `continues_word` (the piece continues the word before it),
       `word_boundary` (specials and whitespace pieces: the piece after one starts a word), `declared_token` (always
       context) and `protected_token` (never context), each `(vocab,)` bool.
@@ -106,6 +107,7 @@ class ContextStatistics(nn.Module):
         self.register_buffer("token_core_counts", torch.zeros(vocab_size, k, dtype=torch.long))
         self.register_buffer("local_sums", torch.zeros(k, local_dim, dtype=torch.float32))
         self.register_buffer("local_moments", torch.zeros(local_dim + 1, local_dim + 1, dtype=torch.float32))
+        self.register_buffer("local_item_moments", torch.zeros(local_dim + 1, local_dim + 1, dtype=torch.float32))
         self.register_buffer("colour_sums", torch.zeros(k, num_channels, dtype=torch.float32))
         self.register_buffer("colour_moments", torch.zeros(num_channels + 1, num_channels + 1, dtype=torch.float32))
         for name in VOCABULARY_FLAGS:
@@ -136,7 +138,9 @@ class ContextStatistics(nn.Module):
             local = local_descriptors(centred, self.radius)  # (images, dim, pixels)
             items = mean_descriptor(centred, self.radius)
             colour = mean_colour(pixel_values)
-            sums["local_sums"] = onehot.T @ items.view(batch, -1, items.shape[-1]).mean(1)
+            items = items.view(batch, -1, items.shape[-1]).mean(1)
+            sums["local_sums"] = onehot.T @ items
+            sums["local_item_moments"] = _moments(items.T @ items, items.sum(0), batch)
             sums["local_moments"] = _moments(
                 (local @ local.transpose(1, 2)).sum(0), local.sum((0, 2)), local[0, 0].numel() * local.shape[0]
             )
@@ -257,11 +261,11 @@ class ContextStatistics(nn.Module):
     def token_strength(self, token_ids: torch.Tensor, dependence_threshold: float | None) -> torch.Tensor:
         """`(...)` in [0, 1]: the shortcut each token carries: its `token_determination`, 0 when it moves with the
         image core (`token_dependence`: an effect of at least `dependence_threshold`, significant at
-        `DEPENDENCE_SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context."""
+        `SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context."""
         strength = self.token_determination(token_ids)
         if dependence_threshold is not None:
             effect, p_value = self.token_dependence(token_ids)
-            dependent = (effect >= dependence_threshold) & (p_value < DEPENDENCE_SIGNIFICANCE)
+            dependent = (effect >= dependence_threshold) & (p_value < SIGNIFICANCE)
             strength = torch.where(dependent, 0.0, strength)
         strength = torch.where(self.protected_token[token_ids], 0.0, strength)
         return torch.where(self.declared_token[token_ids], 1.0, strength)
@@ -284,6 +288,34 @@ class ContextStatistics(nn.Module):
         """`(..., num_labels)`: the linear discriminant score of each item's mean colour `(..., channels)`."""
         directions, offset = self._discriminant(self.colour_sums, self.colour_moments)
         return colour.float() @ directions - offset
+
+    def local_p_value(self) -> torch.Tensor:
+        """`()`: the p-value of the class means of the items' mean local descriptors differing as much as counted by
+        chance alone (`_class_difference_p_value`): unless it is small, no pixel carries local evidence."""
+        return self._class_difference_p_value(self.local_sums, self.local_item_moments)
+
+    def colour_p_value(self) -> torch.Tensor:
+        """`()`: the same for the items' mean colour: unless it is small, the colour is no context."""
+        return self._class_difference_p_value(self.colour_sums, self.colour_moments)
+
+    def _class_difference_p_value(self, sums: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+        """`()` p-value of the Lawley-Hotelling trace of per-item values: `(N - K) tr(W^-1 B)` (W, B the within- and
+        between-class scatter of the items' values, from per-class sums `(num_labels, dim)` and the moments of single
+        items `(dim + 1, dim + 1)`) against a chi-square with `dim (K - 1)` degrees of freedom. 1 before any item."""
+        counts = self.class_counts.float()
+        total = moments[-1, -1]
+        overall = moments[-1, :-1] / total.clamp_min(1)
+        gaps = sums / counts.clamp_min(1).unsqueeze(-1) - overall
+        between = (gaps.T * counts) @ gaps
+        within = moments[:-1, :-1] - total * torch.outer(overall, overall) - between
+        classes, dim = sums.shape
+        scale = (total - classes).clamp_min(1)
+        ridge = 1e-6 * within.diagonal().mean().clamp_min(1e-12)
+        eye = torch.eye(dim, device=sums.device)
+        statistic = scale * torch.linalg.solve(within + ridge * eye, between).diagonal().sum()
+        dof = torch.tensor(dim * (classes - 1) / 2, device=sums.device)
+        p_value = torch.special.gammaincc(dof, statistic.clamp_min(0) / 2)
+        return torch.where(total > classes, p_value, torch.ones_like(p_value))
 
     def _discriminant(self, sums: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fisher's directions `(dim, num_labels)` from per-class sums `(num_labels, dim)` and the moments of single
@@ -375,7 +407,7 @@ class ContextStatistics(nn.Module):
 VOCABULARY_FLAGS = ("continues_word", "word_boundary", "declared_token", "protected_token")
 FLOAT_SUMS = (
     "core_projection", "core_feature_sums", "core_feature_products", "token_core_sums", "local_sums", "local_moments",
-    "colour_sums", "colour_moments",
+    "local_item_moments", "colour_sums", "colour_moments",
 )  # fmt: skip
 
 
@@ -516,12 +548,12 @@ def transplant_pixels(
     never tells whether the row had a cue.
 
     pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool;
-    rows / partner `(n,)` item indices; `recolour=False` keeps the rows' own background colour. Returns
-    `(n, ..., channels, height, width)`.
+    rows / partner `(n,)` item indices; `recolour` (a bool or a 0-d bool tensor) False keeps the rows' own
+    background colour. Returns `(n, ..., channels, height, width)`.
     """
     own, given = pixel_values[rows], pixel_values[partner]
     colour = background_colour(pixel_values, context)
-    recoloured = own - colour[rows] + colour[partner] if recolour else own
+    recoloured = torch.where(torch.as_tensor(recolour, device=own.device), own - colour[rows] + colour[partner], own)
     has_context = context.flatten(1).any(1)
     footprint = context[rows]
     if bool(has_context.any()):

@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput, logging, torch_compilable_check
 
 from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from .context import (
+    SIGNIFICANCE,
     ContextStatistics,
     ContextStrength,
     close_holes,
@@ -633,7 +634,8 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         config = self.config
         pixels = torch.zeros_like(pixel_strength, dtype=torch.bool)
         if config.discover_image_context:
-            found = strong_context(pixel_strength, True, config.image_context_threshold * pixel_strength.max())
+            evidence = self.context_statistics.local_p_value() < SIGNIFICANCE
+            found = strong_context(pixel_strength, evidence, config.image_context_threshold * pixel_strength.max())
             pixels = close_holes(dilate(found, LOCAL_RADIUS), MARK_RADIUS)
         if config.declared_image_context:
             height, width = pixels.shape[-2:]
@@ -650,8 +652,9 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
 
     def _swapped_images(self, pixel_values, pixels, rows, partner) -> torch.Tensor:
         """The rows' images with their image context swapped for their partners' (`transplant_pixels`); the
-        background colour moves with it while image context is discovered."""
-        return transplant_pixels(pixel_values, pixels, rows, partner, recolour=self.config.discover_image_context)
+        background colour moves with it when image context is discovered and the colour carries evidence."""
+        recolour = self.config.discover_image_context and self.context_statistics.colour_p_value() < SIGNIFICANCE
+        return transplant_pixels(pixel_values, pixels, rows, partner, recolour=recolour)
 
     def _image_core_readings(self, pixel_values, image_mask, image_kwargs, strength) -> tuple[torch.Tensor, ...] | None:
         """(`(n, hidden)` image-core features, `(n,)` their items) for a random `counterfactual_fraction` of the

@@ -139,6 +139,34 @@ class ModelArguments:
     detach_bias_branches: bool | None = field(
         default=None, metadata={"help": "bias branches read stop-gradient states (probes; they never shape the base)"}
     )
+    text_context_threshold: float | None = field(
+        default=None,
+        metadata={"help": "a token is text context when its items lean this far toward one class, in (0, 1] (0.7)"},
+    )
+    context_support: float | None = field(
+        default=None, metadata={"help": "pseudo-items pulling a token's class distribution toward the prior (10)"}
+    )
+    core_dependence_threshold: float | None = field(
+        default=None,
+        metadata={"help": "a token moving with the image core by this many within-class std is core (0.15)"},
+    )
+    core_dependence_test: bool = field(
+        default=True, metadata={"help": "release tokens that move with the image core (False: strength alone)"}
+    )
+    declared_text_context: list[str] | None = field(
+        default=None,
+        metadata={"help": "always context: regexes on vocabulary pieces, or hashtag, mention, url, emoji"},
+    )
+    protected_words: list[str] | None = field(default=None, metadata={"help": "words and phrases never context"})
+    discover_text_context: bool | None = field(default=None, metadata={"help": "find text context (True)"})
+    discover_image_context: bool | None = field(default=None, metadata={"help": "find image context (True)"})
+    declared_image_context: list[float] | None = field(
+        default=None,
+        metadata={"help": "always-context image boxes: left top right bottom fractions, 4 numbers per box"},
+    )
+    image_context_threshold: float | None = field(
+        default=None, metadata={"help": "image context: pixels reaching this fraction of the batch's strongest (0.5)"}
+    )
     freeze_vision_tower: bool = _default(
         "freeze_vision_tower", TINY, "do not train the base's vision tower (its LoRA weights included), as LLaVA-1.5"
     )
@@ -168,6 +196,11 @@ class ModelArguments:
         require(self.lora_r >= 1, "lora_r", ">= 1", self.lora_r)
         require(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
         require(0 <= self.lora_dropout < 1, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        if self.declared_image_context is not None and len(self.declared_image_context) % 4:
+            raise ValueError(
+                f"--declared_image_context takes 4 numbers per box (left top right bottom), got "
+                f"{len(self.declared_image_context)}"
+            )
         self._check_config_values()
 
     def _check_config_values(self) -> None:
@@ -187,6 +220,11 @@ class ModelArguments:
         kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if "counterfactual_types" in kwargs:
             kwargs["counterfactual_types"] = [t.strip() for t in kwargs["counterfactual_types"].split(",") if t.strip()]
+        if not self.core_dependence_test:
+            kwargs["core_dependence_threshold"] = None
+        if "declared_image_context" in kwargs:
+            values = kwargs["declared_image_context"]
+            kwargs["declared_image_context"] = [values[i : i + 4] for i in range(0, len(values), 4)]
         modalities = {"text": self.text_counterfactuals, "image": self.image_counterfactuals}
         if not all(modalities.values()):
             kwargs["counterfactual_modalities"] = [name for name, on in modalities.items() if on]
@@ -269,7 +307,13 @@ class RunTrainingArguments(CFMoETrainingArguments):
     logging_steps: float = _training_field("logging_steps", 10)
     save_total_limit: int | None = _training_field("save_total_limit", 2)
     load_best_model_at_end: bool = _training_field("load_best_model_at_end", True)
-    metric_for_best_model: str | None = _training_field("metric_for_best_model", "inferred_worst_group_accuracy")
+    metric_for_best_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "the validation metric that selects the best checkpoint; default: counterfactual_accuracy for "
+            "cfmoe (accuracy on context-swapped validation rows), inferred_worst_group_accuracy for the others"
+        },
+    )
     report_to: None | str | list[str] = _training_field("report_to", "none")
 
     def __post_init__(self):

@@ -120,6 +120,8 @@ def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], sta
         "items_counted": int(statistics.class_counts.sum()),
         "items_with_image_core_features": int(statistics.core_feature_counts.sum()),
         "image_core_separation": statistics.core_separation().round(decimals=3).tolist(),
+        "local_pixel_evidence_p_value": float(statistics.local_p_value()),
+        "colour_evidence_p_value": float(statistics.colour_p_value()),
         "settings": {
             name: getattr(config, name)
             for name in (

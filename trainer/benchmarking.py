@@ -38,10 +38,25 @@ import numpy as np
 
 from .metrics import robust_accuracy, summarize_runs
 from .pretrain import SUMMARY_FILE as PRETRAINING_FILE
-from .synthetic import NO_CUE, group_parts
+from .synthetic import CUE_SETTINGS, NO_CUE, group_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SCRIPT = ROOT / "examples" / "run_sarcasm.py"
+TASKS = ("sarcasm", "sentiment")
+DEFAULT_NOISE = 0.2  # the run scripts' training label noise
+
+
+def run_script(task: str) -> Path:
+    """The run script of `task`: `examples/run_<task>.py`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return ROOT / "examples" / f"run_{task}.py"
+
+
+def setting_name(task: str, regime: str, cue_setting: str, noise: float) -> str:
+    """`<task>/<regime>/<cue_setting>/noise<eta>`: the key of a setting in the results."""
+    return f"{task}/{regime}/{cue_setting}/noise{noise:g}"
+
 MAKE_TINY_MODEL = ROOT / "examples" / "make_tiny_model.py"
 REGIMES = ("scratch", "pretrained")
 
@@ -49,7 +64,7 @@ REGIMES = ("scratch", "pretrained")
 TEST_SPLITS = ("test_iid", "test_ood", "test_neutral")
 ROUTING_SPLITS = ("test_iid", "test_ood")
 HEADLINE = "robust_acc"
-METRICS = (HEADLINE, "iid_acc", "ood_acc", "neutral_acc", "worst_group_acc", "macro_f1", "cue_reliance")
+METRICS = (HEADLINE, "iid_acc", "ood_acc", "neutral_acc", "worst_group_acc", "macro_f1", "cue_reliance", "core_kept")
 METRIC_DEFINITIONS = {
     "robust_acc": "min(iid_acc, ood_acc) per run, then mean over seeds: the headline, on which methods are ranked "
     "(high only when a model is right both where the cues agree with the label and where they are flipped; "
@@ -62,6 +77,9 @@ METRIC_DEFINITIONS = {
     "macro_f1": "mean of the macro-F1 of `test_iid`, `test_ood` and `test_neutral`",
     "cue_reliance": "on `test_neutral`: fraction of items whose prediction changes when only the planted cues are "
     "flipped (0: cues ignored)",
+    "core_kept": "accuracy on the `test_ood` items whose text holds a sarcasm marker (a core that makes an item "
+    "sarcastic on its own; the spurious cues flipped): whether debiasing kept a core that predicts alone "
+    "(`core_markers` setting only)",
 }
 ABLATION_COST_THRESHOLD = 0.02  # an ablation costing less robust accuracy than this does not earn its component
 RESULTS_FILE = "all_results.json"  # written by the run script
@@ -89,6 +107,7 @@ def run_metrics(eval_results: dict[str, dict[str, float]]) -> dict[str, float]:
         "worst_group_acc": get("test_neutral", "worst_group_accuracy"),
         "macro_f1": float(np.mean([get(split, "macro_f1") for split in TEST_SPLITS])),
         "cue_reliance": get("test_neutral", "cue_reliance"),
+        "core_kept": get("test_ood", "core_kept"),
     }
 
 
@@ -184,11 +203,12 @@ def check_argv(argv: Sequence[str]) -> str | None:
 class Run:
     """One (setting, method, seed): its full run-script argv, its folder and, once known, its outcome."""
 
-    setting: str  # "<regime>/<cue_setting>"
+    setting: str  # "<task>/<regime>/<cue_setting>/noise<eta>"
     method: str
     seed: int
     argv: list[str]
     run_dir: Path
+    task: str = "sarcasm"
     status: str = "pending"  # ok, cached, skipped, failed, missing
     reason: str = ""
     wall_s: float | None = None
@@ -200,16 +220,16 @@ class Run:
         return (self.run_dir / RESULTS_FILE).is_file()
 
     def record(self) -> dict[str, Any]:
-        fields = ("setting", "method", "seed", "status", "reason", "wall_s", "cpu_s")
+        fields = ("setting", "task", "method", "seed", "status", "reason", "wall_s", "cpu_s")
         return {**{name: getattr(self, name) for name in fields}, "run_dir": str(self.run_dir), "argv": self.argv}
 
 
-def base_dir(output_dir: Path, seed: int) -> Path:
-    """Folder of the pretrained base of `seed`."""
-    return output_dir / "bases" / f"seed{seed}"
+def base_dir(output_dir: Path, seed: int, task: str = "sarcasm") -> Path:
+    """Folder of the pretrained base of `task` and `seed`."""
+    return output_dir / "bases" / task / f"seed{seed}"
 
 
-def regime_argv(regime: str, output_dir: Path, seed: int) -> list[str]:
+def regime_argv(regime: str, output_dir: Path, seed: int, task: str = "sarcasm") -> list[str]:
     """Run-script argv of a regime: none from scratch; the seed's pretrained base, vision tower frozen, trained with
     the tiny recipe (a `--model_name_or_path` otherwise gets LLaVA-1.5's), so the regimes differ only in the
     initialisation and the frozen tower."""
@@ -219,7 +239,7 @@ def regime_argv(regime: str, output_dir: Path, seed: int) -> list[str]:
         return []
     return [
         "--model_name_or_path",
-        str(base_dir(output_dir, seed)),
+        str(base_dir(output_dir, seed, task)),
         "--freeze_vision_tower",
         "True",
         "--recipe",
@@ -235,15 +255,24 @@ def plan_runs(
     regimes: Sequence[str],
     cue_settings: Sequence[str],
     common: Sequence[str],
+    tasks: Sequence[str] = ("sarcasm",),
+    noises: Sequence[float] = (DEFAULT_NOISE,),
 ) -> list[Run]:
-    """Every (seed, regime, cue setting, method), seed-major (all of seed 0 first: a partial benchmark stays
-    balanced). argv: shared flags, the table's, the regime's, the cue setting, folder and seed."""
+    """Every (seed, task, regime, cue setting, label noise, method), seed-major (all of seed 0 first: a partial
+    benchmark stays balanced); cue settings with sarcasm markers only for sarcasm. argv: shared flags, the table's,
+    the regime's, the cue setting and noise, folder and seed. Folder: `DIR/runs/<setting>/<method>/seed<k>/`."""
     runs = []
-    for seed, regime, cue_setting, method in itertools.product(seeds, regimes, cue_settings, methods):
-        run_dir = output_dir / "runs" / regime / cue_setting / method / f"seed{seed}"
-        fixed = ["--cue_setting", cue_setting, "--output_dir", str(run_dir), "--seed", str(seed), "--report_to", "none"]
-        argv = [*common, *table.argv(method), *regime_argv(regime, output_dir, seed), *fixed]
-        runs.append(Run(f"{regime}/{cue_setting}", method, seed, argv, run_dir))
+    for seed, task, regime, cue_setting, noise, method in itertools.product(
+        seeds, tasks, regimes, cue_settings, noises, methods
+    ):
+        if task != "sarcasm" and CUE_SETTINGS[cue_setting].marker_rate:
+            continue
+        setting = setting_name(task, regime, cue_setting, noise)
+        run_dir = output_dir / "runs" / setting / method / f"seed{seed}"
+        fixed = ["--cue_setting", cue_setting, "--label_noise", f"{noise:g}"]
+        fixed += ["--output_dir", str(run_dir), "--seed", str(seed), "--report_to", "none"]
+        argv = [*common, *table.argv(method), *regime_argv(regime, output_dir, seed, task), *fixed]
+        runs.append(Run(setting, method, seed, argv, run_dir, task))
     return runs
 
 
@@ -278,7 +307,7 @@ def launch_run(run: Run, threads: int) -> tuple[int, str]:
         shutil.rmtree(run.run_dir)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     code = "import sys; from trainer.benchmarking import worker; sys.exit(worker(*sys.argv[1:3], sys.argv[3:]))"
-    command = [sys.executable, "-c", code, str(run.run_dir), str(RUN_SCRIPT), *run.argv]
+    command = [sys.executable, "-c", code, str(run.run_dir), str(run_script(run.task)), *run.argv]
     return call_logged(command, run.run_dir / LOG_FILE, threads)
 
 
@@ -306,35 +335,43 @@ def worker(run_dir: str, script: str, argv: list[str]) -> int:
 
 
 def build_bases(
-    output_dir: Path, seeds: Iterable[int], pretrain_argv: Sequence[str], threads: int, jobs: int = 1
+    output_dir: Path,
+    seeds: Iterable[int],
+    pretrain_argv: Sequence[str],
+    threads: int,
+    jobs: int = 1,
+    tasks: Sequence[str] = ("sarcasm",),
 ) -> None:
-    """Build the pretrained base of every seed (`make_tiny_model.py --pretrain --seed k`, `jobs` at a time); a base
-    whose `pretraining.json` exists is reused. Exits naming the log of a base that failed (its runs cannot start)."""
+    """Build the pretrained base of every task and seed (`make_tiny_model.py --pretrain --task t --seed k`, `jobs` at
+    a time); a base whose `pretraining.json` exists is reused. Exits naming the log of a base that failed (its runs
+    cannot start)."""
 
-    def build(seed: int) -> tuple[int, str]:
-        folder = base_dir(output_dir, seed)
+    def build(key: tuple[str, int]) -> tuple[int, str]:
+        task, seed = key
+        folder = base_dir(output_dir, seed, task)
         if (folder / PRETRAINING_FILE).is_file():
             return 0, ""
         if folder.exists():  # leftovers of an interrupted build
             shutil.rmtree(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, str(MAKE_TINY_MODEL), "--output_dir", str(folder), "--pretrain", "True"]
-        print(f"building the pretrained base of seed {seed} ({folder})", flush=True)
-        return call_logged([*command, "--seed", str(seed), *pretrain_argv], folder.parent / f"seed{seed}.log", threads)
+        command += ["--task", task, "--seed", str(seed), *pretrain_argv]
+        print(f"building the pretrained {task} base of seed {seed} ({folder})", flush=True)
+        return call_logged(command, folder.parent / f"seed{seed}.log", threads)
 
-    seeds = list(seeds)
+    keys = [(task, seed) for task in tasks for seed in seeds]
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = dict(zip(seeds, pool.map(build, seeds), strict=True))
-    for seed, (code, tail) in outcomes.items():
+        outcomes = dict(zip(keys, pool.map(build, keys), strict=True))
+    for (task, seed), (code, tail) in outcomes.items():
         if code != 0:
-            raise SystemExit(f"the pretrained base of seed {seed} failed (exit code {code}):\n{tail}")
+            raise SystemExit(f"the pretrained {task} base of seed {seed} failed (exit code {code}):\n{tail}")
 
 
-def read_bases(output_dir: Path, runs: Sequence[Run]) -> dict[int, dict[str, Any]]:
-    """The pretraining summary of each built base that the pretrained regime's runs use, by seed."""
-    seeds = sorted({run.seed for run in runs if run.setting.startswith("pretrained/")})
-    paths = {seed: base_dir(output_dir, seed) / PRETRAINING_FILE for seed in seeds}
-    return {seed: load_json(path) for seed, path in paths.items() if path.is_file()}
+def read_bases(output_dir: Path, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str, Any]]:
+    """The pretraining summary of each built base that the pretrained regime's runs use, by (task, seed)."""
+    keys = sorted({(run.task, run.seed) for run in runs if "/pretrained/" in run.setting})
+    paths = {key: base_dir(output_dir, key[1], key[0]) / PRETRAINING_FILE for key in keys}
+    return {key: load_json(path) for key, path in paths.items() if path.is_file()}
 
 
 def execute(
@@ -772,24 +809,25 @@ def routing_section(setting: str, routing: dict[str, Any], table: MethodTable) -
     return lines
 
 
-def bases_section(bases: dict[int, dict[str, Any]]) -> list[str]:
-    """The pretrained bases: perception validation accuracy per target, budget and time."""
+def bases_section(bases: dict[tuple[str, int], dict[str, Any]]) -> list[str]:
+    """The pretrained bases: perception validation accuracy per target, budget and time, per task and seed."""
     if not bases:
         return []
-    targets = list(next(iter(bases.values()))["validation_accuracy"])
+    targets = list(dict.fromkeys(t for summary in bases.values() for t in summary["validation_accuracy"]))
     rows = []
-    for seed, summary in sorted(bases.items()):
+    for (task, seed), summary in sorted(bases.items()):
         config, accuracy = summary["config"], summary["validation_accuracy"]
         budget = f"{config['num_train']} items x {config['num_epochs']} epochs ({config['cue_setting']})"
-        rows.append([seed, *(f"{accuracy[t]:.3f}" for t in targets), budget, f"{summary['seconds']:.0f}"])
+        cells = (f"{accuracy[t]:.3f}" if t in accuracy else "-" for t in targets)
+        rows.append([task, seed, *cells, budget, f"{summary['seconds']:.0f}"])
     return [
         "## Pretrained bases",
         "",
-        "Regime `pretrained`: each seed fine-tunes its own perception-pretrained tiny LLaVA base (cue-random, clean "
-        "data from another data seed; `trainer.pretrain`) with the vision tower frozen. Validation accuracy of the "
-        "perception heads:",
+        "Regime `pretrained`: each task and seed fine-tunes its own perception-pretrained tiny LLaVA base "
+        "(cue-random, clean data from another data seed; `trainer.pretrain`) with the vision tower frozen. "
+        "Validation accuracy of the perception heads:",
         "",
-        *markdown_table(["seed", *targets, "budget", "seconds"], rows),
+        *markdown_table(["task", "seed", *targets, "budget", "seconds"], rows),
         "",
     ]
 
@@ -810,12 +848,13 @@ def write_markdown(
     lines = [
         "# Debiasing benchmark",
         "",
-        "**Synthetic planted-cue data, not MMSD2.0 figures.** Task: sarcasm (the AND-incongruity core, label noise "
-        "and one spurious cue per modality, in the form the cue setting names; docs/benchmark.md). Every method "
-        "trains the same tiny CF-MoE model on the same data with the same budget; model selection on validation by "
-        "the run script's label-free default. Settings are `<regime>/<cue_setting>`: `scratch` trains the whole "
+        "**Synthetic planted-cue data, not MMSD2.0 figures.** Tasks: sarcasm (the AND-incongruity core) and "
+        "sentiment (the polarity text and image express together), with training label noise and one spurious cue "
+        "per modality, in the form the cue setting names (docs/benchmark.md). Every method trains the same tiny "
+        "CF-MoE model on the same data with the same budget; model selection on validation by the run script's "
+        "label-free default. Settings are `<task>/<regime>/<cue_setting>/noise<eta>`: `scratch` trains the whole "
         "model from a random initialisation, `pretrained` fine-tunes a perception-pretrained base, vision tower "
-        "frozen.",
+        "frozen; `eta` is the training label noise.",
         "",
         f"Mode: {settings['mode']}; seeds {seeds}; argv shared by every run: `{' '.join(settings['common']) or '-'}`.",
         "",
@@ -877,7 +916,7 @@ def write_markdown(
 
 
 def plot_path(output_dir: Path, setting: str) -> Path:
-    """`DIR/<regime>_<cue_setting>.png`."""
+    """`DIR/<task>_<regime>_<cue_setting>_noise<eta>.png`."""
     return output_dir / f"{setting.replace('/', '_')}.png"
 
 

@@ -47,7 +47,8 @@ def bias_split_accuracies(
 
 
 def build_debiasing_compute_metrics(num_labels: int) -> Callable[[EvalPrediction], dict[str, float]]:
-    """`compute_metrics` for [`CFMoETrainer`]: accuracy, F1 and the bias-split accuracies."""
+    """`compute_metrics` for [`CFMoETrainer`]: accuracy, F1, the bias-split accuracies and, for cfmoe, the accuracy
+    on context-swapped rows (`counterfactual_accuracy`: the items' cores with other items' contexts)."""
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits, text_logits, image_logits = _logits(prediction.predictions)[:3]
@@ -57,6 +58,11 @@ def build_debiasing_compute_metrics(num_labels: int) -> Callable[[EvalPrediction
         if num_labels == 2:
             metrics["binary_f1"] = binary_f1(predictions, labels)
         metrics.update(bias_split_accuracies(logits, text_logits, image_logits, labels))
+        if len(_logits(prediction.predictions)) > 3:  # cfmoe: the fused head on context-swapped rows
+            swapped = _logits(prediction.predictions)[3]
+            kept = ~np.isnan(swapped).any(-1)
+            if kept.any():
+                metrics["counterfactual_accuracy"] = accuracy(swapped[kept].argmax(-1), labels[kept])
         return metrics
 
     return compute_metrics

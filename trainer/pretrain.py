@@ -1,11 +1,13 @@
 """Perception pretraining of the tiny LLaVA base: the stand-in for a pretrained LLaVA checkpoint.
 
 Real users fine-tune a base that already perceives its inputs. The tiny base gets that from a short supervised
-pretraining: linear heads on its pooled last hidden state (mean over attended tokens) predict four perception
+pretraining: linear heads on its pooled last hidden state (mean over attended tokens) predict the perception
 targets of the synthetic benchmark at once (sum of cross-entropies): `text_polarity`, `image_polarity`,
-`text_cue`, `image_cue`. The data are cue-random and clean (rho 0.5, no label noise), their cue forms drawn per
-item from every family (cue setting `all_forms`), from a data seed apart from the fine-tuning seeds, so the base
-learns to see every cue without learning that any cue predicts a label. The vision tower, projector and language
+`text_cue`, `image_cue` and, for sarcasm, `marker` (whether the text holds one of the sarcasm markers, in a quarter
+of the items). The data are cue-random and clean (rho 0.5, no label noise), their cue forms drawn per item from
+every family (cue setting `all_forms`), from a data seed apart from the fine-tuning seeds, so the base learns to
+see every cue and marker without learning that any of them predicts a label (no target is the task's label: the
+base knows what an item shows, not what makes it sarcastic). The vision tower, projector and language
 model are trained; the heads are dropped.
 
 The result is a stock LLaVA checkpoint (`save_pretrained` of the `*ForConditionalGeneration` class plus the
@@ -31,6 +33,7 @@ from .synthetic import NO_CUE, SyntheticConfig, id2label, make_synthetic_benchma
 from .tiny import build_tiny_model
 
 PERCEPTION_TARGETS = ("text_polarity", "image_polarity", "text_cue", "image_cue")
+MARKER_RATE = 0.25  # sarcasm pretraining data: items holding a sarcasm marker, whose presence is a target
 POLARITY_CLASSES = 3  # polarity -1 / 0 / +1 -> class id polarity + 1 (sarcasm uses -1 and +1 only)
 SUMMARY_FILE = "pretraining.json"  # written last: its presence marks a finished base
 
@@ -50,6 +53,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     cue_setting: str = "all_forms"
+    marker_rate: float | None = None  # sarcasm markers in the data (perceived, not tied to a label); None: MARKER_RATE
     data_seed_offset: int = 1000
 
 
@@ -64,17 +68,32 @@ def perception_data(config: PretrainConfig) -> tuple[Dataset, Dataset]:
             label_noise=0.0,
             rho_train=0.5,
             cue_setting=config.cue_setting,
+            marker_rate=_marker_rate(config),
             seed=config.seed + config.data_seed_offset,
         )
     )
     return data["train"], data["validation"]
 
 
-def perception_targets(dataset: Dataset) -> dict[str, torch.Tensor]:
-    """Class ids `(N,)` per target: polarity + 1, and the cue's class (`NO_CUE` where a modality has none)."""
+def _marker_rate(config: PretrainConfig) -> float:
+    """Sarcasm markers in the pretraining data: `config.marker_rate`, by default `MARKER_RATE` (sarcasm only)."""
+    if config.marker_rate is not None:
+        return config.marker_rate
+    return MARKER_RATE if config.task == "sarcasm" else 0.0
+
+
+def target_names(config: PretrainConfig) -> tuple[str, ...]:
+    """The perception targets: `PERCEPTION_TARGETS`, and `marker` (whether the text holds a sarcasm marker) when the
+    data have markers."""
+    return PERCEPTION_TARGETS + (("marker",) if _marker_rate(config) > 0 else ())
+
+
+def perception_targets(dataset: Dataset, names: tuple[str, ...] = PERCEPTION_TARGETS) -> dict[str, torch.Tensor]:
+    """Class ids `(N,)` per target of `names`: polarity + 1, the cue's class (`NO_CUE` where a modality has none),
+    the marker flag."""
     return {
         name: torch.tensor(dataset[name], dtype=torch.long) + (1 if name.endswith("polarity") else 0)
-        for name in PERCEPTION_TARGETS
+        for name in names
     }
 
 
@@ -95,12 +114,10 @@ def pooled_state(mllm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
 class PerceptionHeads(nn.Module):
     """One linear head per perception target on the pooled state; `forward` gives {target: (B, classes)}."""
 
-    def __init__(self, hidden: int, num_labels: int):
+    def __init__(self, hidden: int, num_labels: int, names: tuple[str, ...] = PERCEPTION_TARGETS):
         super().__init__()
-        sizes = {"text_polarity": POLARITY_CLASSES, "image_polarity": POLARITY_CLASSES}
-        self.heads = nn.ModuleDict(
-            {name: nn.Linear(hidden, sizes.get(name, num_labels)) for name in PERCEPTION_TARGETS}
-        )
+        sizes = {"text_polarity": POLARITY_CLASSES, "image_polarity": POLARITY_CLASSES, "marker": 2}
+        self.heads = nn.ModuleDict({name: nn.Linear(hidden, sizes.get(name, num_labels)) for name in names})
 
     def forward(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: head(pooled) for name, head in self.heads.items()}
@@ -124,17 +141,17 @@ def perception_accuracy(
 ) -> dict[str, float]:
     """Accuracy per target (items with a target of `NO_CUE` left out) and their mean (`mean`)."""
     mllm.eval()
-    size = len(targets[PERCEPTION_TARGETS[0]])
-    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in PERCEPTION_TARGETS}
+    size = len(next(iter(targets.values())))
+    predictions: dict[str, list[torch.Tensor]] = {name: [] for name in targets}
     for begin in range(0, size, batch_size):
         logits = heads(pooled_state(mllm, _slice(inputs, torch.arange(begin, min(begin + batch_size, size)))))
-        for name in PERCEPTION_TARGETS:
+        for name in targets:
             predictions[name].append(logits[name].argmax(-1))
     accuracy = {}
-    for name in PERCEPTION_TARGETS:
+    for name in targets:
         kept = targets[name] != NO_CUE
         accuracy[name] = float((torch.cat(predictions[name])[kept] == targets[name][kept]).float().mean())
-    accuracy["mean"] = sum(accuracy.values()) / len(PERCEPTION_TARGETS)
+    accuracy["mean"] = sum(accuracy.values()) / len(targets)
     return accuracy
 
 
@@ -145,12 +162,13 @@ def pretrain_perception(config: PretrainConfig, progress: bool = True) -> tuple[
     model, processor = build_tiny_model(config.task, model_type=config.model_type, seed=config.seed)
     mllm = model.mllm
     torch.manual_seed(config.seed)
-    heads = PerceptionHeads(mllm.config.text_config.hidden_size, len(id2label(config.task)))
+    names = target_names(config)
+    heads = PerceptionHeads(mllm.config.text_config.hidden_size, len(id2label(config.task)), names)
     collator = CFMoECollator(
         processor, num_labels=len(id2label(config.task)), prompt_template=model.config.prompt_template
     )
     train, validation = perception_data(config)
-    train_inputs, train_targets = encode(train, collator), perception_targets(train)
+    train_inputs, train_targets = encode(train, collator), perception_targets(train, names)
     parameters = [*mllm.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(train) // config.batch_size)
@@ -174,7 +192,8 @@ def pretrain_perception(config: PretrainConfig, progress: bool = True) -> tuple[
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
             epoch_losses.append(sum(losses) / len(losses))
-    accuracy = perception_accuracy(mllm, heads, encode(validation, collator), perception_targets(validation))
+    validation_targets = perception_targets(validation, names)
+    accuracy = perception_accuracy(mllm, heads, encode(validation, collator), validation_targets)
     summary = {
         "config": asdict(config),
         "validation_accuracy": accuracy,

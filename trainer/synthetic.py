@@ -247,6 +247,7 @@ class SyntheticConfig:
     rho_ood: float = 0.05
     rho_neutral: float = 0.5
     cue_setting: str = "tint_hashtag"
+    marker_rate: float | None = None  # sarcasm markers (``CueSetting.marker_rate``); None: the cue setting's
     image_size: int = 32
     seed: int = 0
     min_filler_words: int = 4
@@ -266,14 +267,21 @@ class SyntheticConfig:
             raise ValueError(f"stripe_period must be an even number >= 2, got {self.stripe_period}")
         if self.cue_setting not in CUE_SETTINGS:
             raise ValueError(f"unknown cue_setting {self.cue_setting!r}; expected one of {', '.join(CUE_SETTINGS)}")
-        if self.cues.marker_rate and self.task != "sarcasm":
-            raise ValueError(f"cue_setting {self.cue_setting!r} plants sarcasm markers: use it with task 'sarcasm'")
+        if self.marker_rate is not None and not 0.0 <= self.marker_rate <= 0.5:
+            raise ValueError(f"marker_rate must lie in [0, 0.5] (markers are sarcastic), got {self.marker_rate}")
+        if self.markers and self.task != "sarcasm":
+            raise ValueError(f"sarcasm markers (cue_setting {self.cue_setting!r}) need task 'sarcasm'")
         if self.image_size < 2 * MARK_SIZE:
             raise ValueError(f"image_size must be at least {2 * MARK_SIZE} pixels, got {self.image_size}")
 
     @property
     def cues(self) -> CueSetting:
         return CUE_SETTINGS[self.cue_setting]
+
+    @property
+    def markers(self) -> float:
+        """The fraction of items holding a sarcasm marker: ``marker_rate``, or the cue setting's."""
+        return self.cues.marker_rate if self.marker_rate is None else self.marker_rate
 
 
 def synthetic_vocabulary(task: Task) -> list[str]:
@@ -448,7 +456,7 @@ def _sample_cues(
 def _make_split(config: SyntheticConfig, split: str, size: int, rho: float, noisy: bool) -> Dataset:
     rng = np.random.default_rng([config.seed, _SPLIT_INDEX[split]])
     k = len(_label_names(config.task))
-    tp, ip, clean, marker = _sample_core(config.task, size, rng, config.cues.marker_rate)
+    tp, ip, clean, marker = _sample_core(config.task, size, rng, config.markers)
     flip = rng.random(size) < (config.label_noise if noisy else 0.0)
     label = np.where(flip, _other_class(clean, k, rng), clean)
     text_cue, image_cue, source = _sample_cues(config.cues, label, rho, k, rng)

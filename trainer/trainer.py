@@ -103,11 +103,14 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
             self._accumulate(terms, outputs, labels)
             self._record_nonfinite(terms)
         if return_outputs:
-            return loss, {
+            predictions = {
                 "logits": outputs.logits,
                 "text_only_logits": outputs.text_only_logits,
                 "image_only_logits": outputs.image_only_logits,
             }
+            if not model.training and outputs.counterfactual_logits is not None:
+                predictions["counterfactual_logits"] = _swapped_by_item(outputs)
+            return loss, predictions
         return loss
 
     def _builds_rows(self) -> bool:
@@ -123,15 +126,16 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
     def _counterfactuals(self, training: bool) -> str | None:
         """What the forward computes (`CFMoEForMultimodalClassification.forward`): only what this step's loss reads.
 
-        Evaluation: the effects (the bias-branch metrics read them). Training: nothing extra for vanilla; the
+        Evaluation: the effects (the bias-branch metrics read them), and for cfmoe the context-swapped rows
+        (`counterfactual_accuracy`, its model-selection metric). Training: nothing extra for vanilla; the
         branches for the bias-aware peers; for cfmoe's bias-only warm-up the branches and the image-core readings
         (when the model tests tokens against the image core); then cfmoe's counterfactual rows, beside the factual
         rows only when the loss reads both (the factual task term, or the contrast of factual with counterfactual
         representations).
         """
         args, config = self.args, self.model.config
-        if not training:
-            return "effects"
+        if not training:  # cfmoe: the context-swapped rows too, for the counterfactual accuracy
+            return "rows" if self._builds_rows() else "effects"
         if args.method == "vanilla":
             return None
         if args.method != "cfmoe":
@@ -163,11 +167,15 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         return self._cfmoe_terms(outputs, labels, terms)
 
     def _bias_only_warmup(self, step: int | None = None) -> bool:
-        """Whether optimizer step `step` (default: the current one) lies in cfmoe's first `debias_warmup_ratio`
-        of training, when only the bias branches learn (and the context statistics gather counts), not the fused
-        head."""
-        args, step = self.args, self.state.global_step if step is None else step
-        warmup_steps = args.debias_warmup_ratio * self.state.max_steps
+        """Whether optimizer step `step` (default: the current one) lies in cfmoe's bias-only warm-up, when only the
+        bias branches learn (and the context statistics gather counts), not the fused head: the first
+        `debias_warmup_ratio` of training, by default the first pass over the training data or a quarter of
+        training, whichever is shorter."""
+        args, state, step = self.args, self.state, self.state.global_step if step is None else step
+        if args.debias_warmup_ratio is not None:
+            warmup_steps = args.debias_warmup_ratio * state.max_steps
+        else:
+            warmup_steps = min(state.max_steps / max(state.num_train_epochs, 1), 0.25 * state.max_steps)
         return args.method == "cfmoe" and not args.fused_warmup and step < warmup_steps
 
     def _determine_best_metric(self, metrics, trial) -> bool:
@@ -263,3 +271,11 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
             if self._nonfinite_skipped:
                 logs["nonfinite_skipped_steps"] = self._nonfinite_skipped
         super().log(logs, start_time)
+
+
+def _swapped_by_item(outputs) -> torch.Tensor:
+    """`(batch, num_labels)` the fused head's logits on each item's context-swapped row (NaN for items without one)."""
+    swapped = outputs.counterfactual_kind == CONTEXT_SWAPPED
+    logits = outputs.logits.new_full(outputs.logits.shape, float("nan"))
+    logits[outputs.counterfactual_source[swapped]] = outputs.counterfactual_logits[swapped].to(logits.dtype)
+    return logits

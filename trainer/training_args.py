@@ -9,6 +9,10 @@ from transformers import TrainingArguments
 from .errors import require
 
 METHODS = ("vanilla", "text_poe", "image_poe", "poe", "rubi", "cfvqa", "group_dro", "cfmoe")
+# Label-free model selection (`metric_for_best_model` when it is not given): the worst of the validation groups that
+# the bias branches infer; cfmoe's fused head learns from context-swapped rows, so it is selected on their accuracy.
+SELECTION_METRIC = "inferred_worst_group_accuracy"
+SELECTION_METRICS = {"cfmoe": "counterfactual_accuracy"}
 
 
 @dataclass
@@ -42,11 +46,12 @@ class CFMoETrainingArguments(TrainingArguments):
         },
     )
     max_weight: float = field(default=100.0, metadata={"help": "cap of a per_modality item weight"})
-    debias_warmup_ratio: float = field(
-        default=0.25,
+    debias_warmup_ratio: float | None = field(
+        default=None,
         metadata={
-            "help": "fraction of training in which only the bias branches learn (cfmoe): the fused head's terms, "
-            "and the counterfactual rows they read, start after it"
+            "help": "fraction of training in which only the bias branches learn and the context statistics count "
+            "(cfmoe): the fused head's terms, and the counterfactual rows they read, start after it; default: the "
+            "first pass over the training data, at most a quarter of training"
         },
     )
     fused_warmup: bool = field(
@@ -72,6 +77,8 @@ class CFMoETrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_arguments()  # before the base class sets up devices: a bad value fails at once
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = SELECTION_METRICS.get(self.method, SELECTION_METRIC)
         super().__post_init__()
 
     def _check_arguments(self) -> None:
@@ -108,4 +115,5 @@ class CFMoETrainingArguments(TrainingArguments):
         require(self.max_weight >= 1, "max_weight", ">= 1 (item weights start at 1)", self.max_weight)
         for name in ("adam_beta1", "adam_beta2", "label_smoothing_factor"):
             require(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
-        require(0 <= self.debias_warmup_ratio <= 1, "debias_warmup_ratio", "in [0, 1]", self.debias_warmup_ratio)
+        if self.debias_warmup_ratio is not None:
+            require(0 <= self.debias_warmup_ratio <= 1, "debias_warmup_ratio", "in [0, 1]", self.debias_warmup_ratio)
