@@ -267,8 +267,8 @@ class ContextStatistics(nn.Module):
             effect, p_value = self.token_dependence(token_ids)
             dependent = (effect >= dependence_threshold) & (p_value < SIGNIFICANCE)
             strength = torch.where(dependent, 0.0, strength)
-        strength = torch.where(self.protected_token[token_ids], 0.0, strength)
-        return torch.where(self.declared_token[token_ids], 1.0, strength)
+        strength = torch.where(self.flag("protected_token", token_ids), 0.0, strength)
+        return torch.where(self.flag("declared_token", token_ids), 1.0, strength)
 
     # ------------------------------------------------------------------------------------------ pixel scores
     def local_scores(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -384,15 +384,20 @@ class ContextStatistics(nn.Module):
         for name, values in flags.items():
             self._buffers[name][:size] = values.to(self._buffers[name].device)
 
+    def flag(self, name: str, token_ids: torch.Tensor) -> torch.Tensor:
+        """The vocabulary flag `name` (`VOCABULARY_FLAGS`) of each token, bool (a checkpoint loaded with this module
+        kept in float32 holds its flags as numbers)."""
+        return self._buffers[name][token_ids].bool()
+
     def whole_words(self, token_ids: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """`context` `(batch, length)` grown to whole words: a word (a piece that starts one and the pieces that
         continue it, among `candidates`) is context when any of its pieces is; protected pieces stay out."""
-        after_boundary = nn.functional.pad(self.word_boundary[token_ids[:, :-1]], (1, 0), value=True)
-        continues = self.continues_word[token_ids] & ~after_boundary & candidates
+        after_boundary = nn.functional.pad(self.flag("word_boundary", token_ids[:, :-1]), (1, 0), value=True)
+        continues = self.flag("continues_word", token_ids) & ~after_boundary & candidates
         word = (~continues).long().cumsum(1)
         any_piece = torch.zeros(word.shape[0], word.shape[1] + 1, device=word.device)
         any_piece = any_piece.scatter_reduce(1, word, context.float(), "amax")
-        return candidates & (any_piece.gather(1, word) > 0) & ~self.protected_token[token_ids]
+        return candidates & (any_piece.gather(1, word) > 0) & ~self.flag("protected_token", token_ids)
 
     def resize_vocabulary(self, vocab_size: int) -> None:
         """Keep the statistics of the first `vocab_size` tokens; new tokens start unseen (and start words)."""
@@ -517,8 +522,9 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def close_holes(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """A bool mask `(..., height, width)` closed by `radius` pixels (dilated, then eroded): the inside of a solid
-    mark whose rim alone was found (its interior is uniform, so local evidence sees nothing there) joins it."""
+    """A bool mask `(..., height, width)` closed by `radius` pixels (dilated, then eroded; the border erodes
+    nothing, so a gap of less than `radius` between a mark and the border fills too): the inside of a solid mark
+    whose rim alone was found (its interior is uniform, so local evidence sees nothing there) joins it."""
     return ~dilate(~dilate(mask, radius), radius)
 
 

@@ -594,7 +594,7 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         if config.discover_text_context:
             tokens = statistics.token_strength(token_ids, config.core_dependence_threshold)
         else:
-            tokens = statistics.declared_token[token_ids].float()
+            tokens = statistics.flag("declared_token", token_ids).float()
         pixels = None
         if pixel_values is not None and self._one_image_per_item(pixel_values, batch, warn):
             pixels = spread(statistics.local_scores(pixel_values))

@@ -16,7 +16,7 @@ from trainer.synthetic import NO_CUE, group_index
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_debiasing.py"
 SETTINGS = {"mode": "quick", "common": ["--num_train", "64"], "jobs": 1, "threads": 1}
-SETTING = "scratch/tint_hashtag"
+SETTING = "sarcasm/scratch/tint_hashtag/noise0.2"
 
 
 @pytest.fixture(scope="module")
@@ -102,29 +102,50 @@ def test_table_and_plan(bench, tmp_path):
         assert bench.TABLE.argv(name) == [*bench.RUNS["cfmoe"], *bench.RUNS[name]]
     assert bench.TABLE.kind("group_dro") == "reference" and bench.TABLE.kind("rubi") == "peer"
     scratch, pretrained = plan(bench, tmp_path, ["rubi"], [2], ("scratch", "pretrained"), ("mixed",))
-    assert scratch.setting == "scratch/mixed" and scratch.run_dir == tmp_path / "runs/scratch/mixed/rubi/seed2"
-    fixed = ["--cue_setting", "mixed", "--output_dir", str(scratch.run_dir), "--seed", "2", "--report_to", "none"]
+    assert (
+        scratch.setting == "sarcasm/scratch/mixed/noise0.2"
+        and scratch.run_dir == tmp_path / "runs/sarcasm/scratch/mixed/noise0.2/rubi/seed2"
+    )
+    fixed = ["--cue_setting", "mixed", "--label_noise", "0.2", "--output_dir", str(scratch.run_dir), "--seed", "2"]
+    fixed += ["--report_to", "none"]
     assert scratch.argv == [*bench.RUNS["rubi"], *fixed] and bench.RUNS["rubi"][:2] == ["--method", "rubi"]
-    base = ["--model_name_or_path", str(tmp_path / "bases/seed2"), "--freeze_vision_tower", "True", "--recipe", "tiny"]
-    fixed[3] = str(pretrained.run_dir)
+    base = ["--model_name_or_path", str(tmp_path / "bases/sarcasm/seed2"), "--freeze_vision_tower", "True"]
+    base += ["--recipe", "tiny"]
+    fixed[5] = str(pretrained.run_dir)
     assert pretrained.argv == [*bench.RUNS["rubi"], *base, *fixed]
     assert bench.names("mixed, local_mark", ["local_mark", "mixed"], "x") == ["mixed", "local_mark"]
+    # tasks and label noise are axes too; sarcasm markers only for sarcasm, each task with its own script and base
+    grid = bm.plan_runs(
+        tmp_path, bench.TABLE, ["cfmoe"], [0], ["pretrained"], ["tint_hashtag", "core_markers"], [],
+        ("sarcasm", "sentiment"), (0.2, 0.05),
+    )  # fmt: skip
+    assert [run.setting for run in grid] == [
+        "sarcasm/pretrained/tint_hashtag/noise0.2", "sarcasm/pretrained/tint_hashtag/noise0.05",
+        "sarcasm/pretrained/core_markers/noise0.2", "sarcasm/pretrained/core_markers/noise0.05",
+        "sentiment/pretrained/tint_hashtag/noise0.2", "sentiment/pretrained/tint_hashtag/noise0.05",
+    ]  # fmt: skip
+    sentiment = grid[-1]
+    assert sentiment.task == "sentiment" and bm.run_script("sentiment").name == "run_sentiment.py"
+    assert ["--label_noise", "0.05"] == sentiment.argv[sentiment.argv.index("--label_noise") :][:2]
+    assert str(tmp_path / "bases/sentiment/seed0") in sentiment.argv
     with pytest.raises(SystemExit, match="unknown regime"):
         bench.names("scratch,finetuned", bm.REGIMES, "regime")
 
 
 def test_results_json_schema_robust_acc_and_ranking(bench, tmp_path):
-    root = tmp_path / "runs/scratch/tint_hashtag"
+    root = tmp_path / "runs/sarcasm/scratch/tint_hashtag/noise0.2"
     write_fake_run(root / "vanilla/seed0", iid=0.9, ood=0.1, neutral=0.5, worst=0.2, f1=(0.9, 0.1, 0.5))
     write_fake_run(root / "vanilla/seed1", iid=0.8, ood=0.3, neutral=0.6, worst=0.4, f1=(0.6, 0.3, 0.3))
     write_fake_run(root / "cfvqa/seed0", iid=0.05, ood=0.95)  # inverts the cues: high ood, robust 0.05
     write_fake_run(root / "cfmoe/seed0", iid=0.8, ood=0.7, reliance=0.25)
-    write_fake_run(tmp_path / "runs/scratch/mixed/vanilla/seed0", iid=0.7, ood=0.6)
+    write_fake_run(tmp_path / "runs/sarcasm/scratch/mixed/noise0.2/vanilla/seed0", iid=0.7, ood=0.6)
     runs = plan(bench, tmp_path, ["vanilla", "cfvqa", "cfmoe"], [0, 1], cues=("tint_hashtag", "mixed"))
     report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results) == [SETTING, "scratch/mixed"] and list(results["scratch/mixed"]) == ["vanilla"]
+    assert list(results) == [SETTING, "sarcasm/scratch/mixed/noise0.2"] and list(
+        results["sarcasm/scratch/mixed/noise0.2"]
+    ) == ["vanilla"]
     for metrics in results[SETTING].values():
         assert list(metrics) == list(bm.METRICS) and bm.METRICS[0] == "robust_acc"
         assert all(set(summary) == {"mean", "std", "n"} for summary in metrics.values())
@@ -143,23 +164,27 @@ def test_results_json_schema_robust_acc_and_ranking(bench, tmp_path):
     order = [line.split(" | ")[0].strip("| ") for line in section.splitlines()[3:6]]
     assert order == ["cfmoe", "vanilla", "cfvqa"]  # ranked on robust_acc, not ood
     assert "| vanilla | peer | 2 | 0.200 ± 0.141 | 0.850 ± 0.071 | 0.200 ± 0.141 |" in section
-    assert f"| method | kind | {SETTING} | scratch/mixed |" in text and "| cfvqa | peer | 0.050 ± 0.000 | n/a |" in text
+    assert (
+        f"| method | kind | {SETTING} | sarcasm/scratch/mixed/noise0.2 |" in text
+        and "| cfvqa | peer | 0.050 ± 0.000 | n/a |" in text
+    )
     assert f"| {SETTING} | cfmoe | 1 | missing |" in text  # cfmoe seed 1 never ran
     for name in bm.METRICS:
         assert f"- `{name}`:" in text
-    assert [p.name for p in report["plots"]] == ["scratch_tint_hashtag.png", "scratch_mixed.png"]
+    plots = ["sarcasm_scratch_tint_hashtag_noise0.2.png", "sarcasm_scratch_mixed_noise0.2.png"]
+    assert [p.name for p in report["plots"]] == plots
     assert all(p.stat().st_size > 0 for p in report["plots"])
     records = json.loads((tmp_path / "runs.json").read_text())
     assert {(r["setting"], r["method"], r["seed"], r["status"]) for r in records} >= {
         (SETTING, "cfmoe", 1, "missing"),
-        ("scratch/mixed", "vanilla", 0, "cached"),
+        ("sarcasm/scratch/mixed/noise0.2", "vanilla", 0, "cached"),
     }
 
 
 def test_ablation_cost_on_robust_acc(bench, tmp_path):
     robust = {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80, "cfmoe_routed": 0.95}
     for method, value in robust.items():
-        write_fake_run(tmp_path / f"runs/scratch/tint_hashtag/{method}/seed0", iid=0.99, ood=value)
+        write_fake_run(tmp_path / f"runs/sarcasm/scratch/tint_hashtag/noise0.2/{method}/seed0", iid=0.99, ood=value)
     report = bm.write_report(tmp_path, plan(bench, tmp_path, list(robust), [0]), bench.TABLE, SETTINGS)
 
     costs = bm.ablation_costs(report["results"][SETTING], bench.TABLE)
@@ -214,7 +239,9 @@ def test_rejected_and_failed_runs_are_reported(bench, tmp_path, capsys):
     assert sorted(calls) == [("cfmoe", 0), ("cfmoe", 1)]
     status = {(r.method, r.seed): r.status for r in runs}
     assert status[("cfmoe_no_text_cf", 1)] == "skipped" and status[("rubi", 0)] == "failed"
-    assert capsys.readouterr().out.count("skipping scratch/tint_hashtag cfmoe_no_text_cf") == 1  # checked once
+    assert (
+        capsys.readouterr().out.count("skipping sarcasm/scratch/tint_hashtag/noise0.2 cfmoe_no_text_cf") == 1
+    )  # checked once
 
     report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
     assert list(report["results"][SETTING]) == ["cfmoe"]
@@ -273,23 +300,26 @@ def test_tiny_benchmark_both_regimes(bench, tmp_path, capsys):
     report = bench.main(argv)
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results) == ["scratch/mixed", "pretrained/mixed"]
+    assert list(results) == ["sarcasm/scratch/mixed/noise0.2", "sarcasm/pretrained/mixed/noise0.2"]
     for setting in results:
         metrics = results[setting]["cfmoe"]
         assert set(metrics) == set(bm.METRICS) and metrics["robust_acc"]["n"] == 1
-        regime = setting.split("/")[0]
-        evals = json.loads((tmp_path / f"runs/{regime}/mixed/cfmoe/seed0/all_results.json").read_text())["eval"]
+        regime = setting.split("/")[1]
+        evals = json.loads(
+            (tmp_path / f"runs/sarcasm/{regime}/mixed/noise0.2/cfmoe/seed0/all_results.json").read_text()
+        )["eval"]
         expected = min(evals["test_iid"]["accuracy"], evals["test_ood"]["accuracy"])
         assert metrics["robust_acc"]["mean"] == pytest.approx(expected)
-    assert (tmp_path / "bases/seed0/pretraining.json").is_file() and (tmp_path / "pretrained_mixed.png").is_file()
+    assert (tmp_path / "bases/sarcasm/seed0/pretraining.json").is_file()
+    assert (tmp_path / "sarcasm_pretrained_mixed_noise0.2.png").is_file()
     assert "## Pretrained bases" in report["markdown"] and "32 items x 1 epochs (all_forms)" in report["markdown"]
     routing = json.loads((tmp_path / "routing.json").read_text())
     assert (
-        set(routing) == {"scratch/mixed", "pretrained/mixed"}
-        and "test" in routing["pretrained/mixed"]["cfmoe"]["seeds"]["0"]
+        set(routing) == {"sarcasm/scratch/mixed/noise0.2", "sarcasm/pretrained/mixed/noise0.2"}
+        and "test" in routing["sarcasm/pretrained/mixed/noise0.2"]["cfmoe"]["seeds"]["0"]
     )
     capsys.readouterr()
 
     bench.main(argv)  # everything cached: no base rebuilt, no run
     out = capsys.readouterr().out
-    assert "building the pretrained base" not in out and "0 run(s) to do, 2 already trained" in out
+    assert "building the pretrained" not in out and "0 run(s) to do, 2 already trained" in out

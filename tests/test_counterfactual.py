@@ -6,6 +6,7 @@ import torch
 
 from modeling_cfmoe.context import (
     ContextStatistics,
+    close_holes,
     dilate,
     keep_only_context,
     mean_colour,
@@ -30,22 +31,76 @@ def _statistics_with_a_cue_token() -> ContextStatistics:
     return statistics
 
 
-def test_token_statistics_score_a_token_by_what_it_predicts_alone():
+def test_token_statistics_score_a_token_by_how_far_it_points_at_one_class():
     statistics = _statistics_with_a_cue_token()
     assert statistics.token_counts[CUE].tolist() == [0, 16] and statistics.token_counts[OTHER].tolist() == [16, 16]
-    scores = statistics.token_scores(torch.tensor([CUE, OTHER, 3]))
-    strength = spread(scores)
-    assert strength[0] > 2.5 and strength[1].abs() < 1e-6 and strength[2].abs() < 1e-6  # one class / both / never
-    context = strong_context(strength, torch.ones(3, dtype=torch.bool), 2.0)
+    determination = statistics.token_determination(torch.tensor([CUE, OTHER, 3]))
+    # 16 items, all of class 1, pulled toward the prior by 10 pseudo-items: (16 + 5) / 26 of class 1
+    torch.testing.assert_close(determination[0], torch.tensor((21 / 26 - 0.5) / 0.5))
+    assert determination[1].abs() < 1e-6 and determination[2].abs() < 1e-6  # both classes / never seen
+    context = strong_context(determination, torch.ones(3, dtype=torch.bool), 0.6)
     assert context.tolist() == [True, False, False]
-    everything = spread(statistics.token_scores(torch.arange(12)))
-    assert everything.max() == strength[0]  # the cue is the strongest token of the vocabulary
+    assert statistics.token_determination(torch.arange(12)).argmax() == CUE  # the strongest token of the vocabulary
+    rare = ContextStatistics(vocab_size=12, local_dim=27, num_labels=2)
+    rare.update(torch.full((6, 1), CUE), torch.ones(6, 1, dtype=torch.bool), None, torch.ones(6, dtype=torch.long))
+    assert rare.token_determination(torch.tensor(CUE)) < 0.5  # six items are no evidence of a shortcut
+
+
+def test_a_word_that_rules_a_class_out_points_at_no_class():
+    """Three classes: a sentiment word rules one class out (its items are positive or neutral), a cue points at one
+    class: only the cue is strong (a rule on the spread of log-odds would flag both)."""
+    labels = torch.tensor([2, 2, 1, 0, 0, 1] * 20)  # balanced
+    ids = torch.full((120, 2), OTHER)
+    ids[:, 0] = torch.where(labels > 0, 3, 4)  # token 3 in every positive or neutral item: class 0 ruled out
+    ids[:, 1] = torch.where(labels == 2, CUE, OTHER)  # the cue in every positive item
+    statistics = ContextStatistics(vocab_size=12, local_dim=27, num_labels=3)
+    statistics.update(ids, torch.ones_like(ids, dtype=torch.bool), None, labels)
+    ruling_out, pointing = statistics.token_determination(torch.tensor([3, CUE]))
+    assert ruling_out < 0.3 < 0.7 < pointing
+    log_odds = statistics.token_counts[3].float() + 1
+    assert log_odds.max().log() - log_odds.min().log() > 3  # strong by the spread of log-odds nonetheless
+
+
+def _core_statistics(dependent: bool) -> ContextStatistics:
+    """Two classes; a cue token in most class-1 items, blind to the image; a core token (id 3) in half the items of
+    each class, whose images differ from the others of their class along the image core when `dependent`."""
+    torch.manual_seed(0)
+    statistics = ContextStatistics(vocab_size=12, local_dim=27, num_labels=2, feature_dim=4)
+    labels = torch.arange(400) % 2
+    core = torch.rand(400) < 0.5
+    ids = torch.full((400, 2), OTHER)
+    ids[:, 0] = torch.where(core, 3, OTHER)
+    ids[:, 1] = torch.where((labels == 1) & (torch.rand(400) < 0.9), CUE, OTHER)
+    features = torch.randn(400, 4)
+    features[:, 0] += 2.0 * labels  # the image core tells the classes apart along the first axis ...
+    if dependent:
+        features[:, 0] += torch.where(core, 1.0, -1.0)  # ... and moves with the core token within each class
+    statistics.update(ids, torch.ones_like(ids, dtype=torch.bool), None, labels)
+    statistics.update_core_readings(ids, torch.ones_like(ids, dtype=torch.bool), labels, features)
+    return statistics
+
+
+def test_a_strong_token_that_moves_with_the_image_core_is_core():
+    for dependent in (False, True):
+        statistics = _core_statistics(dependent)
+        effect, p_value = statistics.token_dependence(torch.tensor([CUE, 3]))
+        assert effect[0] < 0.1 and p_value[0] > 0.01  # the cue is blind to the image given the label
+        if dependent:
+            assert effect[1] > 0.5 and p_value[1] < 1e-6
+        else:
+            assert effect[1] < 0.1
+    statistics = _core_statistics(dependent=True)
+    statistics.token_counts[3] = torch.tensor([0, 200])  # make the core token point at class 1 as well
+    strength = statistics.token_strength(torch.tensor([CUE, 3]), dependence_threshold=0.15)
+    assert strength[0] > 0.7 and strength[1] == 0  # the cue stays a shortcut, the core token is released
+    assert statistics.token_strength(torch.tensor([3]), dependence_threshold=None) > 0.7  # without the test: both
+    assert statistics.core_separation()[0, 1] > 1.0  # the image core tells the classes apart
 
 
 def test_context_is_taken_a_whole_word_at_a_time():
     model, processor = build_tiny_model("sarcasm", seed=0)
     statistics = model.context_statistics
-    statistics.set_word_pieces(processor.tokenizer)
+    statistics.set_vocabulary(processor.tokenizer)
     tokenizer = processor.tokenizer
     ids = tokenizer(["\n#totally great day"], return_tensors="pt")["input_ids"]  # after a newline: no space
     pieces = tokenizer.convert_ids_to_tokens(ids[0])
@@ -55,7 +110,24 @@ def test_context_is_taken_a_whole_word_at_a_time():
     context[0, start + 2] = True  # only "tally" carries a direct effect of its own
     candidates = torch.ones_like(context)
     grown = statistics.whole_words(ids, context, candidates)
-    assert [p for p, on in zip(pieces, grown[0].tolist(), strict=True) if on] == ["<0x0A>", "#", "to", "tally"]
+    # the newline ends a word: the cue word starts after it, and nothing before it joins
+    assert [p for p, on in zip(pieces, grown[0].tolist(), strict=True) if on] == ["#", "to", "tally"]
+
+
+def test_declared_and_protected_words_override_the_statistics():
+    model, processor = build_tiny_model("sarcasm", seed=0, declared_text_context=["hashtag"], protected_words=["great"])
+    model.set_vocabulary(processor.tokenizer)
+    statistics, tokenizer = model.context_statistics, processor.tokenizer
+    ids = tokenizer(["lovely #news day great"], return_tensors="pt")["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids[0])
+    great, news = ids[0, pieces.index("\u2581great")], ids[0, pieces.index("\u2581#news")]
+    statistics.token_counts[great] = torch.tensor([0, 500])  # as strong as a token can be, but protected
+    strength = statistics.token_strength(ids, dependence_threshold=0.15)[0]
+    assert strength[pieces.index("\u2581#news")] == 1.0 and strength[pieces.index("\u2581great")] == 0.0
+    assert statistics.flag("declared_token", news) and statistics.flag("protected_token", great)
+    candidates = torch.ones_like(ids, dtype=torch.bool)
+    grown = statistics.whole_words(ids, torch.ones_like(ids, dtype=torch.bool), candidates)
+    assert not grown[0, pieces.index("\u2581great")]  # protected pieces stay out of any word's context
 
 
 def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
@@ -66,6 +138,7 @@ def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
     images[:, 2] += torch.where(labels == 1, 1.0, -1.0).view(-1, 1, 1)  # a class tint: no local evidence
     statistics = ContextStatistics(vocab_size=4, local_dim=27, num_labels=2)
     statistics.update(torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool), images, labels)
+    assert statistics.local_p_value() < 1e-6 and statistics.colour_p_value() < 1e-6  # both carry evidence
     strength = spread(statistics.local_scores(images))
     context = dilate(strong_context(strength, True, 0.5 * strength.max()), 2)
     mark = torch.zeros(16, 16, dtype=torch.bool)
@@ -73,6 +146,21 @@ def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
     assert context[:, mark].float().mean() > 0.95  # the mark is caught whole
     near = dilate(mark, 3)  # the mark and the reach of its descriptors
     assert context[:, ~near].float().mean() < 0.02  # little else
+    plain = ContextStatistics(vocab_size=4, local_dim=27, num_labels=2)
+    tinted = torch.randn(64, 3, 16, 16) * 0.1 + torch.where(labels == 1, 1.0, -1.0).view(-1, 1, 1, 1)
+    plain.update(torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool), tinted, labels)
+    assert plain.local_p_value() > 0.01 and plain.colour_p_value() < 1e-6  # a tint alone: no pixel is local context
+
+
+def test_closing_fills_a_solid_mark_found_at_its_rim():
+    mark = torch.zeros(1, 16, 16, dtype=torch.bool)
+    mark[0, 1:7, 1:7] = True  # a solid 6x6 mark near the corner
+    found = mark.clone()
+    found[0, 2:6, 2:6] = False  # its uniform interior shows no local evidence: only the rim is found
+    closed = close_holes(found, 3)
+    strip = torch.zeros_like(mark)
+    strip[0, 0, :7] = strip[0, :7, 0] = True  # the gap between the mark and the border fills too
+    assert closed[mark].all() and not closed[~(mark | strip)].any()  # the mark whole, nothing else
 
 
 def test_transplant_tokens_puts_the_partners_context_where_it_was_and_leaves_no_gap():
@@ -129,8 +217,9 @@ def _model_and_batch():
     ids[:2, -1] = 250  # ... but items 0 and 1 end with the cue token, items 2 and 3 with one of their other words
     ids[2:, -1] = ids[2:, -2]
     labels = torch.tensor([1, 1, 0, 0])
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(4, 3, 32, 32)}
-    for _ in range(10):  # the cue token in class-1 items only
+    images = torch.randn(4, 3, 32, 32) + torch.where(labels == 1, 0.5, -0.5).view(-1, 1, 1, 1)  # and a class tint
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": images}
+    for _ in range(20):  # the cue token in class-1 items only
         model.update_context_statistics(ids, labels, batch["attention_mask"], batch["pixel_values"])
     return model.train(), batch
 
@@ -195,7 +284,7 @@ def test_bias_evidence_tells_which_modality_carries_a_shortcut_not_which_class()
     images[32:, 0, 2:5, 2:5] += torch.where(labels[32:] == 1, 2.0, -2.0).view(-1, 1, 1)  # items 32-63: a mark
     statistics = ContextStatistics(vocab_size=12, local_dim=27, num_labels=2)
     statistics.update(ids, torch.ones_like(ids, dtype=torch.bool), images, labels)
-    text = spread(statistics.token_scores(ids)).amax(1)
+    text = statistics.token_strength(ids, None).amax(1)
     pixels = spread(statistics.local_scores(images)).flatten(1).amax(1)
     evidence = statistics.bias_evidence(text, pixels, mean_colour(images))
     text_items, image_items = evidence[:32], evidence[32:]

@@ -17,6 +17,7 @@ from trainer.pretrain import (
     perception_data,
     perception_targets,
     pretrain_perception,
+    target_names,
 )
 from trainer.tiny import build_tiny_model
 
@@ -31,8 +32,11 @@ def pretrained():
 
 def test_targets_are_class_ids_of_cue_random_clean_data():
     train, _ = perception_data(PretrainConfig(num_train=200, num_validation=0, seed=3))
-    targets = perception_targets(train)
-    assert set(targets) == set(PERCEPTION_TARGETS)
+    names = target_names(PretrainConfig())
+    targets = perception_targets(train, names)
+    assert set(targets) == {*PERCEPTION_TARGETS, "marker"} == set(names)  # sarcasm: the markers are perceived
+    assert target_names(PretrainConfig(task="sentiment")) == PERCEPTION_TARGETS
+    assert 0.2 < targets["marker"].float().mean() < 0.3  # a quarter of the items hold one
     assert set(targets["text_polarity"].tolist()) == {0, 2} and set(targets["image_cue"].tolist()) == {0, 1}
     assert train["label"] == train["clean_label"]  # no label noise
     agree = sum(t == y for t, y in zip(train["text_cue"], train["label"], strict=True)) / len(train)
@@ -44,7 +48,7 @@ def test_pretraining_learns_and_is_deterministic(pretrained):
     mllm, _, summary = pretrained
     losses = summary["epoch_train_loss"]
     assert len(losses) == TINY.num_epochs and losses[-1] < losses[0]
-    assert set(summary["validation_accuracy"]) == {*PERCEPTION_TARGETS, "mean"}
+    assert set(summary["validation_accuracy"]) == {*target_names(TINY), "mean"}
     fresh = build_tiny_model(seed=TINY.seed)[0].mllm.state_dict()
     trained = mllm.state_dict()
     for name in ("vision_tower", "multi_modal_projector", "language_model"):

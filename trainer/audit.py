@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
     config, statistics = model.config, model.context_statistics
     seen = statistics.token_counts.sum(-1) > 0
     ids = torch.arange(statistics.token_counts.shape[0], device=seen.device)
+    declared, protected = statistics.flag("declared_token", ids), statistics.flag("protected_token", ids)
     effect, p_value = statistics.token_dependence(ids)
     values = {
         "determination": statistics.token_determination(ids),
@@ -57,10 +59,10 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
     strong = values["determination"] >= config.text_context_threshold
     discovered = strong if config.discover_text_context else torch.zeros_like(strong)
     masks = {
-        "context": seen & (values["strength"] >= config.text_context_threshold) & ~statistics.declared_token,
+        "context": seen & (values["strength"] >= config.text_context_threshold) & ~declared,
         "kept_as_core": seen & discovered & (values["strength"] < config.text_context_threshold),
-        "declared": seen & statistics.declared_token,
-        "protected": seen & statistics.protected_token,
+        "declared": seen & declared,
+        "protected": seen & protected,
     }
     if not config.discover_text_context:
         masks["context"] = torch.zeros_like(seen)
@@ -214,7 +216,11 @@ class ContextAuditCallback(TrainerCallback):
 
     def _audit(self, stage: str) -> None:
         trainer = self.trainer
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
         if not trainer.is_world_process_zero():
+            return
+        if tokenizer is None:
+            logger.warning("no context audit (%s): the trainer has no processing_class to read tokens with", stage)
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
         model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -223,13 +229,15 @@ class ContextAuditCallback(TrainerCallback):
         size = trainer.args.per_device_eval_batch_size
         device = next(model.parameters()).device
         batches = []
-        for begin in range(0, len(sample), size):
-            batch = trainer.data_collator([sample[i] for i in range(begin, min(begin + size, len(sample)))])
-            batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        collator = trainer.data_collator
+        with collator.uncounted() if hasattr(collator, "uncounted") else nullcontext():  # training counted them
+            for begin in range(0, len(sample), size):
+                batch = collator([sample[i] for i in range(begin, min(begin + size, len(sample)))])
+                batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
         training = model.training
         model.eval()
         try:
-            write_context_report(model, trainer.processing_class.tokenizer, batches, trainer.args.output_dir, stage)
+            write_context_report(model, tokenizer, batches, trainer.args.output_dir, stage)
         finally:
             model.train(training)
 

@@ -57,6 +57,7 @@ def setting_name(task: str, regime: str, cue_setting: str, noise: float) -> str:
     """`<task>/<regime>/<cue_setting>/noise<eta>`: the key of a setting in the results."""
     return f"{task}/{regime}/{cue_setting}/noise{noise:g}"
 
+
 MAKE_TINY_MODEL = ROOT / "examples" / "make_tiny_model.py"
 REGIMES = ("scratch", "pretrained")
 

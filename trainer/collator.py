@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,7 @@ class CFMoECollator:
     skip_bad_examples: bool = False
     return_groups: bool = False
     _skipped: Any = field(default=None, init=False, repr=False, compare=False)
+    _quiet: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # shared memory, so that skips in DataLoader workers (forked or spawned) reach the main process's count
@@ -102,10 +105,21 @@ class CFMoECollator:
             )
         return value
 
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Collate without counting or logging skipped items (items seen again, e.g. by an audit)."""
+        self._quiet = True
+        try:
+            yield
+        finally:
+            self._quiet = False
+
     def _bad(self, error: BadExampleError) -> None:
         """Raise `error`, or (skip_bad_examples) log it and count the item."""
         if not self.skip_bad_examples:
             raise error
+        if self._quiet:
+            return
         with self._skipped.get_lock():
             self._skipped.value += 1
             count = self._skipped.value

@@ -92,8 +92,7 @@ def perception_targets(dataset: Dataset, names: tuple[str, ...] = PERCEPTION_TAR
     """Class ids `(N,)` per target of `names`: polarity + 1, the cue's class (`NO_CUE` where a modality has none),
     the marker flag."""
     return {
-        name: torch.tensor(dataset[name], dtype=torch.long) + (1 if name.endswith("polarity") else 0)
-        for name in names
+        name: torch.tensor(dataset[name], dtype=torch.long) + (1 if name.endswith("polarity") else 0) for name in names
     }
 
 
