@@ -18,6 +18,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trainer.arguments import CheckpointTrainingArguments, TinyTrainingArguments, parse_args
 from trainer.errors import UserInputError, exit_on_user_error
 from trainer.run import load_model
+from trainer.synthetic import HASHTAGS
 from trainer.tiny import build_tiny_model, tiny_base_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,6 +162,26 @@ def test_tiny_run_writes_results_and_prints_the_split_table(tmp_path, capsys):
     assert "method vanilla on synthetic sarcasm benchmark, cues mixed" in table
     assert re.search(r"test_ood( +(\d\.\d{3}|nan)){4}\n", table)  # accuracy, macro F1, worst group, cue reliance
     assert "robust accuracy min(iid, ood):" in table
+
+
+def test_cfmoe_run_writes_a_context_audit_naming_the_cue_and_not_a_protected_word(tmp_path):
+    """The planted hashtags are listed as context in `context_report.json` (after the warm-up and at the end), a
+    protected one is not, and the model card summarises the audit."""
+    main = runpy.run_path(str(EXAMPLES / "run_sarcasm.py"))["main"]
+    argv = ["--num_train", "800", "--num_validation", "16", "--num_test", "16", "--num_train_epochs", "1"]
+    argv += ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
+    argv += ["--report_to", "none", "--disable_tqdm", "True", "--protected_words", "#sure"]
+    main([*argv, "--output_dir", str(tmp_path)])
+    report = json.loads((tmp_path / "context_report.json").read_text())
+    assert set(report) == {"after_warmup", "end"} and (tmp_path / "context_report.png").is_file()
+    end = report["end"]
+    context = {entry["text"].strip() for entry in end["tokens"]["context"]}
+    hashtags = {tag for tags in HASHTAGS["sarcasm"] for tag in tags}
+    assert len(context & hashtags) >= 8 and "#sure" not in context  # planted cues in, the protected one out
+    assert {entry["text"].strip() for entry in end["tokens"]["protected"]} == {"#sure"}
+    assert end["rows_with_text_context"] > 0.5 and end["items_counted"] == 800  # every item counted once
+    card = (tmp_path / "README.md").read_text()
+    assert "## Context audit" in card and f"`{end['tokens']['context'][0]['text'].strip()}`" in card
 
 
 def _mmsd_folder(folder: Path, mutate=None) -> Path:

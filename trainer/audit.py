@@ -207,6 +207,15 @@ def write_context_report(model, tokenizer, batches, output_dir: str | Path, stag
     return report
 
 
+def read_context_report(output_dir: str | Path) -> dict[str, Any] | None:
+    """The latest stage of `output_dir/context_report.json` (the end of training when written), or None."""
+    path = Path(output_dir) / REPORT_FILE
+    if not path.is_file():
+        return None
+    stages = json.loads(path.read_text())
+    return stages.get("end") or next(reversed(stages.values()), None)
+
+
 class ContextAuditCallback(TrainerCallback):
     """Writes the context audit after cfmoe's bias-only warm-up and at the end of training (`trainer` is the
     [`CFMoETrainer`]; the sample is the first `SAMPLE_ITEMS` training items)."""

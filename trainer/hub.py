@@ -56,6 +56,7 @@ def write_model_card(
     method_settings: Mapping[str, Any],
     eval_results: Mapping[str, Mapping[str, float]],
     routing_shares: Mapping[str, Any] | None = None,
+    context_audit: Mapping[str, Any] | None = None,
     repo_id: str | None = None,
     model_name: str | None = None,
     dataset_id: str | None = None,
@@ -68,6 +69,7 @@ def write_model_card(
 
     eval_results: `{split: {metric: value}}`, e.g. `{"test_ood": {"accuracy": 0.81, "macro_f1": 0.8}}`.
     routing_shares: `{site: [share of expert 0, ...]}` or the trainer's logged `routing_<site>_expert_<i>` keys.
+    context_audit: one stage of `context_report.json` (`trainer.audit`): what training treated as context.
     base_model: a Hub id (None for a locally built base: left out of the metadata).
     repo_id: the Hub id used in the card's loading example; model_name defaults to its last part.
     synthetic: the results come from the planted-cue benchmark; the card says so next to the numbers.
@@ -103,6 +105,8 @@ def write_model_card(
     body = _card_body(
         model_name, base_model, dataset_name, task_name, method_settings, eval_results, routing_shares, synthetic
     )
+    if context_audit:
+        body += _audit_section(context_audit) + "\n\n"
     body += f"{_usage_section(repo_id or 'REPO_ID')}\n\n## Citation\n\n```bibtex\n{BIBTEX}\n```\n"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -118,12 +122,12 @@ def _card_body(model_name, base_model, dataset_name, task_name, settings, eval_r
     base = f"`{base_model}`" if base_model else "a LLaVA-family model built locally from a config (not on the Hub)"
     sections = [
         f"# {model_name}\n\n"
-        f"A {task_name.lower()} classifier: {base} wrapped by CF-MoE, counterfactual debiasing with adaptive "
-        "expert routing. Visual debiasing experts sit after the vision projector and language debiasing experts "
-        "after the language model, each chosen per item by an attention router; text-only, image-only and prior "
-        "branches estimate the direct effects of each modality, and training contrasts factual with "
-        "counterfactual (core-masked, context-swapped) rows so that the fused prediction rests on the indirect "
-        "(multimodal) effect rather than on single-modality shortcuts. Inference is one forward pass.\n\n"
+        f"A {task_name.lower()} classifier: {base} wrapped by CF-MoE, counterfactual debiasing with "
+        "debiasing experts. Visual debiasing experts sit after the vision projector and language debiasing experts "
+        "after the language model; text-only, image-only and prior branches estimate the direct effect of each "
+        "modality. In training the fused head learns from context-swapped counterfactual rows: each item keeps its "
+        "core and takes another item's context (the tokens and pixels that carry a shortcut), so that the context "
+        "no longer follows the label. Inference is one forward pass.\n\n"
         "This is an independent implementation of the method of Wu, Huang and Wu (Findings of EMNLP 2025, "
         "arXiv 2509.15361), built from its abstract; it is not the authors' code.",
         f"## Training\n\n- Base model: {base}\n- Data set: {dataset_name}\n\n"
@@ -191,6 +195,34 @@ def _metric_rank(metric: str) -> tuple[int, str]:
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _audit_section(audit: Mapping[str, Any]) -> str:
+    """What training treated as context (`trainer.audit.context_report`), for a reader to check."""
+
+    def tokens(status: str) -> str:
+        entries = audit["tokens"].get(status, [])[:12]
+        return ", ".join(f"`{e['text'].strip() or e['token']}` ({'/'.join(map(str, e['items_per_class']))})"
+                         for e in entries) or "none"  # fmt: skip
+
+    pixels = audit.get("pixels_as_context")
+    lines = [
+        "## Context audit",
+        "",
+        "What the counterfactual rows treated as context (swapped out of each item), read from the training "
+        "statistics (`context_report.json` and `context_report.png` in the training output folder). A token is "
+        "context when its training items lean toward one class (`text_context_threshold`) and, within each class, "
+        "its items' images show what the others' show (a shortcut caused by the label, blind to the image); a "
+        "strong token whose items' images differ is kept as core. Declared context and protected words override "
+        "both. Check this list before trusting the model: a word that carries the meaning should not be in it.",
+        "",
+        f"- Context tokens, strongest first (training items per class): {tokens('context')}",
+        f"- Strong tokens kept as core (they move with the image): {tokens('kept_as_core')}",
+        f"- Declared context: {tokens('declared')}; protected: {tokens('protected')}",
+        f"- Share of training rows with text context: {audit['rows_with_text_context']:.2f}; of text tokens: "
+        f"{audit['text_tokens_as_context']:.3f}" + (f"; of image pixels: {pixels:.3f}" if pixels is not None else ""),
+    ]
+    return "\n".join(lines)
 
 
 def _routing_section(routing: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
 from .arguments import DataArguments, ModelArguments
+from .audit import read_context_report
 from .collator import CFMoECollator
 from .data import load_benchmark
 from .errors import UserFileNotFoundError, user_input
@@ -186,6 +187,7 @@ def write_card(
         method_settings=settings,
         eval_results=eval_results,
         routing_shares={k: v for k, v in last_log.items() if k.startswith("routing_")},
+        context_audit=read_context_report(args.output_dir),
         repo_id=args.hub_model_id,
         task="sarcasm-detection" if task == "sarcasm" else "sentiment-analysis",
         synthetic=synthetic,
