@@ -100,18 +100,19 @@ def test_a_strong_token_that_moves_with_the_image_core_is_core():
 def test_context_is_taken_a_whole_word_at_a_time():
     model, processor = build_tiny_model("sarcasm", seed=0)
     statistics = model.context_statistics
-    statistics.set_vocabulary(processor.tokenizer)
     tokenizer = processor.tokenizer
-    ids = tokenizer(["\n#totally great day"], return_tensors="pt")["input_ids"]  # after a newline: no space
-    pieces = tokenizer.convert_ids_to_tokens(ids[0])
-    start = pieces.index("#")
-    assert pieces[start : start + 4] == ["#", "to", "tally", "\u2581great"], pieces  # the cue word falls apart
+    statistics.set_vocabulary(tokenizer)
+    # a word spelled in pieces right after a newline byte, as tokenizers without a word marker there give it
+    pieces = ["\u2581great", "<0x0A>", "#", "to", "tally", "\u2581great"]
+    ids = torch.tensor([tokenizer.convert_tokens_to_ids(pieces)])
     context = torch.zeros_like(ids, dtype=torch.bool)
-    context[0, start + 2] = True  # only "tally" carries a direct effect of its own
-    candidates = torch.ones_like(context)
-    grown = statistics.whole_words(ids, context, candidates)
-    # the newline ends a word: the cue word starts after it, and nothing before it joins
+    context[0, 4] = True  # only "tally" carries a direct effect of its own
+    grown = statistics.whole_words(ids, context, torch.ones_like(context))
+    # the newline ends a word: the word starts after it, and neither the newline nor the word before it joins
     assert [p for p, on in zip(pieces, grown[0].tolist(), strict=True) if on] == ["#", "to", "tally"]
+    # the tiny tokenizer itself starts a word after a newline, as after a space
+    encoded = tokenizer.convert_ids_to_tokens(tokenizer("\n#totally great")["input_ids"])
+    assert "\u2581#totally" in encoded and "to" not in encoded, encoded
 
 
 def test_declared_and_protected_words_override_the_statistics():

@@ -27,15 +27,20 @@ IMAGE_SIZE, PATCH_SIZE, HIDDEN = 32, 8, 64
 
 
 def train_tiny_tokenizer(words: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A BPE tokenizer (Metaspace pre-tokenizer, as Llama's) trained offline on `words`, with `<image>` special.
+    """A BPE tokenizer (Metaspace pre-tokenizer, as Llama's, after splitting off newlines) trained offline on
+    `words`, with `<image>` special.
 
     Every word of `words` becomes one token (while `vocab_size`, the cap of the special tokens, printable ASCII and
     the merges, allows). Any other text is still read without `<unk>`: printable ASCII characters are in the
     alphabet, everything else falls back to its UTF-8 bytes (256 `<0xNN>` tokens on top of `vocab_size`), and
-    decoding restores it.
+    decoding restores it (but for a space right after a newline).
     """
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    # a newline ends a word: the word after it starts with the word marker, as after a space (Metaspace alone would
+    # glue "\nword" into one piece and spell the word out letter by letter)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", "isolated"), pre_tokenizers.Metaspace()]
+    )
     alphabet = [char for char in string.printable if not char.isspace()]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
@@ -48,7 +53,14 @@ def train_tiny_tokenizer(words: list[str], vocab_size: int = 1024) -> PreTrained
     state["model"]["byte_fallback"] = True
     tokenizer = Tokenizer.from_str(json.dumps(state))
     tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Replace(" \n", "\n"),  # the word marker the pre-tokenizer put before and after a newline
+            decoders.Replace("\n ", "\n"),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
