@@ -458,8 +458,10 @@ def transplant_tokens(
     image_mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each drawn row keeps its own tokens but its context, and takes its partner's context tokens at the places
-    they held in the partner (so a cue's position says nothing of the row's own cue, and a row that had none is
-    told from no other).
+    they held in the partner, each run of consecutive context tokens as one block before the row's token at the
+    run's first place (so a cue's position says nothing of the row's own cue, a row that had none is told from no
+    other, and a cue of several words arrives whole, never interleaved with the row's own words, which would show
+    where the row's own cue was missing).
 
     embeds `(batch, length, dim)`; mask / context / image_mask `(batch, length)` bool; rows / partner `(n,)` item
     indices. Returns the rows' embeddings `(n, width, dim)`, attention mask and image-token mask `(n, width)`,
@@ -468,7 +470,10 @@ def transplant_tokens(
     length = embeds.shape[1]
     place = torch.arange(length, device=embeds.device, dtype=torch.float).expand(len(rows), -1)
     kept, given = mask[rows] & ~context[rows], context[partner]
-    keys = torch.cat([place.masked_fill(~kept, float("inf")), (place - 0.5).masked_fill(~given, float("inf"))], 1)
+    starts = given & ~nn.functional.pad(given[:, :-1], (1, 0))  # the first token of each run of context tokens
+    run_start = place.masked_fill(~starts, -1.0).cummax(1).values
+    given_keys = run_start - 0.5 + (place - run_start) / (2 * length)  # the run's tokens in order, before run_start
+    keys = torch.cat([place.masked_fill(~kept, float("inf")), given_keys.masked_fill(~given, float("inf"))], 1)
     order = keys.argsort(dim=1, stable=True)
     width = int((kept.sum(1) + given.sum(1)).max())
     order = order[:, :width]

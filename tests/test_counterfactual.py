@@ -182,6 +182,21 @@ def test_transplant_tokens_puts_the_partners_context_where_it_was_and_leaves_no_
     assert swapped_images.tolist() == [[1, 0, 0, 0, 0, 0, 0]] * 3  # the image tokens stay in place
 
 
+def test_a_partners_cue_of_several_words_arrives_whole_whatever_the_row_had():
+    """A three-word cue at the start: a row without a cue of its own and a row whose cue was removed get the
+    partner's cue as one block before their first own word (interleaved with the words of a row without a cue,
+    it would show where the row's own cue was missing)."""
+    embeds = torch.arange(3 * 6, dtype=torch.float).view(3, 6, 1)  # token j of item i holds 6 i + j
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    context = torch.zeros(3, 6, dtype=torch.bool)
+    context[0, 1:4] = context[2, 1:4] = True  # items 0 and 2 start (after token 0) with a three-word cue
+    rows, partner = torch.tensor([1, 2]), torch.tensor([0, 0])
+    swapped, swapped_mask, _ = transplant_tokens(embeds, mask, context, rows, partner, torch.zeros_like(mask))
+    cue = [1.0, 2.0, 3.0]  # item 0's cue
+    assert swapped[0, :, 0].tolist() == [6, *cue, 7, 8, 9, 10, 11]  # no cue of its own: the block before its words
+    assert swapped[1, :6, 0].tolist() == [12, *cue, 16, 17] and swapped_mask[1].tolist() == [1] * 6 + [0] * 3
+
+
 def test_transplant_pixels_moves_the_colour_and_both_items_local_context():
     torch.manual_seed(0)
     images = torch.randn(2, 3, 6, 6)
