@@ -80,7 +80,7 @@ def sample_audit(model, batches: list[dict[str, torch.Tensor]], tokenizer) -> di
     pixels treated as context, and a few items (`SHOWN_ITEMS`) with their text (context words in brackets) and
     their image context mask."""
     rows_with, text_tokens, context_tokens, pixel_shares, shown = 0, 0, 0, [], []
-    image_token = model.mllm.config.image_token_id
+    image_token = model.image_token_id
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         text, pixels = model.find_context(ids, mask, batch.get("pixel_values"))

@@ -108,10 +108,10 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
 
 
 def freeze_vision_tower(model: PreTrainedModel) -> int:
-    """Stops training the wrapped base's vision tower (`mllm.vision_tower`, LoRA weights in it included), also
-    under a `PeftModel`. Returns the number of parameters frozen."""
+    """Stops training the wrapped base's vision tower (its base family's `vision_tower`, LoRA weights in it
+    included), also under a `PeftModel`. Returns the number of parameters frozen."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = list(core.mllm.vision_tower.parameters())
+    parameters = list(core.vision_tower.parameters())
     for parameter in parameters:
         parameter.requires_grad_(False)
     return sum(parameter.numel() for parameter in parameters)

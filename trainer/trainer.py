@@ -26,7 +26,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
+from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED, CounterfactualMode
 
 from .audit import ContextAuditCallback
 from .checkpointing import StagedCheckpointsMixin
@@ -123,7 +123,7 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         reads = self._builds_rows() or self.model.config.routes_by_evidence
         return reads and (self.state.epoch is None or self.state.epoch < 1)
 
-    def _counterfactuals(self, training: bool) -> str | None:
+    def _counterfactuals(self, training: bool) -> CounterfactualMode | None:
         """What the forward computes (`CFMoEForMultimodalClassification.forward`): only what this step's loss reads.
 
         Evaluation: the effects (the bias-branch metrics read them), and for cfmoe the context-swapped rows
@@ -135,16 +135,26 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         """
         args, config = self.args, self.model.config
         if not training:  # cfmoe: the context-swapped rows too, for the counterfactual accuracy
-            return "rows" if self._builds_rows() else "effects"
+            return (
+                CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS
+                if self._builds_rows()
+                else CounterfactualMode.EFFECTS
+            )
         if args.method == "vanilla":
             return None
         if args.method != "cfmoe":
-            return "effects"
+            return CounterfactualMode.EFFECTS
         if self._bias_only_warmup():
             reads_core = self._builds_rows() and config.core_dependence_threshold is not None
-            return "core_readings" if reads_core and self._counts_statistics() else "effects"
+            return (
+                CounterfactualMode.IMAGE_CORE
+                if reads_core and self._counts_statistics()
+                else CounterfactualMode.EFFECTS
+            )
         contrast = args.contrast_loss_weight > 0 and "core_masked" in self.model.config.counterfactual_types
-        return "rows" if args.factual_task_weight > 0 or contrast else "rows_only"
+        if args.factual_task_weight > 0 or contrast:
+            return CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS
+        return CounterfactualMode.COUNTERFACTUAL_ROWS_ONLY
 
     def _eval_terms(self, outputs, labels) -> dict[str, torch.Tensor]:
         return {"task": weighted_cross_entropy(outputs.logits, labels)}
@@ -230,10 +240,7 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         }
 
     def _aux(self, outputs) -> dict[str, torch.Tensor]:
-        coefficient = self.model.config.router_aux_loss_coef
-        if coefficient == 0 or outputs.aux_loss is None:
-            return {}
-        return {"aux": coefficient * outputs.aux_loss}
+        return {} if outputs.weighted_aux_loss is None else {"aux": outputs.weighted_aux_loss}
 
     def _group_dro_loss(self, logits, labels, groups) -> torch.Tensor:
         """Online group DRO (Sagawa et al. 2020): exponentiated-gradient weights over the groups' losses."""
