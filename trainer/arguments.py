@@ -390,8 +390,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
         )
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.method == "cfvqa" and model_args.inference_mode is None:
-        model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
     return model_args, data_args, training_args
 
 

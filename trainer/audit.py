@@ -253,7 +253,8 @@ class ContextAuditCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         step = state.global_step
-        if step > 0 and trainer._bias_only_warmup(step - 1) and not trainer._bias_only_warmup(step):
+        warmup = trainer.method.in_bias_only_warmup
+        if step > 0 and warmup(state, step - 1) and not warmup(state, step):
             self._audit("after_warmup")
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -17,9 +17,9 @@ import torch
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
+from .cfmoe_trainer import CFMoETrainer
 from .run import freeze_vision_tower
 from .tiny import PATCH_SIZE, tiny_base_config
-from .trainer import CFMoETrainer
 from .training_args import CFMoETrainingArguments
 
 PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
