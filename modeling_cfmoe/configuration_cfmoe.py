@@ -89,6 +89,7 @@ class CFMoEConfig(PretrainedConfig):
         "text_router_logits",
         "counterfactual_text_gates",
         "aux_loss",
+        "weighted_aux_loss",
         "pooled",
         "counterfactual_pooled",
     ]

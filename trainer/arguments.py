@@ -21,7 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
-from modeling_cfmoe import CFMoEConfig
+from modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from modeling_cfmoe.configuration_cfmoe import CHOICES
 
 from .errors import name_flags, require, user_input
@@ -138,7 +138,7 @@ class ModelLoadingArguments:
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "a CF-MoE checkpoint or a LLaVA-family base (llava, llava_next, llava_onevision); "
+            "help": f"a CF-MoE checkpoint or a LLaVA-family base ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}); "
             "empty: the tiny offline default. Several defaults depend on it (see their help)"
         },
     )
