@@ -28,6 +28,7 @@ from trainer import CFMoECollator, CFMoETrainer
 from trainer.arguments import parse_args
 from trainer.errors import exit_on_user_error
 from trainer.evaluation import build_debiasing_compute_metrics
+from trainer.methods import get_method
 from trainer.run import (
     count_skipped,
     data_record,
@@ -83,14 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     data, synthetic = load_data(TASK, data_args, training_args.seed)
 
     # Model and processor: the tiny offline model, a CF-MoE checkpoint, or a LLaVA-family base wrapped by CF-MoE.
-    model, processor = load_model(TASK, model_args, labels_of(TASK, data, synthetic), training_args.seed)
+    model, processor = load_model(
+        TASK, model_args, labels_of(TASK, data, synthetic), training_args.seed, method=training_args.method
+    )
     collator = CFMoECollator(
         processor,
         num_labels=model.config.num_labels,
         prompt_template=model.config.prompt_template,
         max_length=data_args.max_length,
         skip_bad_examples=data_args.skip_bad_examples,
-        return_groups=training_args.method == "group_dro",
+        return_groups=get_method(training_args.method).uses_group_labels,
     )
 
     # Initialize our Trainer. It does not push: the finished folder is pushed once, with our model card.

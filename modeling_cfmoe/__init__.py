@@ -2,9 +2,12 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from .configuration_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
-from .counterfactual import CausalEffects, causal_effects, drop_image_tokens
-from .modeling_cfmoe import CFMoEForMultimodalClassification, CFMoEOutput, CFMoEPreTrainedModel
+from .base_families import BASE_FAMILIES, SUPPORTED_BASE_MODEL_TYPES, BaseFamily, base_family
+from .configuration_cfmoe import CFMoEConfig
+from .counterfactual import CausalEffects, CounterfactualMode, causal_effects, drop_image_tokens
+from .modeling_body import CFMoEModel, CFMoEModelOutput
+from .modeling_cfmoe import CFMoEForMultimodalClassification, CFMoEOutput
+from .modeling_pretrained import CFMoEPreTrainedModel
 from .moe import AttentionRouter, DebiasingMoE, ExpertBank, load_balancing_loss
 from .pipeline_cfmoe import MultimodalDebiasedClassificationPipeline, save_pipeline
 
@@ -14,14 +17,20 @@ AutoModelForSequenceClassification.register(CFMoEConfig, CFMoEForMultimodalClass
 
 __all__ = [
     "AttentionRouter",
+    "BASE_FAMILIES",
+    "BaseFamily",
     "CFMoEConfig",
     "CFMoEForMultimodalClassification",
+    "CFMoEModel",
+    "CFMoEModelOutput",
     "CFMoEOutput",
     "CFMoEPreTrainedModel",
     "CausalEffects",
+    "CounterfactualMode",
     "DebiasingMoE",
     "ExpertBank",
     "SUPPORTED_BASE_MODEL_TYPES",
+    "base_family",
     "causal_effects",
     "drop_image_tokens",
     "load_balancing_loss",

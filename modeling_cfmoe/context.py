@@ -1,5 +1,5 @@
-"""Context discovery and transplant: which parts of an item carry a shortcut, and how a counterfactual row takes
-another item's context while keeping its own core.
+"""Context statistics: which parts of an item carry a shortcut (the transplants that move them are in
+`counterfactual.py`).
 
 Nothing here assumes a cue's form. Context is read from non-contextual statistics gathered on the training labels
 (`ContextStatistics`). What the default treats as a shortcut:
@@ -19,9 +19,8 @@ Nothing here assumes a cue's form. Context is read from non-contextual statistic
 * the user's knowledge comes first: declared context (word patterns, image regions) is always context, protected
   words never are (`set_vocabulary`).
 
-Transplants move the partner's context in and the item's own context out, so a cue that is present in some items
-only is decorrelated too. The same statistics give each item's bias evidence (`ContextStatistics.bias_evidence`),
-which routed experts read. All functions are vectorised over rows.
+The same statistics give each item's bias evidence (`ContextStatistics.bias_evidence`), which routed experts read.
+All functions are vectorised over rows.
 """
 
 from __future__ import annotations
@@ -441,49 +440,6 @@ def mean_colour(pixel_values: torch.Tensor) -> torch.Tensor:
     return colour.reshape(colour.shape[0], -1, colour.shape[-1]).mean(1)
 
 
-def strong_context(strength: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
-    """Positions whose strength (`spread` of their scores) reaches `minimum` (and is more than 0).
-
-    strength: `(...)` of each token or pixel; candidates: bool, broadcastable to it. Returns a bool mask `(...)`.
-    """
-    return candidates & (strength > 0) & (strength >= minimum)
-
-
-def transplant_tokens(
-    embeds: torch.Tensor,
-    mask: torch.Tensor,
-    context: torch.Tensor,
-    rows: torch.Tensor,
-    partner: torch.Tensor,
-    image_mask: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each drawn row keeps its own tokens but its context, and takes its partner's context tokens at the places
-    they held in the partner, each run of consecutive context tokens as one block before the row's token at the
-    run's first place (so a cue's position says nothing of the row's own cue, a row that had none is told from no
-    other, and a cue of several words arrives whole, never interleaved with the row's own words, which would show
-    where the row's own cue was missing).
-
-    embeds `(batch, length, dim)`; mask / context / image_mask `(batch, length)` bool; rows / partner `(n,)` item
-    indices. Returns the rows' embeddings `(n, width, dim)`, attention mask and image-token mask `(n, width)`,
-    compacted: the removed context leaves no gap.
-    """
-    length = embeds.shape[1]
-    place = torch.arange(length, device=embeds.device, dtype=torch.float).expand(len(rows), -1)
-    kept, given = mask[rows] & ~context[rows], context[partner]
-    starts = given & ~nn.functional.pad(given[:, :-1], (1, 0))  # the first token of each run of context tokens
-    run_start = place.masked_fill(~starts, -1.0).cummax(1).values
-    given_keys = run_start - 0.5 + (place - run_start) / (2 * length)  # the run's tokens in order, before run_start
-    keys = torch.cat([place.masked_fill(~kept, float("inf")), given_keys.masked_fill(~given, float("inf"))], 1)
-    order = keys.argsort(dim=1, stable=True)
-    width = int((kept.sum(1) + given.sum(1)).max())
-    order = order[:, :width]
-    pooled = torch.cat([embeds[rows], embeds[partner]], 1)
-    row_embeds = pooled.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-    row_mask = torch.cat([kept, given], 1).gather(1, order)
-    row_images = torch.cat([image_mask[rows], torch.zeros_like(given)], 1).gather(1, order) & row_mask
-    return row_embeds, row_mask, row_images
-
-
 def centred_pixels(pixel_values: torch.Tensor, surround: int = 3) -> torch.Tensor:
     """Each pixel minus the mean of its surround `(2 surround + 1)^2` pixels wide (reflect-padded; a box filter from
     running sums): local evidence only (a global tint or the image's overall colour is none of it).
@@ -517,69 +473,3 @@ def _moments(products: torch.Tensor, sums: torch.Tensor, count: int) -> torch.Te
     top = torch.cat([products, sums.unsqueeze(1)], 1)
     bottom = torch.cat([sums, sums.new_tensor([count])]).unsqueeze(0)
     return torch.cat([top, bottom], 0)
-
-
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """A bool mask `(..., height, width)` grown by `radius` pixels (the reach of a local descriptor)."""
-    grid = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    grown = nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius).squeeze(1).bool()
-    return grown.view_as(mask)
-
-
-def close_holes(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """A bool mask `(..., height, width)` closed by `radius` pixels (dilated, then eroded; the border erodes
-    nothing, so a gap of less than `radius` between a mark and the border fills too): the inside of a solid mark
-    whose rim alone was found (its interior is uniform, so local evidence sees nothing there) joins it."""
-    return ~dilate(~dilate(mask, radius), radius)
-
-
-def region_mask(regions: Sequence[Sequence[float]], height: int, width: int, device=None) -> torch.Tensor:
-    """`(height, width)` bool: the union of boxes `(left, top, right, bottom)`, each a fraction of the image side."""
-    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
-    for left, top, right, bottom in regions:
-        rows = slice(math.floor(top * height), math.ceil(bottom * height))
-        cols = slice(math.floor(left * width), math.ceil(right * width))
-        mask[rows, cols] = True
-    return mask
-
-
-def background_colour(pixel_values: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """Mean colour `(..., channels, 1, 1)` of each image's pixels outside its local context (`(..., height, width)`
-    bool), so that a local cue's own colour does not leak into the global component."""
-    keep = (~context).unsqueeze(-3).to(pixel_values.dtype)
-    return (pixel_values * keep).sum((-2, -1), keepdim=True) / keep.sum((-2, -1), keepdim=True).clamp_min(1)
-
-
-def transplant_pixels(
-    pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor, recolour: bool = True
-) -> torch.Tensor:
-    """The rows' images with the partner's context: its background colour, and its pixels wherever the row's
-    context lies (the row's own local cue leaves) or the partner's (the partner's arrives). A row without local
-    context of its own leaves the footprint of another item's context instead, so that where pixels were replaced
-    never tells whether the row had a cue.
-
-    pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool;
-    rows / partner `(n,)` item indices; `recolour` (a bool or a 0-d bool tensor) False keeps the rows' own
-    background colour. Returns `(n, ..., channels, height, width)`.
-    """
-    own, given = pixel_values[rows], pixel_values[partner]
-    colour = background_colour(pixel_values, context)
-    recoloured = torch.where(torch.as_tensor(recolour, device=own.device), own - colour[rows] + colour[partner], own)
-    has_context = context.flatten(1).any(1)
-    footprint = context[rows]
-    if bool(has_context.any()):
-        donors = has_context.nonzero()[:, 0]
-        decoy = context[donors[torch.randint(len(donors), (len(rows),), device=donors.device)]]
-        footprint = torch.where(has_context[rows].view(-1, *[1] * (context.dim() - 1)), footprint, decoy)
-    local = (footprint | context[partner]).unsqueeze(-3)
-    return torch.where(local, given, recoloured)
-
-
-def keep_only_context(pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The rows' images reduced to their context: the background colour and the context pixels, the rest flat.
-
-    pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool.
-    """
-    own = pixel_values[rows]
-    flat = background_colour(pixel_values, context)[rows].expand_as(own)
-    return torch.where(context[rows].unsqueeze(-3), own, flat)

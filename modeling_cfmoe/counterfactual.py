@@ -1,28 +1,61 @@
-"""Counterfactual states and rows: text-only sequences, core/context splits, causal effects.
+"""Counterfactual states and rows as pure tensor operations: text-only sequences, transplants of one item's context
+into another, the language-model rows, causal effects.
 
 Notation (docs/method.md): `Z(t, v)` factual logits, `Z(t, v*)` text-only, `Z(t*, v)` image-only,
-`Z(t*, v*)` the learned prior. All helpers are vectorised over rows: no Python loop over items.
+`Z(t*, v*)` the learned prior. Transplants move the partner's context in and the item's own context out, so a cue
+that is present in some items only is decorrelated too. All helpers are vectorised over rows: no Python loop over
+items.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils import ExplicitEnum
 
 CONTEXT_SWAPPED, CORE_MASKED = 0, 1
 COUNTERFACTUAL_KINDS = {"context_swapped": CONTEXT_SWAPPED, "core_masked": CORE_MASKED}
 
 
+class CounterfactualMode(ExplicitEnum):
+    """What `forward(counterfactuals=...)` computes besides the prediction (None: the prediction only, and with
+    `inference_mode="tie"` the branches it needs):
+
+    - `EFFECTS` ("effects"): the text-only, image-only and prior branches and the causal effects;
+    - `IMAGE_CORE` ("image_core"): those, and the image-core readings of `config.counterfactual_fraction` of the items
+      (their images with the image context swapped out, through the vision tower and projector without gradient,
+      pooled): a warm-up step that gathers what tells a core token from a shortcut;
+    - `FACTUAL_AND_COUNTERFACTUAL_ROWS` ("factual_and_counterfactual_rows"): the branches, the image-core readings
+      and the fine-grained counterfactual rows of `config.counterfactual_fraction` of the items (context-swapped /
+      core-masked; needs `input_ids` and images), in the factual rows' language-model call;
+    - `COUNTERFACTUAL_ROWS_ONLY` ("counterfactual_rows_only"): the branches and the fine-grained rows, the factual
+      rows left out of the language-model call (a training step whose loss reads the fused head on those rows
+      only): `logits`, `fused_logits`, `pooled`, the effects and the factual text routing are then None.
+    """
+
+    EFFECTS = "effects"
+    IMAGE_CORE = "image_core"
+    FACTUAL_AND_COUNTERFACTUAL_ROWS = "factual_and_counterfactual_rows"
+    COUNTERFACTUAL_ROWS_ONLY = "counterfactual_rows_only"
+
+    @property
+    def builds_rows(self) -> bool:
+        """Whether the forward builds the fine-grained counterfactual rows."""
+        return self in (CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS, CounterfactualMode.COUNTERFACTUAL_ROWS_ONLY)
+
+
 @dataclass
 class BiasBranches:
     """The counterfactual branches, each `(batch, num_labels)`: text-only `Z(t, v*)`, image-only `Z(t*, v)` and the
-    learned prior `Z(t*, v*)` (broadcast)."""
+    learned prior `Z(t*, v*)` (broadcast); None where they were not computed."""
 
-    text_only: torch.Tensor
-    image_only: torch.Tensor
-    prior: torch.Tensor
+    text_only: torch.Tensor | None = None
+    image_only: torch.Tensor | None = None
+    prior: torch.Tensor | None = None
 
 
 @dataclass
@@ -42,12 +75,13 @@ class CounterfactualRows:
 
 @dataclass
 class CausalEffects:
-    """Effects in logit space, each `(batch, num_labels)`; `TE = NDE_T + NDE_V + TIE` by construction."""
+    """Effects in logit space, each `(batch, num_labels)`; `TE = NDE_T + NDE_V + TIE` by construction. None where
+    they were not computed."""
 
-    total_effect: torch.Tensor
-    direct_effect_text: torch.Tensor
-    direct_effect_image: torch.Tensor
-    indirect_effect: torch.Tensor
+    total_effect: torch.Tensor | None = None
+    direct_effect_text: torch.Tensor | None = None
+    direct_effect_image: torch.Tensor | None = None
+    indirect_effect: torch.Tensor | None = None
 
 
 def causal_effects(
@@ -140,3 +174,112 @@ def pad_to(values: torch.Tensor, width: int) -> torch.Tensor:
     """`values` `(rows, length, ...)` padded with zeros (False) to `(rows, width, ...)` along dim 1."""
     pad = [0, 0] * (values.dim() - 2) + [0, width - values.shape[1]]
     return nn.functional.pad(values, pad)
+
+
+def strong_context(strength: torch.Tensor, candidates: torch.Tensor, minimum: torch.Tensor | float) -> torch.Tensor:
+    """Positions whose strength (`spread` of their scores) reaches `minimum` (and is more than 0).
+
+    strength: `(...)` of each token or pixel; candidates: bool, broadcastable to it. Returns a bool mask `(...)`.
+    """
+    return candidates & (strength > 0) & (strength >= minimum)
+
+
+def transplant_tokens(
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    context: torch.Tensor,
+    rows: torch.Tensor,
+    partner: torch.Tensor,
+    image_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each drawn row keeps its own tokens but its context, and takes its partner's context tokens at the places
+    they held in the partner, each run of consecutive context tokens as one block before the row's token at the
+    run's first place (so a cue's position says nothing of the row's own cue, a row that had none is told from no
+    other, and a cue of several words arrives whole, never interleaved with the row's own words, which would show
+    where the row's own cue was missing).
+
+    embeds `(batch, length, dim)`; mask / context / image_mask `(batch, length)` bool; rows / partner `(n,)` item
+    indices. Returns the rows' embeddings `(n, width, dim)`, attention mask and image-token mask `(n, width)`,
+    compacted: the removed context leaves no gap.
+    """
+    length = embeds.shape[1]
+    place = torch.arange(length, device=embeds.device, dtype=torch.float).expand(len(rows), -1)
+    kept, given = mask[rows] & ~context[rows], context[partner]
+    starts = given & ~nn.functional.pad(given[:, :-1], (1, 0))  # the first token of each run of context tokens
+    run_start = place.masked_fill(~starts, -1.0).cummax(1).values
+    given_keys = run_start - 0.5 + (place - run_start) / (2 * length)  # the run's tokens in order, before run_start
+    keys = torch.cat([place.masked_fill(~kept, float("inf")), given_keys.masked_fill(~given, float("inf"))], 1)
+    order = keys.argsort(dim=1, stable=True)
+    width = int((kept.sum(1) + given.sum(1)).max())
+    order = order[:, :width]
+    pooled = torch.cat([embeds[rows], embeds[partner]], 1)
+    row_embeds = pooled.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+    row_mask = torch.cat([kept, given], 1).gather(1, order)
+    row_images = torch.cat([image_mask[rows], torch.zeros_like(given)], 1).gather(1, order) & row_mask
+    return row_embeds, row_mask, row_images
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A bool mask `(..., height, width)` grown by `radius` pixels (the reach of a local descriptor)."""
+    grid = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    grown = nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius).squeeze(1).bool()
+    return grown.view_as(mask)
+
+
+def close_holes(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """A bool mask `(..., height, width)` closed by `radius` pixels (dilated, then eroded; the border erodes
+    nothing, so a gap of less than `radius` between a mark and the border fills too): the inside of a solid mark
+    whose rim alone was found (its interior is uniform, so local evidence sees nothing there) joins it."""
+    return ~dilate(~dilate(mask, radius), radius)
+
+
+def region_mask(regions: Sequence[Sequence[float]], height: int, width: int, device=None) -> torch.Tensor:
+    """`(height, width)` bool: the union of boxes `(left, top, right, bottom)`, each a fraction of the image side."""
+    mask = torch.zeros(height, width, dtype=torch.bool, device=device)
+    for left, top, right, bottom in regions:
+        rows = slice(math.floor(top * height), math.ceil(bottom * height))
+        cols = slice(math.floor(left * width), math.ceil(right * width))
+        mask[rows, cols] = True
+    return mask
+
+
+def background_colour(pixel_values: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Mean colour `(..., channels, 1, 1)` of each image's pixels outside its local context (`(..., height, width)`
+    bool), so that a local cue's own colour does not leak into the global component."""
+    keep = (~context).unsqueeze(-3).to(pixel_values.dtype)
+    return (pixel_values * keep).sum((-2, -1), keepdim=True) / keep.sum((-2, -1), keepdim=True).clamp_min(1)
+
+
+def transplant_pixels(
+    pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, partner: torch.Tensor, recolour: bool = True
+) -> torch.Tensor:
+    """The rows' images with the partner's context: its background colour, and its pixels wherever the row's
+    context lies (the row's own local cue leaves) or the partner's (the partner's arrives). A row without local
+    context of its own leaves the footprint of another item's context instead, so that where pixels were replaced
+    never tells whether the row had a cue.
+
+    pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool;
+    rows / partner `(n,)` item indices; `recolour` (a bool or a 0-d bool tensor) False keeps the rows' own
+    background colour. Returns `(n, ..., channels, height, width)`.
+    """
+    own, given = pixel_values[rows], pixel_values[partner]
+    colour = background_colour(pixel_values, context)
+    recoloured = torch.where(torch.as_tensor(recolour, device=own.device), own - colour[rows] + colour[partner], own)
+    has_context = context.flatten(1).any(1)
+    footprint = context[rows]
+    if bool(has_context.any()):
+        donors = has_context.nonzero()[:, 0]
+        decoy = context[donors[torch.randint(len(donors), (len(rows),), device=donors.device)]]
+        footprint = torch.where(has_context[rows].view(-1, *[1] * (context.dim() - 1)), footprint, decoy)
+    local = (footprint | context[partner]).unsqueeze(-3)
+    return torch.where(local, given, recoloured)
+
+
+def keep_only_context(pixel_values: torch.Tensor, context: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The rows' images reduced to their context: the background colour and the context pixels, the rest flat.
+
+    pixel_values: `(items, ..., channels, height, width)`; context: `(items, ..., height, width)` bool.
+    """
+    own = pixel_values[rows]
+    flat = background_colour(pixel_values, context)[rows].expand_as(own)
+    return torch.where(context[rows].unsqueeze(-3), own, flat)

@@ -1,8 +1,8 @@
 """`pipeline("multimodal-debiased-classification")`: (image, text) items -> sorted label scores (+ causal effects).
 
-Shipped next to the model as remote code: [`save_pipeline`] writes `custom_pipelines` into config.json and copies
-this file and `preprocessing.py`, so that `pipeline(model=DIR, trust_remote_code=True)` works where neither
-`modeling_cfmoe` nor `trainer` can be imported.
+Shipped next to the model as remote code: every `save_pretrained` of the model names this pipeline in config.json
+(`add_pipeline_entry`, its save hook) and copies this file and `preprocessing.py`, so that
+`pipeline(model=DIR, trust_remote_code=True)` works where neither `modeling_cfmoe` nor `trainer` can be imported.
 
 Batching: every item is preprocessed alone (no padding). With `batch_size > 1` items are collated here rather than
 by the base class, whose collate concatenates `pixel_values` as they are: LLaVA-NeXT / OneVision images of other
@@ -145,10 +145,16 @@ def custom_pipelines_config() -> dict[str, dict[str, Any]]:
     return {TASK: {"impl": impl, "pt": ["AutoModel"], "type": "multimodal"}}
 
 
+def add_pipeline_entry(custom_pipelines: dict[str, Any] | None) -> dict[str, Any]:
+    """A config's `custom_pipelines` (None: none yet) with this pipeline's entry: what the model's `save_pretrained`
+    (and `trainer.hub` for a folder saved without it) writes to config.json."""
+    return {**(custom_pipelines or {}), **custom_pipelines_config()}
+
+
 def save_pipeline(model, processor, save_directory: str | os.PathLike) -> None:
     """Writes model, processor and this pipeline so that `pipeline(model=save_directory, trust_remote_code=True)`
-    works offline without our packages: config.json gets `custom_pipelines`, this file and `preprocessing.py` are
-    copied beside the model's remote code."""
+    works offline without our packages (the tokenizer and image processor files too, beside `processor_config.json`).
+    """
     device = None if getattr(model, "hf_device_map", None) else model.device  # never move the caller's model
     pipe = MultimodalDebiasedClassificationPipeline(model=model, processor=processor, device=device)
     pipe.save_pretrained(save_directory)  # model, tokenizer, image processor, custom_pipelines, pipeline code

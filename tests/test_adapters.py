@@ -71,7 +71,9 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
     torch.manual_seed(0)
     for _ in range(3):
         peft_model.update_context_statistics(tiny_batch["input_ids"], tiny_batch["labels"])
-        _loss(peft_model(**tiny_batch, counterfactuals="rows"), tiny_batch["labels"]).backward()
+        _loss(
+            peft_model(**tiny_batch, counterfactuals="factual_and_counterfactual_rows"), tiny_batch["labels"]
+        ).backward()
         optimizer.step()
         optimizer.zero_grad()
     peft_model.eval()
@@ -145,7 +147,9 @@ def test_qlora_step_after_evaluation_then_save_reload_merge(tiny_model, processo
     with torch.no_grad():  # an evaluation first: bnb's CPU inference kernel must not take over the 4-bit layers
         model.eval()(**inputs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    _loss(model.train()(**tiny_batch, counterfactuals="rows"), tiny_batch["labels"]).backward()
+    _loss(
+        model.train()(**tiny_batch, counterfactuals="factual_and_counterfactual_rows"), tiny_batch["labels"]
+    ).backward()
     assert lora_b.grad is not None and lora_b.grad.abs().sum() > 0
     optimizer.step()
     assert lora_b.abs().sum() > 0 and torch.equal(q_proj.base_layer.weight, packed)

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from trainer.cfmoe_trainer import CFMoETrainer
 from trainer.speed import Work, count_work
 from trainer.tiny import IMAGE_SIZE, PATCH_SIZE, tiny_base_config
-from trainer.trainer import CFMoETrainer
 from trainer.training_args import CFMoETrainingArguments
 
 IMAGE_TOKEN, PAD, BOS, VOCAB = 4, 0, 1, 64

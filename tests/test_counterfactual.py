@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from modeling_cfmoe.context import (
-    ContextStatistics,
+from modeling_cfmoe.context import ContextStatistics, mean_colour, spread
+from modeling_cfmoe.counterfactual import (
+    CONTEXT_SWAPPED,
+    CORE_MASKED,
     close_holes,
     dilate,
     keep_only_context,
-    mean_colour,
-    spread,
     strong_context,
     transplant_pixels,
     transplant_tokens,
 )
-from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
+from modeling_cfmoe.counterfactual_rows import RowBatch
 from trainer.tiny import build_tiny_model
 
 CUE, OTHER = 7, 8  # token ids: a cue that only class 1 items hold, and a word of both classes
@@ -242,8 +242,8 @@ def _model_and_batch():
 
 def _counterfactual_rows(model, ids, embeds, mask, pixel_values):
     image_mask = ids == model.mllm.config.image_token_id
-    strength = model._context_strength(ids, pixel_values, ids.shape[0], warn=False)
-    return model._counterfactual_rows(ids, embeds, mask, image_mask, pixel_values, {}, strength)
+    strength = model._context_strength(ids, pixel_values, warn=False)
+    return model._counterfactual_rows(RowBatch(ids, embeds, mask, image_mask, pixel_values, strength), {})
 
 
 def test_context_swapped_rows_exchange_the_cue_token_and_keep_the_core():

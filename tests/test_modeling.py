@@ -124,7 +124,7 @@ def test_vision_tower_runs_once_per_image_and_once_per_edited_image(make_tiny_mo
     model = make_tiny_model().train()
     calls = []
     model.mllm.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    out = model(**tiny_batch, counterfactuals="rows")
+    out = model(**tiny_batch, counterfactuals="factual_and_counterfactual_rows")
     assert calls == [4, 1]  # the factual images, then the one context-swapped row's image, edited in pixel space
     assert out.counterfactual_logits.shape[0] == 1  # 25% of 4 rows, one counterfactual kind (context-swapped)
 
@@ -132,7 +132,7 @@ def test_vision_tower_runs_once_per_image_and_once_per_edited_image(make_tiny_mo
 def test_counterfactual_rows_do_not_change_factual_rows(make_tiny_model, tiny_batch):
     model = make_tiny_model(counterfactual_types=["context_swapped", "core_masked"]).train()
     torch.manual_seed(0)
-    with_cf = model(**tiny_batch, counterfactuals="rows")
+    with_cf = model(**tiny_batch, counterfactuals="factual_and_counterfactual_rows")
     torch.manual_seed(0)
     without = model(**tiny_batch)
     torch.testing.assert_close(with_cf.fused_logits, without.fused_logits, rtol=1e-5, atol=1e-6)
@@ -173,7 +173,7 @@ def test_base_families_forward_and_backward(model_type):
         input_ids=input_ids,
         pixel_values=pixel_values,
         labels=torch.tensor([0, 2]),
-        counterfactuals="rows",
+        counterfactuals="factual_and_counterfactual_rows",
         **extra,
     )
     (
@@ -233,7 +233,7 @@ def test_from_base_pretrained_loads_every_stock_weight(tmp_path, load_logs):
     _check_base_weights(model, stock)
     # no load report listing the new modules as MISSING and lm_head as UNEXPECTED: one line names them
     assert not [r for r in load_logs.records if r.levelno >= logging.WARNING and "LOAD REPORT" in r.getMessage()]
-    (line,) = [r.getMessage() for r in load_logs.records if r.name == "modeling_cfmoe.modeling_cfmoe"]
+    (line,) = [r.getMessage() for r in load_logs.records if r.name == "modeling_cfmoe.modeling_pretrained"]
     assert line.endswith("every base weight loaded; initialised context_statistics, fused_head, image_head, "
                          "prior_logits, text_head, text_moe, visual_moe")  # fmt: skip
     assert CFMoEForMultimodalClassification._keys_to_ignore_on_load_missing is None  # a later load reports all
@@ -333,7 +333,7 @@ def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
         model.update_context_statistics(
             batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
         )
-        out = model(**batch, counterfactuals="rows")
+        out = model(**batch, counterfactuals="factual_and_counterfactual_rows")
         (out.loss + out.aux_loss + out.text_only_logits.float().sum()).backward()
         assert torch.isfinite(out.loss) and model.context_statistics.local_moments.isfinite().all()
         assert model.fused_head.weight.grad is not None
@@ -414,7 +414,7 @@ def test_language_model_never_builds_a_cache(tiny_model_and_processor, tiny_batc
     model.mllm.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs.get("use_cache")), with_kwargs=True
     )
-    model(**tiny_batch, counterfactuals="rows")
+    model(**tiny_batch, counterfactuals="factual_and_counterfactual_rows")
     assert calls == [False, False]  # factual + counterfactual rows, text-only rows
 
 
@@ -430,7 +430,7 @@ def test_resized_vocabulary_saves_loads_and_trains(tiny_model_and_processor, tin
     ids = tiny_batch["input_ids"].clone()
     ids[:, -1] = torch.where(tiny_batch["attention_mask"][:, -1].bool(), old + 2, ids[:, -1])  # the new token
     reloaded.update_context_statistics(ids, tiny_batch["labels"], tiny_batch["attention_mask"])
-    out = reloaded(**dict(tiny_batch, input_ids=ids), counterfactuals="rows")
+    out = reloaded(**dict(tiny_batch, input_ids=ids), counterfactuals="factual_and_counterfactual_rows")
     out.loss.backward()
     assert reloaded.context_statistics.token_counts[old + 2].any()
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 from transformers.trainer_utils import get_last_checkpoint
 
-import trainer.trainer as trainer_module
+import trainer.methods as trainer_module
 from modeling_cfmoe import CFMoEForMultimodalClassification
 from modeling_cfmoe.moe import AttentionRouter
 from modeling_cfmoe.preprocessing import BadExampleError

@@ -21,22 +21,29 @@ from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
+from modeling_cfmoe import BASE_FAMILIES, CFMoEPreTrainedModel, base_family
 from modeling_cfmoe.pipeline_cfmoe import save_pipeline
 
 DEBIASING_MODULES = ["visual_moe", "text_moe", "fused_head", "text_head", "image_head"]
-PROJECTOR = "mllm.multi_modal_projector"
+BASE = CFMoEPreTrainedModel.base_model_prefix  # where the CF-MoE model holds the wrapped base
 # bnb matches these from the start of a module's full name (or as a suffix of it): the projector needs its path
-QUANTIZATION_SKIP_MODULES = [*DEBIASING_MODULES, PROJECTOR, "lm_head"]
+QUANTIZATION_SKIP_MODULES = [
+    *DEBIASING_MODULES,
+    *sorted({f"{BASE}.{family.projector}" for family in BASE_FAMILIES.values()}),
+    "lm_head",
+]
 EXTRA_TRAINABLE = ("prior_logits",)  # bare parameters of the CF-MoE model itself
-LANGUAGE_TARGETS = r"mllm\.language_model\.layers\.\d+\.(?:self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
-VISION_TARGETS = r"mllm\.vision_tower\.(?:.+\.)?layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])"
 BASE_DIR = "base"
 
 
 def default_lora_target_modules(model: PreTrainedModel, include_vision: bool = False) -> str:
     """Regex (PEFT full-matches it against module names) over the base LM's attention and MLP projections,
-    and the vision tower's when `include_vision`; never the experts, routers or heads."""
-    patterns = [LANGUAGE_TARGETS, VISION_TARGETS] if include_vision else [LANGUAGE_TARGETS]
+    and the vision tower's when `include_vision` (the base family's `language_lora_targets` / `vision_lora_targets`);
+    never the experts, routers or heads."""
+    family = base_family(model.config.base_config.model_type)
+    patterns = [rf"{BASE}\.{family.language_model}\.{family.language_lora_targets}"]
+    if include_vision:
+        patterns.append(rf"{BASE}\.{family.vision_tower}\.{family.vision_lora_targets}")
     names = [name for name, _ in model.named_modules()]
     for pattern in patterns:
         if not any(re.fullmatch(pattern, name) for name in names):
@@ -60,12 +67,13 @@ def apply_lora(
 
     No `task_type`: the generic `PeftModel` forwards every keyword (`pixel_values`, `counterfactuals`).
     """
+    family = base_family(model.config.base_config.model_type)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules or default_lora_target_modules(model, include_vision),
-        modules_to_save=DEBIASING_MODULES + ([PROJECTOR] if train_projector else []),
+        modules_to_save=DEBIASING_MODULES + ([f"{BASE}.{family.projector}"] if train_projector else []),
     )
     peft_model = get_peft_model(model, config)
     _set_extra_trainable(peft_model)

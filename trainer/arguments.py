@@ -12,15 +12,17 @@ Defaults depend on what is trained, and live in the argument dataclasses, so `--
 from __future__ import annotations
 
 import inspect
+import re
 import sys
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Literal, get_type_hints
 
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
-from modeling_cfmoe import CFMoEConfig
+from modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
+from modeling_cfmoe.configuration_cfmoe import CHOICES
 
 from .errors import name_flags, require, user_input
 from .synthetic import SyntheticConfig
@@ -84,16 +86,59 @@ def _default(name: str, which: int, base_help: str | None = None):
     return field(default=RUN_DEFAULTS[name][which], metadata={"help": _help(base_help, name)})
 
 
+# `CFMoEConfig` arguments that are no `ModelArguments` field as they are: the base comes from
+# --model_name_or_path, the modalities from --text_counterfactuals / --image_counterfactuals
+NOT_CONFIG_FLAGS = ("base_config", "counterfactual_modalities")
+# config values given on the command line in another form than the config's (`ModelArguments.config_kwargs`)
+CONFIG_FLAG_FORMS: dict[str, tuple[Any, str]] = {
+    "counterfactual_types": (str, "comma separated"),
+    "declared_image_context": (list[float], "left top right bottom, 4 numbers per box"),
+}
+
+
+def config_argument_help() -> dict[str, str]:
+    """Each `CFMoEConfig` argument's description in the config's docstring (`name (`type`): text`, or
+    `a / b (`type`): text` for two), whitespace normalised and escaped for argparse."""
+    entries = re.finditer(
+        r"^ {4}(?P<names>\w+(?: / \w+)*) \([^\n]*?\):(?P<text>.*(?:\n {8}.*)*)",
+        inspect.cleandoc(CFMoEConfig.__doc__),
+        flags=re.MULTILINE,
+    )
+    helps = {}
+    for entry in entries:
+        text = " ".join(entry["text"].split()).replace("%", "%%")
+        helps.update(dict.fromkeys(entry["names"].split(" / "), text))
+    return helps
+
+
+def config_override_fields() -> list[tuple[str, Any, Any]]:
+    """One (name, type, field) per `CFMoEConfig` argument (but `NOT_CONFIG_FLAGS`): its type made optional (None, the
+    default, keeps the config's or the checkpoint's value; string settings limited to `CHOICES`), its help the
+    config's docstring with the config's default."""
+    hints = get_type_hints(CFMoEConfig.__init__)
+    helps = config_argument_help()
+    overrides = []
+    for name, parameter in inspect.signature(CFMoEConfig.__init__).parameters.items():
+        if name in ("self", "kwargs", *NOT_CONFIG_FLAGS):
+            continue
+        kind, form = CONFIG_FLAG_FORMS.get(name, (Literal[CHOICES[name]] if name in CHOICES else hints[name], ""))
+        text = f"{form}: {helps[name]}" if form else helps[name]
+        help_text = f"{text} [CF-MoE config default: {parameter.default}]"
+        overrides.append((name, kind | None, field(default=None, metadata={"help": help_text})))
+    return overrides
+
+
 @dataclass
-class ModelArguments:
-    """The model: the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation."""
+class ModelLoadingArguments:
+    """The model's loading arguments: the tiny offline default or a checkpoint, LoRA and quantisation;
+    [`ModelArguments`] adds a field per CF-MoE config value."""
 
     _argument_group_name = "model"
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "a CF-MoE checkpoint or a LLaVA-family base (llava, llava_next, llava_onevision); "
+            "help": f"a CF-MoE checkpoint or a LLaVA-family base ({', '.join(SUPPORTED_BASE_MODEL_TYPES)}); "
             "empty: the tiny offline default. Several defaults depend on it (see their help)"
         },
     )
@@ -112,60 +157,10 @@ class ModelArguments:
             "own: float16 for llava-hf, which AdamW cannot train)"
         },
     )
-    num_visual_experts: int | None = field(default=None, metadata={"help": "experts after the projector"})
-    num_text_experts: int | None = field(default=None, metadata={"help": "experts after the language model"})
-    experts_top_k: int | None = field(default=None, metadata={"help": "experts kept per item by the router"})
-    router_input: Literal["bias", "content"] | None = field(
-        default=None,
-        metadata={"help": "routers read each item's bias evidence (bias, the default) or its pooled content"},
-    )
-    uniform_gates: bool | None = field(default=None, metadata={"help": "ablation: every expert weighted equally"})
-    counterfactual_fraction: float | None = field(
-        default=None, metadata={"help": "fraction of the items that get fine-grained counterfactual rows (1.0)"}
-    )
-    counterfactual_types: str | None = field(
-        default=None, metadata={"help": "comma separated: context_swapped (default), core_masked"}
-    )
     text_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the text"})
     image_counterfactuals: bool = field(default=True, metadata={"help": "counterfactual rows edit the image"})
-    inference_mode: Literal["fused", "tie"] | None = field(
-        default=None, metadata={"help": "fused (one pass, default) or tie (subtract the direct effects; cfvqa's)"}
-    )
-    expert_intermediate_size: int | None = field(default=None, metadata={"help": "bottleneck width of an expert"})
-    router_jitter: float | None = field(default=None, metadata={"help": "router input noise in training"})
-    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "load-balancing coefficient"})
-    classifier_dropout: float | None = field(default=None, metadata={"help": "dropout before the heads"})
-    prompt_template: str | None = field(default=None, metadata={"help": "prompt with {image} and {text}"})
-    detach_bias_branches: bool | None = field(
-        default=None, metadata={"help": "bias branches read stop-gradient states (probes; they never shape the base)"}
-    )
-    text_context_threshold: float | None = field(
-        default=None,
-        metadata={"help": "a token is text context when its items lean this far toward one class, in (0, 1] (0.7)"},
-    )
-    context_support: float | None = field(
-        default=None, metadata={"help": "pseudo-items pulling a token's class distribution toward the prior (10)"}
-    )
-    core_dependence_threshold: float | None = field(
-        default=None,
-        metadata={"help": "a token moving with the image core by this many within-class std is core (0.15)"},
-    )
     core_dependence_test: bool = field(
         default=True, metadata={"help": "release tokens that move with the image core (False: strength alone)"}
-    )
-    declared_text_context: list[str] | None = field(
-        default=None,
-        metadata={"help": "always context: regexes on vocabulary pieces, or hashtag, mention, url, emoji"},
-    )
-    protected_words: list[str] | None = field(default=None, metadata={"help": "words and phrases never context"})
-    discover_text_context: bool | None = field(default=None, metadata={"help": "find text context (True)"})
-    discover_image_context: bool | None = field(default=None, metadata={"help": "find image context (True)"})
-    declared_image_context: list[float] | None = field(
-        default=None,
-        metadata={"help": "always-context image boxes: left top right bottom fractions, 4 numbers per box"},
-    )
-    image_context_threshold: float | None = field(
-        default=None, metadata={"help": "image context: pixels reaching this fraction of the batch's strongest (0.5)"}
     )
     freeze_vision_tower: bool = _default(
         "freeze_vision_tower", TINY, "do not train the base's vision tower (its LoRA weights included), as LLaVA-1.5"
@@ -229,6 +224,18 @@ class ModelArguments:
         if not all(modalities.values()):
             kwargs["counterfactual_modalities"] = [name for name, on in modalities.items() if on]
         return kwargs
+
+
+ModelArguments = make_dataclass(
+    "ModelArguments",
+    config_override_fields(),
+    bases=(ModelLoadingArguments,),
+    namespace={
+        "__doc__": "The model: the tiny offline default or a checkpoint, CF-MoE config overrides (every "
+        "`CFMoEConfig` argument, None keeping the config's value), LoRA and quantisation.",
+        "__module__": __name__,
+    },
+)
 
 
 @dataclass
@@ -390,8 +397,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
         )
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    if training_args.method == "cfvqa" and model_args.inference_mode is None:
-        model_args.inference_mode = "tie"  # CF-VQA predicts with the total indirect effect
     return model_args, data_args, training_args
 
 

@@ -80,7 +80,7 @@ def sample_audit(model, batches: list[dict[str, torch.Tensor]], tokenizer) -> di
     pixels treated as context, and a few items (`SHOWN_ITEMS`) with their text (context words in brackets) and
     their image context mask."""
     rows_with, text_tokens, context_tokens, pixel_shares, shown = 0, 0, 0, [], []
-    image_token = model.mllm.config.image_token_id
+    image_token = model.image_token_id
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         text, pixels = model.find_context(ids, mask, batch.get("pixel_values"))
@@ -253,7 +253,8 @@ class ContextAuditCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         step = state.global_step
-        if step > 0 and trainer._bias_only_warmup(step - 1) and not trainer._bias_only_warmup(step):
+        warmup = trainer.method.in_bias_only_warmup
+        if step > 0 and warmup(state, step - 1) and not warmup(state, step):
             self._audit("after_warmup")
 
     def on_train_end(self, args, state, control, **kwargs):

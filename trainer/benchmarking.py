@@ -504,7 +504,6 @@ def study_routing(
 
     data_config = load_json(run_dir / RESULTS_FILE)["data"]
     model = CFMoEForMultimodalClassification.from_pretrained(run_dir).eval()
-    model.config.inference_mode = "fused"  # the gates do not depend on it; skips cfvqa's extra branches
     processor = AutoProcessor.from_pretrained(run_dir)
     num_labels = model.config.num_labels
     collator = CFMoECollator(processor, num_labels=num_labels, prompt_template=model.config.prompt_template)

@@ -19,7 +19,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 import modeling_cfmoe
 from modeling_cfmoe import CFMoEConfig
-from modeling_cfmoe.pipeline_cfmoe import TASK, custom_pipelines_config
+from modeling_cfmoe.pipeline_cfmoe import TASK, add_pipeline_entry
 
 CARD_TAG = "cfmoe"
 TAGS = ["multimodal", "debiasing", "mixture-of-experts", "counterfactual", "custom_code", CARD_TAG]
@@ -266,7 +266,7 @@ def complete_hub_folder(folder: str | Path) -> list[str]:
             shutil.copyfile(source, folder / source.name)  # handler.py lands at the repo root, as Endpoints expect
             added.append(source.name)
     if TASK not in config.get("custom_pipelines", {}):
-        config["custom_pipelines"] = {**config.get("custom_pipelines", {}), **custom_pipelines_config()}
+        config["custom_pipelines"] = add_pipeline_entry(config.get("custom_pipelines"))
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         added.append("config.json:custom_pipelines")
     return added

@@ -1,4 +1,4 @@
-"""The loss terms of docs/method.md (section 5), each a small function of the model's outputs.
+"""The loss terms of docs/method.md (section 5) and of the peer methods, each a small function of the model's outputs.
 
 Shapes: logits `(batch, num_labels)`, labels `(batch,)`, representations `(rows, hidden)`.
 Every term is a mean over the items of the micro-batch, so gradient accumulation over equal micro-batches
@@ -67,3 +67,19 @@ def kl_to_prior(core_masked_logits: torch.Tensor, prior_logits: torch.Tensor) ->
     """`KL(p_prior || p_core_masked)`: with its core removed, an item should carry no more than the prior."""
     target = F.log_softmax(prior_logits.detach().float(), dim=-1)
     return F.kl_div(F.log_softmax(core_masked_logits.float(), dim=-1), target, log_target=True, reduction="batchmean")
+
+
+def group_dro_loss(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, group_weights: torch.Tensor, step_size: float
+) -> torch.Tensor:
+    """Online group DRO (Sagawa et al. 2020): the mean losses of the groups present in the batch (`groups` `(batch,)`
+    ids below `group_weights.numel()`), weighted by exponentiated-gradient weights `group_weights` `(num_groups,)`,
+    which are updated in place (each present group's times `exp(step_size * its loss)`, renormalised)."""
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    counts = torch.bincount(groups, minlength=group_weights.numel()).float()
+    group_losses = torch.zeros_like(counts).index_add_(0, groups, losses) / counts.clamp_min(1)
+    present = counts > 0
+    with torch.no_grad():
+        group_weights[present] *= torch.exp(step_size * group_losses[present].detach())
+        group_weights /= group_weights.sum()
+    return (group_weights[present] * group_losses[present]).sum() / group_weights[present].sum()

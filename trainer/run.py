@@ -17,15 +17,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
 from .arguments import DataArguments, ModelArguments
 from .audit import read_context_report
+from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
 from .data import load_benchmark
 from .errors import UserFileNotFoundError, user_input
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
+from .methods import get_method
 from .plots import plot_training
 from .synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
 from .tiny import build_tiny_model
-from .trainer import CFMoETrainer
 from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,12 @@ def labels_of(task: str, data: DatasetDict, synthetic: SyntheticConfig | None) -
     return id2label(task) if synthetic is not None else dict(enumerate(data["train"].features["label"].names))
 
 
-def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
-    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
-    and wrapped with LoRA when asked, the vision tower frozen when asked."""
-    model, processor = _load_base_model(task, model_args, labels, seed)
+def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int, method: str = "cfmoe"):
+    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base, with the config
+    values the training `method` needs (`DebiasingMethod.model_config`) unless given; quantised and wrapped with LoRA
+    when asked, the vision tower frozen when asked."""
+    overrides = {**get_method(method).model_config, **model_args.config_kwargs()}
+    model, processor = _load_base_model(task, model_args, overrides, labels, seed)
     model.set_vocabulary(processor.tokenizer)  # word pieces, declared context and protected words
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -85,8 +88,7 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     return model, processor
 
 
-def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
-    overrides = model_args.config_kwargs()
+def _load_base_model(task: str, model_args: ModelArguments, overrides: dict, labels: dict[int, str], seed: int):
     path = model_args.model_name_or_path
     quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit)
     if path is None:
@@ -108,10 +110,10 @@ def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, st
 
 
 def freeze_vision_tower(model: PreTrainedModel) -> int:
-    """Stops training the wrapped base's vision tower (`mllm.vision_tower`, LoRA weights in it included), also
-    under a `PeftModel`. Returns the number of parameters frozen."""
+    """Stops training the wrapped base's vision tower (its base family's `vision_tower`, LoRA weights in it
+    included), also under a `PeftModel`. Returns the number of parameters frozen."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = list(core.mllm.vision_tower.parameters())
+    parameters = list(core.vision_tower.parameters())
     for parameter in parameters:
         parameter.requires_grad_(False)
     return sum(parameter.numel() for parameter in parameters)

@@ -17,9 +17,9 @@ import torch
 
 from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
+from .cfmoe_trainer import CFMoETrainer
 from .run import freeze_vision_tower
 from .tiny import PATCH_SIZE, tiny_base_config
-from .trainer import CFMoETrainer
 from .training_args import CFMoETrainingArguments
 
 PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
@@ -120,7 +120,7 @@ class Work:
 @contextmanager
 def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
     """Count the vision tower's images and the language model's calls with forward pre-hooks (removed on exit)."""
-    work, image_token = Work(), model.mllm.config.image_token_id
+    work, image_token = Work(), model.image_token_id
 
     def on_vision(module, args, kwargs):
         work.vision_calls.append((args[0] if args else kwargs["pixel_values"]).shape[0])
@@ -132,8 +132,8 @@ def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
         work.lm_calls.append(LMCall(rows, length, int(mask.sum()), image_ids))
 
     handles = [
-        model.mllm.vision_tower.register_forward_pre_hook(on_vision, with_kwargs=True),
-        model.mllm.language_model.register_forward_pre_hook(on_lm, with_kwargs=True),
+        model.vision_tower.register_forward_pre_hook(on_vision, with_kwargs=True),
+        model.language_model.register_forward_pre_hook(on_lm, with_kwargs=True),
     ]
     try:
         yield work

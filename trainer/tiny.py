@@ -91,6 +91,27 @@ def tiny_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     )
 
 
+PINPOINTS = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
+# per base family (`modeling_cfmoe.BASE_FAMILIES`): its config class, its vision tower and its own settings
+TINY_BASES = {
+    "llava": (LlavaConfig, "clip_vision_model", {"vision_feature_select_strategy": "default"}),
+    "llava_next": (
+        LlavaNextConfig,
+        "clip_vision_model",
+        {"vision_feature_select_strategy": "default", "image_grid_pinpoints": PINPOINTS},
+    ),
+    "llava_onevision": (
+        LlavaOnevisionConfig,
+        "siglip_vision_model",
+        {
+            "vision_feature_select_strategy": "full",
+            "image_grid_pinpoints": PINPOINTS,
+            "vision_aspect_ratio": "anyres_max_9",
+        },
+    ),
+}
+
+
 def tiny_base_config(
     model_type: str = "llava",
     vocab_size: int = 320,
@@ -120,30 +141,17 @@ def tiny_base_config(
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
     )
-    common = dict(text_config=text, image_token_id=image_token_id, vision_feature_layer=-1, projector_hidden_act="gelu")
-    if model_type == "llava":
-        return LlavaConfig(
-            vision_config={"model_type": "clip_vision_model", **vision},
-            vision_feature_select_strategy="default",
-            **common,
-        )
-    pinpoints = [[IMAGE_SIZE, IMAGE_SIZE], [IMAGE_SIZE, 2 * IMAGE_SIZE], [2 * IMAGE_SIZE, IMAGE_SIZE]]
-    if model_type == "llava_next":
-        return LlavaNextConfig(
-            vision_config={"model_type": "clip_vision_model", **vision},
-            vision_feature_select_strategy="default",
-            image_grid_pinpoints=pinpoints,
-            **common,
-        )
-    if model_type == "llava_onevision":
-        return LlavaOnevisionConfig(
-            vision_config={"model_type": "siglip_vision_model", **vision},
-            vision_feature_select_strategy="full",
-            image_grid_pinpoints=pinpoints,
-            vision_aspect_ratio="anyres_max_9",
-            **common,
-        )
-    raise ValueError(f"no tiny config for {model_type!r}; use llava, llava_next or llava_onevision")
+    if model_type not in TINY_BASES:
+        raise ValueError(f"no tiny config for {model_type!r}; use {', '.join(TINY_BASES)}")
+    config_class, vision_model_type, family = TINY_BASES[model_type]
+    return config_class(
+        text_config=text,
+        vision_config={"model_type": vision_model_type, **vision},
+        image_token_id=image_token_id,
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        **family,
+    )
 
 
 def build_tiny_model(task: str = "sarcasm", model_type: str = "llava", seed: int = 0, **config_kwargs):

@@ -7,12 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import require
-
-METHODS = ("vanilla", "text_poe", "image_poe", "poe", "rubi", "cfvqa", "group_dro", "cfmoe")
-# Label-free model selection (`metric_for_best_model` when it is not given): the worst of the validation groups that
-# the bias branches infer; cfmoe's fused head learns from context-swapped rows, so it is selected on their accuracy.
-SELECTION_METRIC = "inferred_worst_group_accuracy"
-SELECTION_METRICS = {"cfmoe": "counterfactual_accuracy"}
+from .methods import METHODS, get_method, method_names
 
 
 @dataclass
@@ -20,9 +15,9 @@ class CFMoETrainingArguments(TrainingArguments):
     """Method and loss weights. A weight of 0 switches its term off (ablations); every term that is on is
     logged by name (`loss_<term>`) at each logging step.
 
-    Methods: `vanilla` (plain task loss), `text_poe` / `image_poe` / `poe` (product of experts with the
-    text-only / image-only / both bias branches, stop-gradient), `rubi` (RUBi's sigmoid mask), `cfvqa`
-    (branches trained jointly, TIE at test time), `group_dro` (uses group labels: a reference, not a
+    Methods (`trainer.methods`, any registered one): `vanilla` (plain task loss), `text_poe` / `image_poe` / `poe`
+    (product of experts with the text-only / image-only / both bias branches, stop-gradient), `rubi` (RUBi's sigmoid
+    mask), `cfvqa` (branches trained jointly, TIE at test time), `group_dro` (uses group labels: a reference, not a
     competitor), `cfmoe` (the full method).
     """
 
@@ -78,12 +73,12 @@ class CFMoETrainingArguments(TrainingArguments):
     def __post_init__(self):
         self._check_arguments()  # before the base class sets up devices: a bad value fails at once
         if self.load_best_model_at_end and self.metric_for_best_model is None:
-            self.metric_for_best_model = SELECTION_METRICS.get(self.method, SELECTION_METRIC)
+            self.metric_for_best_model = get_method(self.method).selection_metric
         super().__post_init__()
 
     def _check_arguments(self) -> None:
         """The method's arguments, and the numeric ones that `TrainingArguments` leaves unchecked."""
-        require(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
+        require(self.method in method_names(), "method", f"one of {', '.join(method_names())}", self.method)
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/text columns")
         require(self.nan_policy in ("raise", "skip", "ignore"), "nan_policy", "raise, skip or ignore", self.nan_policy)
