@@ -17,7 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
 from .arguments import DataArguments, ModelArguments
 from .collator import CFMoECollator
-from .data import load_benchmark
+from .data import load_benchmark, parse_extra_test
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .plots import plot_training
@@ -60,6 +60,8 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
             kwargs["image_dir"] = data_args.image_dir
         if data_args.ood_file:
             kwargs["ood_file"] = data_args.ood_file
+        if data_args.extra_test:
+            kwargs["extra_test"] = parse_extra_test(data_args.extra_test)
         data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
     return data.cast_column("image", Image(decode=False)), synthetic
 
@@ -69,10 +71,19 @@ def labels_of(task: str, data: DatasetDict, synthetic: SyntheticConfig | None) -
     return id2label(task) if synthetic is not None else dict(enumerate(data["train"].features["label"].names))
 
 
-def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
-    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base; quantised
-    and wrapped with LoRA when asked, the vision tower frozen when asked."""
-    model, processor = _load_base_model(task, model_args, labels, seed)
+def train_texts(data: DatasetDict, synthetic: SyntheticConfig | None) -> list[str] | None:
+    """The training split's texts on real data (the tiny default's tokenizer is trained on them), None on synthetic
+    data (its tokenizer knows the synthetic vocabulary)."""
+    return None if synthetic is not None else list(data["train"]["text"])
+
+
+def load_model(
+    task: str, model_args: ModelArguments, labels: dict[int, str], seed: int, texts: list[str] | None = None
+):
+    """(model, processor): the tiny default (its tokenizer trained on `texts` when given, see `train_texts`), a
+    CF-MoE checkpoint, or a fresh wrapper around a base; quantised and wrapped with LoRA when asked, the vision
+    tower frozen when asked."""
+    model, processor = _load_base_model(task, model_args, labels, seed, texts)
     model.set_word_pieces(processor.tokenizer)  # text context is then taken a whole word at a time
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -90,14 +101,16 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     return model, processor
 
 
-def _load_base_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int):
+def _load_base_model(
+    task: str, model_args: ModelArguments, labels: dict[int, str], seed: int, texts: list[str] | None = None
+):
     overrides = model_args.config_kwargs()
     path = model_args.model_name_or_path
     quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit)
     if path is None:
         if quantization is not None:
             raise ValueError("--load_in_4bit / --load_in_8bit quantise a checkpoint: give --model_name_or_path")
-        return build_tiny_model(task, seed=seed, **overrides)
+        return build_tiny_model(task, seed=seed, texts=texts, **overrides)
     processor = AutoProcessor.from_pretrained(path)
     load_kwargs = {"dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)}
     if quantization is not None:
