@@ -403,7 +403,7 @@ def test_dmsd_ood_lines(tmp_path):
 
 # Lines in the exact formats of the released files (typed here, not copied from the data): MMSD 1.0's
 # text/{train,valid2,test2}.txt, one Python list per line, the label last (valid/test: hashtag label, then the
-# annotators'); DMSD-CL's ood_all.txt, [id,text,label] unquoted, commas in the text, some texts as string literals.
+# annotators'); DMSD-CL's ood_all.txt, [id,text,label] unquoted, commas in the text, some texts in quotes.
 RELEASE_TRAIN = [
     "['910308516510011393', 'most # funny quotes : 21 snarky and # funny quotes  # # funnyquotes # humor # lol', 1]",
     "['725333760762363905', ' spurs # creativethinking ! <url>', 1]",
@@ -477,7 +477,7 @@ def test_dmsd_ood_released_line_format(tmp_path):
     assert dataset["text"] == [
         "what's so delightful about fridaythe13th, anyway?",
         "miserable saturday!!!",
-        "we have a potato shortage in rotherham <user>   valueformoney",  # a string literal: unquoted
+        "'we have a potato shortage in rotherham <user>   valueformoney '",  # verbatim, as DMSD-CL reads it
         "a JSON line, still read",
     ]
     assert dataset["label"] == [1, 1, 0, 0] and report.num_loaded == 4
@@ -524,7 +524,7 @@ def test_release_bad_lines_name_file_and_line(tmp_path):
     assert "line 4: expected" in report.skipped[1] and "line 5 (id '3'): label 7" in report.skipped[2]
     ood = tmp_path / "ood.txt"
     ood.write_text("\n".join([OOD_LINES[0], "820054558953050112,no brackets,1", "[8200545589,one field]"]) + "\n")
-    with pytest.raises(ValueError, match=r"ood\.txt line 2: malformed line, expected \[id, text, label\]"):
+    with pytest.raises(ValueError, match=r"ood\.txt line 2: malformed line, expected \[id,text,label\] \(DMSD-CL"):
         load_dmsd_ood(ood, root / "images")
     dataset, report = load_dmsd_ood(ood, root / "images", skip_bad_examples=True)
     assert dataset["id"] == ["862902619928506372"] and report.num_skipped == 2
@@ -536,7 +536,13 @@ def test_released_texts_and_cue_counts(tmp_path):
     texts, labels = released_texts("mmsd_release", root / "text" / "train.txt")
     assert labels == [1, 0, 0] and texts[0].endswith("today . ")  # as released: not stripped
     counts = count_text_cues(texts, labels)
-    assert counts == {"items": [2, 1], "<num> token": [1, 0], "double space": [0, 0], "ends in a space": [0, 1]}
+    assert counts == {
+        "items": [2, 1],
+        "<num> token": [1, 0],
+        "double space": [0, 0],
+        "ends in a space": [0, 1],
+        "starts with '": [0, 0],
+    }
     texts, labels = released_texts("mmsd_release", root / "text" / "test2.txt")
     assert count_text_cues(texts, labels)["double space"] == [0, 1] and labels == [1, 1, 0]
     mmsd2 = write_mmsd(tmp_path / "json")
@@ -546,7 +552,8 @@ def test_released_texts_and_cue_counts(tmp_path):
     )
     ood = tmp_path / "ood.txt"
     ood.write_text("\n".join(OOD_LINES) + "\n")
-    assert released_texts("dmsd_ood", ood)[1] == [1, 1, 0, 0]
+    texts, labels = released_texts("dmsd_ood", ood)
+    assert labels == [1, 1, 0, 0] and count_text_cues(texts, labels)["starts with '"] == [1, 0]
 
 
 def write_mvsa(root: Path, rows: list[str], flat: bool = False, header: str = "ID\ttext,image") -> Path:

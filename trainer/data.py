@@ -227,29 +227,31 @@ def _release_entry(line: str, where: str) -> tuple[str, object, object]:
     return str(entry[0]), entry[1], entry[-1]
 
 
-def _parse_line(line: str) -> object:
-    """A line as JSON, or else as a Python literal."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return ast.literal_eval(line)
-
-
 def _ood_entry(line: str, where: str) -> tuple[str, object, object]:
-    """``(id, text, label)`` of one DMSD-CL OOD line. A line that parses as JSON or as a Python literal must be a
-    list ``[id, text, label]`` (so a text written as a string literal is unquoted); any other line is read in
-    DMSD-CL's own unquoted form ``[id,text,label]``: the id up to the first comma, the label after the last."""
+    """``(id, text, label)`` of one DMSD-CL OOD line: a JSON list ``[id, text, label]``; a Python list whose id is
+    quoted (``['o682716854564', 'text', 0]``); or else DMSD-CL's own form ``[id,text,label]``, unquoted: the id up
+    to the first comma, the label after the last, the text between them verbatim (as DMSD-CL's code reads it)."""
+    stripped = line.strip()
     try:
-        entry = _parse_line(line.strip())
-    except (ValueError, SyntaxError):
-        match = _DMSD_LINE.fullmatch(line.strip())
-        if match is None:
-            message = f"{where}: malformed line, expected [id, text, label] (JSON, Python or unquoted): {line[:80]!r}"
-            raise ValueError(message) from None
-        return match.group(1), match.group(2), match.group(3)
-    if not isinstance(entry, list | tuple) or len(entry) != 3:
-        raise ValueError(f"{where}: expected [id, text, label], got {entry!r}"[:300])
-    return str(entry[0]), entry[1], entry[2]
+        entry = json.loads(stripped)
+    except json.JSONDecodeError:
+        entry = None
+    if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], str):
+        return str(entry[0]), entry[1], entry[2]
+    if re.match(r"\[\s*['\"]", stripped):  # a quoted id: a JSON or Python list
+        try:
+            entry = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError) as error:
+            message = f"{where}: malformed line, expected a JSON or Python list [id, text, label]: {line[:80]!r}"
+            raise ValueError(message) from error
+        if not isinstance(entry, list | tuple) or len(entry) != 3:
+            raise ValueError(f"{where}: expected [id, text, label], got {entry!r}"[:300])
+        return str(entry[0]), entry[1], entry[2]
+    match = _DMSD_LINE.fullmatch(stripped)
+    if match is None:
+        message = f"{where}: malformed line, expected [id,text,label] (DMSD-CL's form) or a JSON list: {line[:80]!r}"
+        raise ValueError(message)
+    return match.group(1), match.group(2), match.group(3)
 
 
 def _discarded(text: object) -> bool:
@@ -337,7 +339,7 @@ def load_dmsd_ood(
     """Load the DMSD-CL OOD set (github:xvolcano02/DMSD-CL, ``data/clean_data/ood_all.txt``): one
     ``[id, text, label]`` per line, blank lines skipped, in DMSD-CL's own unquoted form
     (``[820054558953050112,what's so delightful about fridaythe13th, anyway?,1]``: the id up to the first comma,
-    the label after the last) or as JSON or a Python list (a text written as a string literal is unquoted). The
+    the label after the last, the text verbatim), as JSON, or as a Python list with a quoted id (``_ood_entry``). The
     image is that of the original tweet, ``<image_dir>/<id>.jpg`` (a leading "o", as in DMSD-CL's id lists, is
     dropped for the image; the Dataset keeps the id as written); an image_dir that is a file is every item's image.
     Returns ``(Dataset, LoadReport)``.
@@ -384,6 +386,7 @@ TEXT_CUES = {
     "<num> token": lambda text: "<num>" in text.split(),
     "double space": lambda text: "  " in text,
     "ends in a space": lambda text: text.endswith(" "),
+    "starts with '": lambda text: text.lstrip().startswith("'"),
 }
 
 
