@@ -40,6 +40,7 @@ from trainer.run import (
     resume_checkpoint,
     save_model,
     split_table,
+    train_texts,
     write_card,
 )
 
@@ -80,12 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(training_args.seed)
 
     # Data: the synthetic planted-cue benchmark (train, validation, test_iid, test_ood, test_neutral) or a real
-    # data set's folder (train, validation, test and, with --ood_file, test_ood).
+    # data set's folder (train, validation, test, with --extra_test test_<name>, with --ood_file test_ood).
     data, synthetic = load_data(TASK, data_args, training_args.seed)
 
-    # Model and processor: the tiny offline model, a CF-MoE checkpoint, or a LLaVA-family base wrapped by CF-MoE.
+    # Model and processor: the tiny offline model (on real data its tokenizer is trained on the training texts), a
+    # CF-MoE checkpoint, or a LLaVA-family base wrapped by CF-MoE.
     model, processor = load_model(
-        TASK, model_args, labels_of(TASK, data, synthetic), training_args.seed, method=training_args.method
+        TASK,
+        model_args,
+        labels_of(TASK, data, synthetic),
+        training_args.seed,
+        method=training_args.method,
+        texts=train_texts(data, synthetic),
     )
     collator = CFMoECollator(
         processor,

@@ -13,7 +13,17 @@ from datasets import Image
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.data import load_benchmark, load_dmsd_ood, load_mmsd, load_mvsa, mvsa_label
+from trainer.data import (
+    count_text_cues,
+    load_benchmark,
+    load_dmsd_ood,
+    load_mmsd,
+    load_mmsd_release,
+    load_mvsa,
+    mvsa_label,
+    parse_extra_test,
+    released_texts,
+)
 from trainer.synthetic import (
     CUE_SETTINGS,
     HASHTAGS,
@@ -389,6 +399,161 @@ def test_dmsd_ood_lines(tmp_path):
     assert report.num_loaded == 3
     splits = load_benchmark("mmsd", root, ood_file=tmp_path / "ood.txt")
     assert list(splits) == ["train", "validation", "test", "test_ood"] and len(splits["test_ood"]) == 3
+
+
+# Lines in the exact formats of the released files (typed here, not copied from the data): MMSD 1.0's
+# text/{train,valid2,test2}.txt, one Python list per line, the label last (valid/test: hashtag label, then the
+# annotators'); DMSD-CL's ood_all.txt, [id,text,label] unquoted, commas in the text, some texts in quotes.
+RELEASE_TRAIN = [
+    "['910308516510011393', 'most # funny quotes : 21 snarky and # funny quotes  # # funnyquotes # humor # lol', 1]",
+    "['725333760762363905', ' spurs # creativethinking ! <url>', 1]",
+    "['840006160660983809', '<user> thanks for showing up for our appointment today . ', 1]",
+    "['840006160660983810', \"it 's a lovely <num> degrees , the sun is out\", 0]",
+    "['840006160660983811', 'great view from the top', 0]",
+]
+RELEASE_VALID = [
+    "['915657464401580032', 'whew ... that extra <num> miles today .  so why ? # mymostepsup emoji_92', 1, 1]",
+    "['854678856724340736', '\" oh , good . now no one will know we \\'re here . \" # remingtonsteele', 1, 0]",
+]
+RELEASE_TEST = [
+    "['862902619928506372', 'i am guessing # netflix no longer lets you grab screens of movies . ', 1, 1]",
+    "['892551658487631873', \"it 's the insensitive strikeouts at suntrust park .  # braves # chopchop\", 0, 1]",
+    "['853143461360480256', 'following the path of the river calder , so ... grim ... up .... north ', 1, 0]",
+]
+OOD_LINES = [
+    "[862902619928506372,what's so delightful about fridaythe13th, anyway?,1]",
+    "[892551658487631873,miserable saturday!!!,1]",
+    "",
+    "[853143461360480256,'we have a potato shortage in rotherham <user>   valueformoney ',0]",
+    '["o840006160660983811", "a JSON line, still read", 0]',
+]
+
+
+def write_release(root: Path, images: bool = True) -> Path:
+    """MMSD 1.0's text release under ROOT/text, images ROOT/images/<id>.jpg."""
+    (root / "text").mkdir(parents=True, exist_ok=True)
+    for name, lines in (("train", RELEASE_TRAIN), ("valid2", RELEASE_VALID), ("test2", RELEASE_TEST)):
+        (root / "text" / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        for line in lines if images else ():
+            jpeg(root / "images" / f"{line[2:20]}.jpg")
+    return root
+
+
+def test_mmsd_release_lines_labels_and_discard_rule(tmp_path):
+    root = write_release(tmp_path)
+    train, report = load_mmsd_release(root, "train")
+    # "# humor" and "<url>" are discard words of the release's loadData.py: those posts are dropped and counted
+    assert train["id"] == ["840006160660983809", "840006160660983810", "840006160660983811"]
+    assert train["label"] == [1, 0, 0]
+    assert train["text"][0] == "<user> thanks for showing up for our appointment today ."  # stripped
+    assert report.num_discarded == 2 and report.num_loaded == 3 and report.num_skipped == 0
+    assert len(load_mmsd_release(root, "train", discard_rule=False)[0]) == 5
+    valid, _ = load_mmsd_release(root, "valid")
+    assert valid["label"] == [1, 0]  # the last label: the annotators', not the hashtag's
+    assert valid["text"][1].startswith("\" oh , good . now no one will know we 're here")
+    splits = load_benchmark("mmsd", root)
+    assert {split: len(data) for split, data in splits.items()} == {"train": 3, "validation": 2, "test": 3}
+    assert splits["test"]["label"] == [1, 1, 0]
+    assert image_paths(splits["test"])[0] == str((root / "images" / "862902619928506372.jpg").resolve())
+
+
+def test_mmsd_layout_detection(tmp_path):
+    json_root = write_mmsd(tmp_path / "json")
+    assert load_benchmark("mmsd", json_root)["train"]["id"] == ["101", "102", "103"]  # the JSON layout
+    write_release(tmp_path / "release")
+    with pytest.raises(FileNotFoundError, match=r"train\.json not found"):
+        load_benchmark("mmsd2", tmp_path / "release")  # mmsd2 is MMSD2.0's JSON layout only
+    with pytest.raises(FileNotFoundError, match=r"text/\{train,valid2,test2\}\.txt or the JSON layout"):
+        load_benchmark("mmsd", tmp_path / "nothing")
+
+
+def test_dmsd_ood_released_line_format(tmp_path):
+    ood = tmp_path / "ood_all.txt"
+    ood.write_text("\n".join(OOD_LINES) + "\n", encoding="utf-8")
+    placeholder = tmp_path / "placeholder.jpg"
+    jpeg(placeholder)
+    dataset, report = load_dmsd_ood(ood, placeholder)  # one image file: every item's image
+    assert dataset["id"] == ["862902619928506372", "892551658487631873", "853143461360480256", "o840006160660983811"]
+    assert dataset["text"] == [
+        "what's so delightful about fridaythe13th, anyway?",
+        "miserable saturday!!!",
+        "'we have a potato shortage in rotherham <user>   valueformoney '",  # verbatim, as DMSD-CL reads it
+        "a JSON line, still read",
+    ]
+    assert dataset["label"] == [1, 1, 0, 0] and report.num_loaded == 4
+    assert set(image_paths(dataset)) == {str(placeholder.resolve())}
+    root = write_release(tmp_path / "release")
+    jpeg(root / "images" / "840006160660983811.jpg")
+    paths = image_paths(load_dmsd_ood(ood, root / "images")[0])
+    assert [Path(path).name for path in paths][-2:] == ["853143461360480256.jpg", "840006160660983811.jpg"]
+
+
+def test_extra_test_splits_and_placeholder_image(tmp_path):
+    release = write_release(tmp_path / "release", images=False)
+    mmsd2 = tmp_path / "MMSD2.0" / "data" / "text_json_final"
+    write_mmsd(mmsd2, image_folder="../dataset_image")  # as in MMSD2.0's repository: data/dataset_image
+    ood = tmp_path / "ood_all.txt"
+    ood.write_text("\n".join(OOD_LINES[:2]) + "\n")
+    placeholder = tmp_path / "grey.jpg"
+    jpeg(placeholder, (128, 128, 128))
+    splits = load_benchmark(
+        "mmsd", release, image_dir=placeholder, ood_file=ood, extra_test=parse_extra_test(f"mmsd2={mmsd2}")
+    )
+    assert list(splits) == ["train", "validation", "test", "test_mmsd2", "test_ood"]
+    assert splits["test_mmsd2"]["id"] == ["301", "302"] and len(splits["test_ood"]) == 2
+    assert all(set(image_paths(data)) == {str(placeholder.resolve())} for data in splits.values())
+    found = image_paths(load_mmsd(mmsd2, "test")[0])[0]  # no image_dir: DATA_DIR/../dataset_image
+    assert found == str((mmsd2.parent / "dataset_image" / "301.jpg").resolve())
+    assert parse_extra_test(None) == {} and parse_extra_test(" mmsd=a , mmsd2=b ") == {"mmsd": "a", "mmsd2": "b"}
+    for bad in ("mvsa=dir", "mmsd2", "mmsd2=", "mmsd=a,mmsd=b"):
+        with pytest.raises(ValueError, match="NAME=DIR"):
+            parse_extra_test(bad)
+    with pytest.raises(ValueError, match="apply to mmsd and mmsd2 only"):
+        load_benchmark("mvsa_single", tmp_path, extra_test={"mmsd2": mmsd2})
+
+
+def test_release_bad_lines_name_file_and_line(tmp_path):
+    root = write_release(tmp_path)
+    train = root / "text" / "train.txt"
+    lines = [RELEASE_TRAIN[2], "['1', 'unterminated, 0]", "", "['2', 'two fields']", "['3', 'bad label', 7]"]
+    train.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"train\.txt line 2: malformed line, expected a Python list"):
+        load_mmsd_release(root, "train")
+    dataset, report = load_mmsd_release(root, "train", skip_bad_examples=True)
+    assert dataset["id"] == ["840006160660983809"] and report.num_skipped == 3
+    assert "line 4: expected" in report.skipped[1] and "line 5 (id '3'): label 7" in report.skipped[2]
+    ood = tmp_path / "ood.txt"
+    ood.write_text("\n".join([OOD_LINES[0], "820054558953050112,no brackets,1", "[8200545589,one field]"]) + "\n")
+    with pytest.raises(ValueError, match=r"ood\.txt line 2: malformed line, expected \[id,text,label\] \(DMSD-CL"):
+        load_dmsd_ood(ood, root / "images")
+    dataset, report = load_dmsd_ood(ood, root / "images", skip_bad_examples=True)
+    assert dataset["id"] == ["862902619928506372"] and report.num_skipped == 2
+    assert "line 3: malformed line" in report.skipped[1]
+
+
+def test_released_texts_and_cue_counts(tmp_path):
+    root = write_release(tmp_path)
+    texts, labels = released_texts("mmsd_release", root / "text" / "train.txt")
+    assert labels == [1, 0, 0] and texts[0].endswith("today . ")  # as released: not stripped
+    counts = count_text_cues(texts, labels)
+    assert counts == {
+        "items": [2, 1],
+        "<num> token": [1, 0],
+        "double space": [0, 0],
+        "ends in a space": [0, 1],
+        "starts with '": [0, 0],
+    }
+    texts, labels = released_texts("mmsd_release", root / "text" / "test2.txt")
+    assert count_text_cues(texts, labels)["double space"] == [0, 1] and labels == [1, 1, 0]
+    mmsd2 = write_mmsd(tmp_path / "json")
+    assert released_texts("mmsd_json", mmsd2 / "train.json") == (
+        ["what a lovely monday", "nice view", "  so fun  "],
+        [1, 0, 1],
+    )
+    ood = tmp_path / "ood.txt"
+    ood.write_text("\n".join(OOD_LINES) + "\n")
+    texts, labels = released_texts("dmsd_ood", ood)
+    assert labels == [1, 1, 0, 0] and count_text_cues(texts, labels)["starts with '"] == [1, 0]
 
 
 def write_mvsa(root: Path, rows: list[str], flat: bool = False, header: str = "ID\ttext,image") -> Path:

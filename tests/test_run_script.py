@@ -216,7 +216,7 @@ def _bad_label(folder: Path) -> None:
 
 MMSD = "--dataset mmsd --data_dir {data}"
 BAD_INPUTS = {  # the data folder's defect (None: no folder), the command line, the message
-    "missing data dir": (None, "--dataset mmsd --data_dir {tmp}/nowhere", r"nowhere/train\.json not found"),
+    "missing data dir": (None, "--dataset mmsd --data_dir {tmp}/nowhere", r"nowhere: no MMSD data found"),
     "malformed JSON": (
         lambda folder: (folder / "train.json").write_text('[{"image_id": "0", text: 1}]'),
         MMSD,

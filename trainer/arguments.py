@@ -259,11 +259,32 @@ class DataArguments:
 
     dataset: str = field(
         default="synthetic",
-        metadata={"help": "synthetic (the task's planted-cue benchmark), mmsd, mmsd2, mvsa_single, mvsa_multiple"},
+        metadata={
+            "help": "synthetic (the task's planted-cue benchmark); mmsd (MMSD 1.0: its text release "
+            "DATA_DIR/text/{train,valid2,test2}.txt with the release's discard words applied, or the JSON layout); "
+            "mmsd2 (DATA_DIR/{train,valid,test}.json, e.g. MMSD2.0's data/text_json_final); mvsa_single, "
+            "mvsa_multiple (docs/real_data.md)"
+        },
     )
     data_dir: str | None = field(default=None, metadata={"help": "folder of a real data set"})
-    image_dir: str | None = field(default=None, metadata={"help": "image folder when not under data_dir"})
-    ood_file: str | None = field(default=None, metadata={"help": "DMSD-CL OOD file, evaluated as test_ood"})
+    image_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder of <id>.jpg when not under data_dir, or one image file used for every item (a "
+            "placeholder where the images are not at hand: a text-only run)"
+        },
+    )
+    ood_file: str | None = field(
+        default=None,
+        metadata={"help": "DMSD-CL OOD file (data/clean_data/ood_all.txt, or JSON lines), evaluated as test_ood"},
+    )
+    extra_test: str | None = field(
+        default=None,
+        metadata={
+            "help": "more test splits, NAME=DIR[,NAME=DIR]: the test split of data set NAME (mmsd or mmsd2) in DIR, "
+            "evaluated as test_NAME (images from --image_dir), e.g. mmsd2=/data/MMSD2.0/data/text_json_final"
+        },
+    )
     num_train: int = field(default=4000, metadata={"help": "synthetic: training items"})
     num_validation: int = field(default=1000, metadata={"help": "synthetic: validation items (model selection)"})
     num_test: int = field(default=1000, metadata={"help": "synthetic: items per test split"})

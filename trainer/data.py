@@ -1,9 +1,11 @@
-"""Loaders for the real data layouts (users bring the data) and ``load_benchmark``, which dispatches by name.
+"""Loaders for the real data sets as released (users bring the data) and ``load_benchmark``, which dispatches by name.
 
-``load_mmsd`` (MMSD, MMSD2.0), ``load_dmsd_ood`` (DMSD-CL OOD lines) and ``load_mvsa`` (MVSA-Single,
-MVSA-Multiple) each return ``(Dataset, LoadReport)``; ``load_benchmark`` returns a ``DatasetDict`` (it logs the
-reports) for these and for the synthetic benchmark (``trainer.synthetic``). Bad input raises early with a message
-naming the item, the file and the fix; ``skip_bad_examples=True`` skips and counts such items instead.
+``load_mmsd`` (MMSD2.0's JSON layout, also used for MMSD), ``load_mmsd_release`` (MMSD 1.0's own text release),
+``load_dmsd_ood`` (the DMSD-CL OOD lines) and ``load_mvsa`` (MVSA-Single, MVSA-Multiple) each return
+``(Dataset, LoadReport)``; ``load_benchmark`` returns a ``DatasetDict`` (it logs the reports) for these and for the
+synthetic benchmark (``trainer.synthetic``). Bad input raises early with a message naming the file, the line or item
+and the fix; ``skip_bad_examples=True`` skips and counts such items instead. ``released_texts`` and
+``count_text_cues`` count the spurious cues the released texts carry (docs/real_data.md).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import PIL.Image
@@ -32,17 +36,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoadReport:
-    """What a loader read from ``source``: items kept, items skipped as bad input, items without a label.
+    """What a loader read from ``source``: items kept, items skipped as bad input, items without a label, items
+    the data set's own rule drops.
 
     ``skipped`` holds one reason per bad item left out (only with ``skip_bad_examples=True``; otherwise the
     first bad item raises). ``num_unlabelled`` counts MVSA items whose annotations give no label under the
-    standard rule (not an error: the usual MVSA preprocessing drops them).
+    standard rule (not an error: the usual MVSA preprocessing drops them). ``num_discarded`` counts MMSD 1.0
+    posts dropped by the release's discard words (``MMSD_DISCARD_WORDS``).
     """
 
     source: str
     num_loaded: int = 0
     skipped: list[str] = field(default_factory=list)
     num_unlabelled: int = 0
+    num_discarded: int = 0
 
     @property
     def num_skipped(self) -> int:
@@ -50,6 +57,19 @@ class LoadReport:
 
 
 _SKIP_HINT = "or pass skip_bad_examples=True (--skip_bad_examples True to a run script) to skip such items"
+
+
+def label_id(value: object, names: Sequence[str], where: str) -> int:
+    """Class id of ``value``: an int or digit string in range, or a class name (any case); ValueError naming
+    ``where`` otherwise."""
+    if isinstance(value, str) and value.strip().lower() in names:
+        return list(names).index(value.strip().lower())
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return value
+    allowed = list(range(len(names))) if len(names) == 2 else list(names)
+    raise ValueError(f"{where}: label {value!r} is not one of {allowed}; fix the label {_SKIP_HINT}")
 
 
 class _Items:
@@ -72,15 +92,8 @@ class _Items:
             self.report.skipped.append(str(error))
 
     def label(self, value: object, where: str) -> int:
-        """Class id of ``value``: an int or digit string in range, or a class name (any case)."""
-        if isinstance(value, str) and value.strip().lower() in self.names:
-            return self.names.index(value.strip().lower())
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.names):
-            return value
-        allowed = list(range(len(self.names))) if len(self.names) == 2 else self.names
-        raise ValueError(f"{where}: label {value!r} is not one of {allowed}; fix the label {_SKIP_HINT}")
+        """Class id of ``value`` (``label_id``)."""
+        return label_id(value, self.names, where)
 
     def add(self, item_id: str, text: object, label: int, image: Path, where: str) -> None:
         """Check one item (unique id, non-empty text, readable image) and keep it."""
@@ -124,25 +137,126 @@ class _Items:
         return Dataset.from_dict(self.columns, features=features), report
 
 
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "test": "test"}
+MMSD_JSON_FILES = {"train": "train.json", "validation": "valid.json", "test": "test.json"}
+# MMSD 1.0's text release (github:headacheboy/data-of-multimodal-sarcasm-detection): text/<file> per split, and
+# the words whose posts its README and codes/loadData.py discard (a post is dropped when one of its
+# whitespace-separated words is one of these)
+MMSD_RELEASE_FILES = {"train": "train.txt", "validation": "valid2.txt", "test": "test2.txt"}
+MMSD_DISCARD_WORDS = frozenset(
+    {"exgag", "sarcasm", "sarcastic", "reposting", "<url>", "joke", "humour", "humor", "jokes", "irony", "ironic"}
+)
+# DMSD-CL's own OOD line form: [id,text,label], unquoted, the text holding commas
+_DMSD_LINE = re.compile(r"\[\s*([^,\]]+?)\s*,(.*),\s*([^,\]]+?)\s*\]")
+
+
+def _split_name(split: str) -> str:
+    """train, validation or test for a split name ("valid" is validation)."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_NAMES)}")
+    return SPLIT_NAMES[split]
+
+
 def _mmsd_split_file(data_dir: Path, split: str) -> Path:
-    stems = {"train": "train", "validation": "valid", "valid": "valid", "test": "test"}
-    if split not in stems:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(stems)}")
-    path = data_dir / f"{stems[split]}.json"
+    path = data_dir / MMSD_JSON_FILES[_split_name(split)]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected MMSD layout DATA_DIR/{{train,valid,test}}.json")
+        raise FileNotFoundError(f"{path} not found: expected MMSD2.0's layout DATA_DIR/{{train,valid,test}}.json")
     return path
 
 
 def _mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
-    candidates = [data_dir / "images", data_dir / "dataset_image"] if image_dir is None else [Path(image_dir)]
+    """The image folder (or one placeholder image file) of an MMSD data set: ``image_dir``, else ``DATA_DIR/images``,
+    ``DATA_DIR/dataset_image`` or ``DATA_DIR/../dataset_image`` (MMSD2.0's repository: ``data/text_json_final``
+    beside ``data/dataset_image``)."""
+    if image_dir is None:
+        candidates = [data_dir / "images", data_dir / "dataset_image", data_dir.parent / "dataset_image"]
+    else:
+        candidates = [Path(image_dir)]
     for candidate in candidates:
-        if candidate.is_dir():
+        if candidate.is_dir() or (image_dir is not None and candidate.is_file()):
             return candidate.resolve()
     raise FileNotFoundError(
         f"no image folder found (looked for {', '.join(map(str, candidates))}); "
-        "pass image_dir=<folder holding <image_id>.jpg>"
+        "pass image_dir=<folder holding <image_id>.jpg, or one image file used for every item>"
     )
+
+
+def _image_file(images: Path, item_id: str) -> Path:
+    """``<images>/<item_id>.jpg``, or ``images`` itself when it is a file: one placeholder image for every item."""
+    return images if images.is_file() else images / f"{item_id}.jpg"
+
+
+def _lines(path: Path) -> Iterator[tuple[str, str]]:
+    """``(where, line)`` of every non-blank line of a UTF-8 text file, ``where`` = ``"<path> line <number>"``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if line.strip():
+            yield f"{path} line {number}", line
+
+
+def _json_entries(path: Path) -> list:
+    """The JSON list of ``path``; ValueError naming the line and column of malformed JSON."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        message = f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        raise ValueError(message) from error
+    if not isinstance(entries, list):
+        raise TypeError(f"{path}: expected a JSON list of items, got {type(entries).__name__}")
+    return entries
+
+
+def _json_entry(entry: object, where: str) -> tuple[str, object, object]:
+    """``(id, text, label)`` of one item of MMSD2.0's JSON layout."""
+    if not isinstance(entry, dict) or not {"image_id", "text", "label"} <= entry.keys():
+        raise ValueError(f"{where}: expected an object with keys image_id, text, label: {entry!r}")
+    return str(entry["image_id"]), entry["text"], entry["label"]
+
+
+def _release_entry(line: str, where: str) -> tuple[str, object, object]:
+    """``(id, text, label)`` of one line of MMSD 1.0's release: a Python list ``[id, text, label]`` (train) or
+    ``[id, text, hashtag label, annotator label]`` (valid2, test2); the label is the last element."""
+    expected = "a Python list [id, text, label] or [id, text, hashtag label, annotator label]"
+    try:
+        entry = ast.literal_eval(line.strip())
+    except (ValueError, SyntaxError) as error:
+        raise ValueError(f"{where}: malformed line, expected {expected}: {line[:80]!r}") from error
+    if not isinstance(entry, list | tuple) or len(entry) not in (3, 4):
+        raise ValueError(f"{where}: expected {expected}, got {entry!r}"[:300])
+    return str(entry[0]), entry[1], entry[-1]
+
+
+def _ood_entry(line: str, where: str) -> tuple[str, object, object]:
+    """``(id, text, label)`` of one DMSD-CL OOD line: a JSON list ``[id, text, label]``; a Python list whose id is
+    quoted (``['o682716854564', 'text', 0]``); or else DMSD-CL's own form ``[id,text,label]``, unquoted: the id up
+    to the first comma, the label after the last, the text between them verbatim (as DMSD-CL's code reads it)."""
+    stripped = line.strip()
+    try:
+        entry = json.loads(stripped)
+    except json.JSONDecodeError:
+        entry = None
+    if isinstance(entry, list) and len(entry) == 3 and isinstance(entry[1], str):
+        return str(entry[0]), entry[1], entry[2]
+    if re.match(r"\[\s*['\"]", stripped):  # a quoted id: a JSON or Python list
+        try:
+            entry = ast.literal_eval(stripped)
+        except (ValueError, SyntaxError) as error:
+            message = f"{where}: malformed line, expected a JSON or Python list [id, text, label]: {line[:80]!r}"
+            raise ValueError(message) from error
+        if not isinstance(entry, list | tuple) or len(entry) != 3:
+            raise ValueError(f"{where}: expected [id, text, label], got {entry!r}"[:300])
+        return str(entry[0]), entry[1], entry[2]
+    match = _DMSD_LINE.fullmatch(stripped)
+    if match is None:
+        message = f"{where}: malformed line, expected [id,text,label] (DMSD-CL's form) or a JSON list: {line[:80]!r}"
+        raise ValueError(message)
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _discarded(text: object) -> bool:
+    """Whether MMSD 1.0's release drops this post: one of its whitespace-separated words is a discard word."""
+    return isinstance(text, str) and not MMSD_DISCARD_WORDS.isdisjoint(text.split())
 
 
 def load_mmsd(
@@ -153,42 +267,66 @@ def load_mmsd(
     skip_bad_examples: bool = False,
     verify_images: bool = False,
 ) -> tuple[Dataset, LoadReport]:
-    """Load one split of MMSD or MMSD2.0.
+    """Load one split in MMSD2.0's JSON layout (MMSD2.0's ``data/text_json_final``, or MMSD in that layout:
+    ``data/text_json_clean``).
 
     Layout: ``DATA_DIR/{train,valid,test}.json`` (split "train", "validation" or "valid", "test"), each a JSON
     list of ``{"image_id": int | str, "text": str, "label": 0 | 1}``; images ``<image_dir>/<image_id>.jpg``,
-    image_dir defaulting to ``DATA_DIR/images`` or else ``DATA_DIR/dataset_image``.
+    image_dir defaulting to ``DATA_DIR/images``, ``DATA_DIR/dataset_image`` or ``DATA_DIR/../dataset_image``; an
+    image_dir that is a file is every item's image (a placeholder).
     Returns the Dataset (id, image path decoded lazily, text, label) and its ``LoadReport``.
     """
     data_dir = Path(data_dir)
     path = _mmsd_split_file(data_dir, split)
     images = _mmsd_image_dir(data_dir, image_dir)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as error:
-        message = f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
-        raise ValueError(message) from error
-    if not isinstance(entries, list):
-        raise TypeError(f"{path}: expected a JSON list of items, got {type(entries).__name__}")
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
-    for index, entry in enumerate(entries):
+    for index, entry in enumerate(_json_entries(path)):
         where = f"{path} item {index}"
         with items.item():
-            if not isinstance(entry, dict) or not {"image_id", "text", "label"} <= entry.keys():
-                raise ValueError(f"{where}: expected an object with keys image_id, text, label: {entry!r}")
-            item_id = str(entry["image_id"])
+            item_id, text, label = _json_entry(entry, where)
             where = f"{where} (id {item_id!r})"
-            label = items.label(entry["label"], where)
-            items.add(item_id, entry["text"], label, images / f"{item_id}.jpg", where)
+            items.add(item_id, text, items.label(label, where), _image_file(images, item_id), where)
     return items.finish()
 
 
-def _parse_line(line: str) -> object:
-    """A line as JSON, or else as a Python literal (DMSD-CL files use both quotings)."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return ast.literal_eval(line)
+def load_mmsd_release(
+    data_dir: str | Path,
+    split: str,
+    image_dir: str | Path | None = None,
+    *,
+    discard_rule: bool = True,
+    skip_bad_examples: bool = False,
+    verify_images: bool = False,
+) -> tuple[Dataset, LoadReport]:
+    """Load one split of MMSD 1.0 as released (github:headacheboy/data-of-multimodal-sarcasm-detection).
+
+    Layout: ``DATA_DIR/text/{train,valid2,test2}.txt`` (split "train", "validation" or "valid", "test"), one
+    Python list per line: ``[id, text, label]`` in train, ``[id, text, hashtag label, annotator label]`` in
+    valid2 and test2, where the label kept is the last (the annotator's), as the release's ``codes/loadData.py``
+    reads them. With ``discard_rule`` (the default) a post one of whose whitespace-separated words is in
+    ``MMSD_DISCARD_WORDS`` is dropped, as the release does, and counted in ``LoadReport.num_discarded``: the
+    published sizes remain (19,816 / 2,410 / 2,409). Images as in ``load_mmsd``.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / "text" / MMSD_RELEASE_FILES[_split_name(split)]
+    images = _mmsd_image_dir(data_dir, image_dir)
+    items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
+    for where, line in _lines(path):
+        with items.item():
+            item_id, text, label = _release_entry(line, where)
+            if discard_rule and _discarded(text):
+                items.report.num_discarded += 1
+                continue
+            where = f"{where} (id {item_id!r})"
+            items.add(item_id, text, items.label(label, where), _image_file(images, item_id), where)
+    dataset, report = items.finish()
+    logger.info("%s: %d items loaded, %d dropped by the discard words", path, report.num_loaded, report.num_discarded)
+    return dataset, report
+
+
+def is_mmsd_release(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds MMSD 1.0's text release (``text/{train,valid2,test2}.txt``, any of them)."""
+    return any((Path(data_dir) / "text" / name).is_file() for name in MMSD_RELEASE_FILES.values())
 
 
 def load_dmsd_ood(
@@ -198,30 +336,69 @@ def load_dmsd_ood(
     skip_bad_examples: bool = False,
     verify_images: bool = False,
 ) -> tuple[Dataset, LoadReport]:
-    """Load the DMSD-CL OOD set: one ``[id, text, label]`` per line (JSON or Python quoting; blank lines
-    skipped), ids prefixed "o" (e.g. "o682716854564"); the image is that of the original id,
-    ``<image_dir>/<id without the "o">.jpg``. The Dataset keeps the prefixed id.
+    """Load the DMSD-CL OOD set (github:xvolcano02/DMSD-CL, ``data/clean_data/ood_all.txt``): one
+    ``[id, text, label]`` per line, blank lines skipped, in DMSD-CL's own unquoted form
+    (``[820054558953050112,what's so delightful about fridaythe13th, anyway?,1]``: the id up to the first comma,
+    the label after the last, the text verbatim), as JSON, or as a Python list with a quoted id (``_ood_entry``). The
+    image is that of the original tweet, ``<image_dir>/<id>.jpg`` (a leading "o", as in DMSD-CL's id lists, is
+    dropped for the image; the Dataset keeps the id as written); an image_dir that is a file is every item's image.
     Returns ``(Dataset, LoadReport)``.
     """
     path, images = Path(path), Path(image_dir).resolve()
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
+    for where, line in _lines(path):
         with items.item():
-            try:
-                entry = _parse_line(line)
-            except (ValueError, SyntaxError) as error:
-                message = f"{where}: malformed line, expected [id, text, label]: {line[:80]!r}"
-                raise ValueError(message) from error
-            if not isinstance(entry, list | tuple) or len(entry) != 3:
-                raise ValueError(f"{where}: expected [id, text, label], got {entry!r}"[:300])
-            item_id = str(entry[0])
+            item_id, text, label = _ood_entry(line, where)
             where = f"{where} (id {item_id!r})"
-            image = images / f"{item_id.removeprefix('o')}.jpg"
-            items.add(item_id, entry[1], items.label(entry[2], where), image, where)
+            image = _image_file(images, item_id.removeprefix("o"))
+            items.add(item_id, text, items.label(label, where), image, where)
     return items.finish()
+
+
+ReleasedFormat = Literal["mmsd_release", "mmsd_json", "dmsd_ood"]
+
+
+def released_texts(fmt: ReleasedFormat, path: str | Path, discard_rule: bool = True) -> tuple[list[str], list[int]]:
+    """(texts exactly as released, label ids) of one file: ``mmsd_release`` (a ``text/*.txt`` file of MMSD 1.0, its
+    discard rule applied unless ``discard_rule=False``), ``mmsd_json`` (a JSON split of MMSD2.0) or ``dmsd_ood``.
+    The loaders strip the texts; these are not stripped, so that whitespace cues can be counted. Raises on the
+    first bad line or item."""
+    path = Path(path)
+    if fmt == "mmsd_json":
+        numbered = [(f"{path} item {index}", entry) for index, entry in enumerate(_json_entries(path))]
+        records = [(where, *_json_entry(entry, where)) for where, entry in numbered]
+    else:
+        parse = _release_entry if fmt == "mmsd_release" else _ood_entry
+        records = [(where, *parse(line, where)) for where, line in _lines(path)]
+    texts, labels = [], []
+    for where, _, text, label in records:
+        if fmt == "mmsd_release" and discard_rule and _discarded(text):
+            continue
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: non-string text {text!r}")
+        texts.append(text)
+        labels.append(label_id(label, LABEL_NAMES["sarcasm"], where))
+    return texts, labels
+
+
+# Text cues that give the label away in the released data (docs/real_data.md): name -> test on one raw text
+TEXT_CUES = {
+    "<num> token": lambda text: "<num>" in text.split(),
+    "double space": lambda text: "  " in text,
+    "ends in a space": lambda text: text.endswith(" "),
+    "starts with '": lambda text: text.lstrip().startswith("'"),
+}
+
+
+def count_text_cues(texts: Sequence[str], labels: Sequence[int], num_labels: int = 2) -> dict[str, list[int]]:
+    """Per cue of ``TEXT_CUES``, how many texts of each class (label id 0 .. num_labels - 1) carry it; "items": the
+    class sizes."""
+    counts = {"items": [0] * num_labels} | {name: [0] * num_labels for name in TEXT_CUES}
+    for text, label in zip(texts, labels, strict=True):
+        counts["items"][label] += 1
+        for name, test in TEXT_CUES.items():
+            counts[name][label] += int(test(text))
+    return counts
 
 
 def mvsa_label(annotations: Sequence[tuple[str, str]]) -> int | None:
@@ -302,14 +479,49 @@ def load_mvsa(
 
 def _log(name: str, split: str, report: LoadReport) -> None:
     logger.info(
-        "%s/%s: %d items from %s (%d skipped as bad, %d unlabelled)",
+        "%s/%s: %d items from %s (%d skipped as bad, %d unlabelled, %d discarded by the data set's rule)",
         name,
         split,
         report.num_loaded,
         report.source,
         report.num_skipped,
         report.num_unlabelled,
+        report.num_discarded,
     )
+
+
+MMSD_NAMES = ("mmsd", "mmsd2")
+
+
+def parse_extra_test(spec: str | None) -> dict[str, str]:
+    """``{name: data_dir}`` of an ``--extra_test`` value ``NAME=DIR[,NAME=DIR...]`` (NAME: mmsd or mmsd2); empty for
+    None or ""."""
+    extra: dict[str, str] = {}
+    for part in (part.strip() for part in (spec or "").split(",")):
+        if not part:
+            continue
+        name, _, folder = part.partition("=")
+        if name.strip() not in MMSD_NAMES or not folder.strip() or name.strip() in extra:
+            raise ValueError(
+                f"--extra_test {spec!r}: {part!r} is not NAME=DIR with NAME one of {list(MMSD_NAMES)} (each once), "
+                "e.g. --extra_test mmsd2=/data/MMSD2.0/data/text_json_final"
+            )
+        extra[name.strip()] = folder.strip()
+    return extra
+
+
+def _load_mmsd_split(
+    name: str, data_dir: str | Path, split: str, image_dir: str | Path | None, discard_rule: bool, **options: bool
+) -> tuple[Dataset, LoadReport]:
+    """One split of "mmsd" (MMSD 1.0's text release where DATA_DIR holds it, else the JSON layout) or "mmsd2"."""
+    if name == "mmsd" and is_mmsd_release(data_dir):
+        return load_mmsd_release(data_dir, split, image_dir, discard_rule=discard_rule, **options)
+    if name == "mmsd" and not (Path(data_dir) / MMSD_JSON_FILES[_split_name(split)]).is_file():
+        raise FileNotFoundError(
+            f"{data_dir}: no MMSD data found: expected MMSD 1.0's release DATA_DIR/text/{{train,valid2,test2}}.txt "
+            "or the JSON layout DATA_DIR/{train,valid,test}.json"
+        )
+    return load_mmsd(data_dir, split, image_dir, **options)
 
 
 def _mmsd_benchmark(
@@ -317,11 +529,17 @@ def _mmsd_benchmark(
     data_dir: str | Path,
     image_dir: str | Path | None = None,
     ood_file: str | Path | None = None,
+    extra_test: Mapping[str, str | Path] | None = None,
+    discard_rule: bool = True,
     **options: bool,
 ) -> DatasetDict:
     splits = DatasetDict()
     for split in ("train", "validation", "test"):
-        splits[split], report = load_mmsd(data_dir, split, image_dir, **options)
+        splits[split], report = _load_mmsd_split(name, data_dir, split, image_dir, discard_rule, **options)
+        _log(name, split, report)
+    for extra_name, extra_dir in (extra_test or {}).items():
+        split = f"test_{extra_name}"
+        splits[split], report = _load_mmsd_split(extra_name, extra_dir, "test", image_dir, discard_rule, **options)
         _log(name, split, report)
     if ood_file is not None:
         ood_images = _mmsd_image_dir(Path(data_dir), image_dir)
@@ -354,8 +572,11 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, **kwargs: obje
 
     - "synthetic_sarcasm", "synthetic_sentiment": ``make_synthetic_benchmark``; kwargs are
       ``SyntheticConfig`` fields (not ``task``); data_dir is not used.
-    - "mmsd", "mmsd2": train / validation / test from ``load_mmsd``; kwargs ``image_dir``, and ``ood_file``
-      (a DMSD-CL file, images from the same folder) to add ``test_ood``.
+    - "mmsd": train / validation / test of MMSD 1.0 from ``load_mmsd_release`` where DATA_DIR holds its text
+      release (``text/*.txt``; kwarg ``discard_rule``, default True), else from ``load_mmsd`` (the JSON layout);
+      "mmsd2": from ``load_mmsd``. Kwargs ``image_dir`` (a folder, or one placeholder image file), ``ood_file`` (a
+      DMSD-CL OOD file, images from the same folder) to add ``test_ood``, and ``extra_test`` ({"mmsd" | "mmsd2":
+      DATA_DIR}, ``parse_extra_test``) to add the test split of another data set as ``test_<name>``.
     - "mvsa_single", "mvsa_multiple": ``load_mvsa`` split 8:1:1 with ``split_seed`` (default 0); kwarg
       ``label_file``.
     Real data sets also take ``skip_bad_examples`` and ``verify_images``; their load reports are logged.
@@ -370,6 +591,9 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, **kwargs: obje
         raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
     if data_dir is None:
         raise ValueError(f"benchmark {name!r} needs data_dir (the folder holding the data set)")
-    if name in ("mmsd", "mmsd2"):
+    if name in MMSD_NAMES:
         return _mmsd_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]
+    mmsd_only = sorted(key for key in ("ood_file", "extra_test", "discard_rule") if kwargs.get(key) is not None)
+    if mmsd_only:
+        raise ValueError(f"{name}: the options {mmsd_only} apply to mmsd and mmsd2 only")
     return _mvsa_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]

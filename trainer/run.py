@@ -19,7 +19,7 @@ from .arguments import DataArguments, ModelArguments
 from .audit import read_context_report
 from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
-from .data import load_benchmark
+from .data import load_benchmark, parse_extra_test
 from .errors import UserFileNotFoundError, user_input
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
@@ -55,6 +55,8 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
             kwargs["image_dir"] = data_args.image_dir
         if data_args.ood_file:
             kwargs["ood_file"] = data_args.ood_file
+        if data_args.extra_test:
+            kwargs["extra_test"] = parse_extra_test(data_args.extra_test)
         with user_input():  # a data set the loaders refuse: its message says what to fix
             data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
     return data.cast_column("image", Image(decode=False)), synthetic
@@ -65,12 +67,26 @@ def labels_of(task: str, data: DatasetDict, synthetic: SyntheticConfig | None) -
     return id2label(task) if synthetic is not None else dict(enumerate(data["train"].features["label"].names))
 
 
-def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], seed: int, method: str = "cfmoe"):
-    """(model, processor): the tiny default, a CF-MoE checkpoint, or a fresh wrapper around a base, with the config
-    values the training `method` needs (`DebiasingMethod.model_config`) unless given; quantised and wrapped with LoRA
-    when asked, the vision tower frozen when asked."""
+def train_texts(data: DatasetDict, synthetic: SyntheticConfig | None) -> list[str] | None:
+    """The training split's texts on real data (the tiny default's tokenizer is trained on them), None on synthetic
+    data (its tokenizer knows the synthetic vocabulary)."""
+    return None if synthetic is not None else list(data["train"]["text"])
+
+
+def load_model(
+    task: str,
+    model_args: ModelArguments,
+    labels: dict[int, str],
+    seed: int,
+    method: str = "cfmoe",
+    texts: list[str] | None = None,
+):
+    """(model, processor): the tiny default (its tokenizer trained on `texts` when given, see `train_texts`), a
+    CF-MoE checkpoint, or a fresh wrapper around a base, with the config values the training `method` needs
+    (`DebiasingMethod.model_config`) unless given; quantised and wrapped with LoRA when asked, the vision tower
+    frozen when asked."""
     overrides = {**get_method(method).model_config, **model_args.config_kwargs()}
-    model, processor = _load_base_model(task, model_args, overrides, labels, seed)
+    model, processor = _load_base_model(task, model_args, overrides, labels, seed, texts)
     model.set_vocabulary(processor.tokenizer)  # word pieces, declared context and protected words
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -88,13 +104,20 @@ def load_model(task: str, model_args: ModelArguments, labels: dict[int, str], se
     return model, processor
 
 
-def _load_base_model(task: str, model_args: ModelArguments, overrides: dict, labels: dict[int, str], seed: int):
+def _load_base_model(
+    task: str,
+    model_args: ModelArguments,
+    overrides: dict,
+    labels: dict[int, str],
+    seed: int,
+    texts: list[str] | None = None,
+):
     path = model_args.model_name_or_path
     quantization = quantization_config(model_args.load_in_4bit, model_args.load_in_8bit)
     if path is None:
         if quantization is not None:
             raise ValueError("--load_in_4bit / --load_in_8bit quantise a checkpoint: give --model_name_or_path")
-        return build_tiny_model(task, seed=seed, **overrides)
+        return build_tiny_model(task, seed=seed, texts=texts, **overrides)
     processor = AutoProcessor.from_pretrained(path)
     load_kwargs = {"dtype": model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)}
     if quantization is not None:
