@@ -13,9 +13,9 @@ synthetic planted-cue data with the same budget by `examples/run_<task>.py`; the
 `RUNS` table below (edit it there). Tasks: `sarcasm` and `sentiment` (three classes). Regimes: `scratch` (the tiny
 model from a random initialisation) and `pretrained` (a perception-pretrained tiny LLaVA base per task and seed,
 built once under `DIR/bases/<task>/seed<k>/` and reused, fine-tuned with the vision tower frozen). Each run also gets
-`--cue_setting <name>` (the cue forms: `trainer.synthetic.CUE_SETTINGS`; `core_markers`, whose sarcasm markers make
-an item sarcastic on their own, runs for sarcasm only) and `--label_noise <eta>`. Each (task, regime, cue setting,
-noise, method, seed) runs in a fresh subprocess writing to
+`--cue_setting <name>` (the cue forms: `cfmoe.trainer.data.synthetic.CUE_SETTINGS`; `core_markers`, whose sarcasm
+markers make an item sarcastic on their own, runs for sarcasm only) and `--label_noise <eta>`. Each (task, regime,
+cue setting, noise, method, seed) runs in a fresh subprocess writing to
 `DIR/runs/<task>/<regime>/<cue_setting>/noise<eta>/<method>/seed<k>/`; a finished run is not run again, so an
 interrupted benchmark continues where it stopped. A run whose argv the run script's parser rejects is reported as
 skipped, with the parser's reason, and a run that crashes as failed (its log is `benchmark.log` in its folder).
@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from trainer.benchmarking import (
+from benchmarks.debiasing import (
     DEFAULT_NOISE,
     REGIMES,
     TASKS,
@@ -45,10 +45,10 @@ from trainer.benchmarking import (
     check_argv,
     execute,
     plan_runs,
-    plot_path,
-    write_report,
 )
-from trainer.synthetic import CUE_SETTINGS
+from benchmarks.report import plot_path, write_report
+from benchmarks.routing import launch_run
+from cfmoe.trainer.data.synthetic import CUE_SETTINGS
 
 # ------------------------------------------------------------------------------------------------ the run table
 # Extra argv of `examples/run_sarcasm.py` per method; edit the method configurations here.
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         begin = time.perf_counter()
         if "pretrained" in regimes:
             build_bases(output_dir, seeds, pretrain_argv, threads, args.jobs, tasks)
-        execute(runs, threads, args.jobs)
+        execute(runs, threads, args.jobs, launch=launch_run)
         settings["elapsed_s"] = time.perf_counter() - begin
     report = write_report(output_dir, runs, TABLE, settings)
     print(report["markdown"].split("## Metrics")[0])

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,27 +37,22 @@ import numpy as np
 import PIL.Image
 from datasets import DatasetDict
 
-from trainer.benchmarking import (
-    LOG_FILE,
+from benchmarks.debiasing import (
     META_FILE,
     RESULTS_FILE,
-    RUN_SCRIPT,
-    TIMING_FILE,
     MethodTable,
     Run,
-    call_logged,
     check_argv,
     execute,
-    fmt,
     load_json,
-    markdown_table,
-    mean_time,
+    run_cli,
     summarize,
     write_json,
 )
-from trainer.data import count_text_cues, load_benchmark, released_texts
-from trainer.synthetic import synthetic_vocabulary
-from trainer.tiny import tokens_per_word, train_text_tokenizer, train_tiny_tokenizer
+from benchmarks.report import fmt, markdown_table, mean_time
+from cfmoe.trainer.data import count_text_cues, load_benchmark, released_texts
+from cfmoe.trainer.data.synthetic import synthetic_vocabulary
+from cfmoe.trainer.data.tiny import tokens_per_word, train_text_tokenizer, train_tiny_tokenizer
 
 # ------------------------------------------------------------------------------------------------ the data
 MMSD, MMSD2 = "data-of-multimodal-sarcasm-detection", "MMSD2.0/data/text_json_final"
@@ -199,26 +192,8 @@ def plan(
     return runs
 
 
-# a run's subprocess: the run script on its argv, then the CPU seconds it took (all threads) into TIMING_FILE
-TIMED_RUN = (
-    "import json, runpy, sys, time; folder, sys.argv = sys.argv[1], sys.argv[2:]; "
-    "runpy.run_path(sys.argv[0], run_name='__main__'); "
-    f"open(f'{{folder}}/{TIMING_FILE}', 'w').write(json.dumps({{'cpu_s': time.process_time()}}))"
-)
-
-
-def launch(run: Run, threads: int) -> tuple[int, str]:
-    """`examples/run_sarcasm.py` on the run's argv in a fresh subprocess, output to `benchmark.log` in its folder;
-    its CPU time goes to `worker_timing.json` there (read by `execute`)."""
-    if run.run_dir.exists():  # leftovers of an interrupted run: start it afresh
-        shutil.rmtree(run.run_dir)
-    run.run_dir.mkdir(parents=True)
-    command = [sys.executable, "-c", TIMED_RUN, str(run.run_dir), str(RUN_SCRIPT), *run.argv]
-    return call_logged(command, run.run_dir / LOG_FILE, threads)
-
-
 def run_all(runs: Sequence[Run], threads: int, jobs: int) -> None:
-    """Run every unfinished run (`trainer.benchmarking.execute`); finished ones are read back as cached."""
+    """Run every unfinished run (`benchmarks.debiasing.execute`); finished ones are read back as cached."""
     for run in runs:
         if run.done:
             run.status = "cached"
@@ -228,7 +203,7 @@ def run_all(runs: Sequence[Run], threads: int, jobs: int) -> None:
     todo = [run for run in runs if not run.done]
     print(f"{len(runs) - len(todo)} of {len(runs)} run(s) finished before: not run again", flush=True)
     if todo:
-        execute(todo, threads, jobs, launch=launch)
+        execute(todo, threads, jobs, launch=run_cli)
 
 
 # ------------------------------------------------------------------------------------------------ the data report

@@ -5,7 +5,7 @@
     python examples/benchmark_speed.py --output_dir out/speed --device cuda    # GPU, bf16 autocast
     python examples/benchmark_speed.py --output_dir out/speed --tiny           # seconds: the test's smoke run
 
-Both configurations train the same tiny LLaVA (`trainer.tiny`, images enlarged to the size's patch grid; same
+Both configurations train the same tiny LLaVA (`cfmoe.trainer.data.tiny`, images enlarged to the size's patch grid; same
 weights, same batches) through `CFMoETrainer.training_step`, gradient clipping and the trainer's AdamW: `vanilla`
 with `CFMoETrainingArguments(method="vanilla")`, the default with `CFMoETrainingArguments()` (`method="cfmoe"`,
 what `examples/run_sarcasm.py` trains), past its bias-only warm-up (`debias_warmup_ratio=0`) so that it builds
@@ -17,7 +17,7 @@ the vision tower frozen for both, as `run_sarcasm.py` fine-tunes a checkpoint an
 Per size `BxN` (B items, N image tokens, about N / 10 text tokens): after warm-up steps, `--steps` fresh batches
 run through both configurations back to back (the order alternating); the ratios are of the medians. The clock
 is the process CPU time with 1 thread on CPU, the wall time on CUDA. Peak memory: see
-`trainer.speed.Runner.profile_train_step`. Forward hooks count the LM tokens (rows x length of every
+`benchmarks.speed.Runner.profile_train_step`. Forward hooks count the LM tokens (rows x length of every
 language-model call) and vision-tower images of a step; on CUDA its host syncs are counted too. Writes
 `speed.json` (`{"default": {"BxN": {"train_step_ratio", "inference_ratio", "peak_memory_ratio", ...}},
 "trained_tower": {...}, "setup": {...}}`) and `speed.md`, and prints the tables.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.speed import Runner, Size, compare, make_batch, parse_sizes, time_interleaved
+from benchmarks.speed import Runner, Size, compare, make_batch, parse_sizes, time_interleaved
 
 # the headline first: the vision tower frozen, as the llava recipe and the README's main job train; then the tiny
 # from-scratch recipe, which trains the tower (both configurations and vanilla alike)

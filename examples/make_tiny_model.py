@@ -7,7 +7,7 @@ locally on the synthetic benchmark's vocabulary and a LLaVA processor.
 Without `--pretrain`: a freshly initialised CF-MoE checkpoint (base, experts, heads); it loads offline with
 `AutoModel.from_pretrained(DIR, trust_remote_code=True)` and `AutoProcessor.from_pretrained(DIR,
 trust_remote_code=True)` (a stock LLaVA processor; the flag lets its tokenizer read the custom `config.json`).
-With `--pretrain`: a perception-pretrained stock LLaVA base (`trainer.pretrain`), for the pretrained regime:
+With `--pretrain`: a perception-pretrained stock LLaVA base (`benchmarks.pretrain`), for the pretrained regime:
 `examples/run_sarcasm.py --model_name_or_path DIR`. Its `pretraining.json` holds the validation accuracy per
 perception target. The script prints the seconds it took.
 """
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from trainer.pretrain import PretrainConfig, write_pretrained_base
-from trainer.tiny import write_tiny_checkpoint
+from benchmarks.pretrain import PretrainConfig, write_pretrained_base
+from cfmoe.trainer.data.tiny import write_tiny_checkpoint
 
 DEFAULTS = PretrainConfig()
 

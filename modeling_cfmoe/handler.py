@@ -1,4 +1,4 @@
-"""Inference Endpoints handler: `handler.py` at the root of the Hub repo (copied there by `trainer.hub`).
+"""Inference Endpoints handler: `handler.py` at the root of the Hub repo (copied there by `cfmoe.trainer.hub`).
 
 Request: `{"inputs": {"image": <base64 string | PIL image>, "text": str} or a list of them, "parameters": {...}}`
 with the parameters of the `multimodal-debiased-classification` pipeline (`top_k`, `return_effects`,

@@ -147,7 +147,7 @@ def custom_pipelines_config() -> dict[str, dict[str, Any]]:
 
 def add_pipeline_entry(custom_pipelines: dict[str, Any] | None) -> dict[str, Any]:
     """A config's `custom_pipelines` (None: none yet) with this pipeline's entry: what the model's `save_pretrained`
-    (and `trainer.hub` for a folder saved without it) writes to config.json."""
+    (and `cfmoe.trainer.hub` for a folder saved without it) writes to config.json."""
     return {**(custom_pipelines or {}), **custom_pipelines_config()}
 
 

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from trainer.tiny import build_tiny_model
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 torch.set_num_threads(1)
+# the research harness behind the benchmark scripts (`examples/benchmarks`), imported as the scripts import it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 # prepended to scripts run in a subprocess that must not import our packages (remote-code checks)
 BLOCK_OUR_PACKAGES = """
 import builtins
 _real_import = builtins.__import__
 def _guarded(name, *args, **kwargs):
-    if name.split(".")[0] in ("modeling_cfmoe", "trainer"):
+    if name.split(".")[0] in ("cfmoe", "modeling_cfmoe", "trainer"):
         raise ImportError(f"{name} must not be importable here")
     return _real_import(name, *args, **kwargs)
 builtins.__import__ = _guarded

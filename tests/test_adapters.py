@@ -16,8 +16,8 @@ from test_modeling import REMOTE_LOADER
 from torch import nn
 from transformers import AutoModel, LlavaForConditionalGeneration
 
-from modeling_cfmoe import CFMoEForMultimodalClassification
-from trainer.adapters import (
+from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
+from cfmoe.trainer.adapters import (
     QUANTIZATION_SKIP_MODULES,
     apply_lora,
     default_lora_target_modules,
@@ -27,7 +27,7 @@ from trainer.adapters import (
     quantization_config,
     save_lora_run,
 )
-from trainer.tiny import tiny_base_config
+from cfmoe.trainer.data.tiny import tiny_base_config
 
 NOT_QUANTISED = ("visual_moe", "text_moe", "fused_head", "text_head", "image_head", "mllm.multi_modal_projector")
 

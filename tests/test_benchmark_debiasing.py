@@ -1,5 +1,5 @@
-"""`examples/benchmark_debiasing.py` and `trainer.benchmarking`: aggregation and report on fake run folders, and
-one tiny real benchmark over both regimes (a pretrained base, runs of the real run script)."""
+"""`examples/benchmark_debiasing.py` and its harness (`examples/benchmarks`): aggregation and report on fake run
+folders, and one tiny real benchmark over both regimes (a pretrained base, runs of the real run script)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import benchmarking as bm
-from trainer.synthetic import NO_CUE, group_index
+from benchmarks import debiasing as bm
+from benchmarks import report as rp
+from benchmarks import routing as rt
+from cfmoe.trainer.data.synthetic import NO_CUE, group_index
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "benchmark_debiasing.py"
 SETTINGS = {"mode": "quick", "common": ["--num_train", "64"], "jobs": 1, "threads": 1}
@@ -83,7 +85,7 @@ def fake_launch(calls: list):
     def launch(run, threads):
         calls.append((run.method, run.seed))
         write_fake_run(run.run_dir, ood=0.5 + 0.1 * run.seed)
-        (run.run_dir / "worker_timing.json").write_text(json.dumps({"cpu_s": 3.0}))
+        (run.run_dir / bm.TIMING_FILE).write_text(json.dumps({"cpu_s": 3.0}))
         return 0, ""
 
     return launch
@@ -140,7 +142,7 @@ def test_results_json_schema_robust_acc_and_ranking(bench, tmp_path):
     write_fake_run(root / "cfmoe/seed0", iid=0.8, ood=0.7, reliance=0.25)
     write_fake_run(tmp_path / "runs/sarcasm/scratch/mixed/noise0.2/vanilla/seed0", iid=0.7, ood=0.6)
     runs = plan(bench, tmp_path, ["vanilla", "cfvqa", "cfmoe"], [0, 1], cues=("tint_hashtag", "mixed"))
-    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
+    report = rp.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results) == [SETTING, "sarcasm/scratch/mixed/noise0.2"] and list(
@@ -185,9 +187,9 @@ def test_ablation_cost_on_robust_acc(bench, tmp_path):
     robust = {"cfmoe": 0.90, "cfmoe_with_contrast": 0.89, "cfmoe_uniform_gates": 0.80, "cfmoe_routed": 0.95}
     for method, value in robust.items():
         write_fake_run(tmp_path / f"runs/sarcasm/scratch/tint_hashtag/noise0.2/{method}/seed0", iid=0.99, ood=value)
-    report = bm.write_report(tmp_path, plan(bench, tmp_path, list(robust), [0]), bench.TABLE, SETTINGS)
+    report = rp.write_report(tmp_path, plan(bench, tmp_path, list(robust), [0]), bench.TABLE, SETTINGS)
 
-    costs = bm.ablation_costs(report["results"][SETTING], bench.TABLE)
+    costs = rp.ablation_costs(report["results"][SETTING], bench.TABLE)
     assert set(costs) == set(robust) - {"cfmoe"}
     assert costs["cfmoe_with_contrast"]["cost"] == pytest.approx(0.01) and costs["cfmoe_with_contrast"]["cheap"]
     assert costs["cfmoe_uniform_gates"]["cost"] == pytest.approx(0.10) and not costs["cfmoe_uniform_gates"]["cheap"]
@@ -217,7 +219,7 @@ def test_resume_skips_finished_runs(bench, tmp_path, capsys):
     again = plan(bench, tmp_path, ["vanilla", "cfmoe"], [0, 1])
     bm.execute(again, threads=1, check=accept_all, launch=fake_launch(calls))
     assert calls == [] and {r.status for r in again} == {"cached"}
-    report = bm.write_report(tmp_path, again, bench.TABLE, SETTINGS)
+    report = rp.write_report(tmp_path, again, bench.TABLE, SETTINGS)
     assert report["results"][SETTING]["cfmoe"]["ood_acc"]["mean"] == pytest.approx((0.77 + 0.6) / 2)
 
 
@@ -243,7 +245,7 @@ def test_rejected_and_failed_runs_are_reported(bench, tmp_path, capsys):
         capsys.readouterr().out.count("skipping sarcasm/scratch/tint_hashtag/noise0.2 cfmoe_no_text_cf") == 1
     )  # checked once
 
-    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
+    report = rp.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
     assert list(report["results"][SETTING]) == ["cfmoe"]
     text = report["markdown"]
     assert f"| {SETTING} | cfmoe_no_text_cf | 0 | skipped | argv rejected by the parser: unknown flag" in text
@@ -252,30 +254,30 @@ def test_rejected_and_failed_runs_are_reported(bench, tmp_path, capsys):
 
 def test_routing_study_summaries(bench, tmp_path):
     gid = {cues: int(group_index(*cues, 2)) for cues in ((0, 0, 0), (0, 1, 1), (0, 0, 1), (0, 1, 0), (1, 1, 1))}
-    assert [bm.cue_category(1, *cues) for cues in ((1, 1), (0, 1), (1, 0), (0, 0))] == list(bm.CATEGORIES)
-    assert bm.cue_category(1, NO_CUE, 1) == "aligned" and bm.cue_category(1, NO_CUE, 0) == "image_conflicting"
+    assert [rt.cue_category(1, *cues) for cues in ((1, 1), (0, 1), (1, 0), (0, 0))] == list(rt.CATEGORIES)
+    assert rt.cue_category(1, NO_CUE, 1) == "aligned" and rt.cue_category(1, NO_CUE, 0) == "image_conflicting"
     gates = {"visual": np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]), "text": np.full((3, 2), 0.5)}
     groups = np.array([gid[0, 0, 0], gid[0, 0, 0], gid[0, 1, 1]])
-    routed = bm.routing_by_group(gates, groups, num_labels=2)
+    routed = rt.routing_by_group(gates, groups, num_labels=2)
     aligned = routed["groups"][str(gid[0, 0, 0])]
     assert routed["overall"] == {"n": 3, "visual": [0.5, 0.5], "text": [0.5, 0.5]}
     assert aligned["category"] == "aligned" and aligned["visual"] == [0.75, 0.25]
     assert routed["categories"]["both_conflicting"] == {"n": 1, "visual": [0.0, 1.0], "text": [0.5, 0.5]}
-    assert bm.separation(routed["groups"], "visual") == pytest.approx(0.75)  # |[.75, .25] - [0, 1]| / 2
-    assert bm.separation(routed["groups"], "text") == pytest.approx(0.0)
-    single_cue = bm.routing_by_group(gates, np.array([gid[0, 0, 0], gid[0, 0, 1], gid[0, 1, 0]]), num_labels=2)
-    assert bm.cue_sensitivity(single_cue["groups"], "visual", "image_cue") == pytest.approx(0.5)
-    assert bm.cue_sensitivity(single_cue["groups"], "visual", "text_cue") == pytest.approx(1.0)
-    assert bm.cue_sensitivity(single_cue["groups"], "text", "text_cue") == pytest.approx(0.0)
-    assert bm.cue_sensitivity(routed["groups"], "visual", "text_cue") is None  # the groups differ in both cues
-    other_label = bm.routing_by_group(gates, np.array([gid[0, 0, 0]] * 2 + [gid[1, 1, 1]]), num_labels=2)
-    assert bm.separation(other_label["groups"], "visual") is None
-    assert bm.balance([0.25] * 4) == pytest.approx(1.0) and bm.balance([1.0, 0.0]) == pytest.approx(0.0)
+    assert rt.separation(routed["groups"], "visual") == pytest.approx(0.75)  # |[.75, .25] - [0, 1]| / 2
+    assert rt.separation(routed["groups"], "text") == pytest.approx(0.0)
+    single_cue = rt.routing_by_group(gates, np.array([gid[0, 0, 0], gid[0, 0, 1], gid[0, 1, 0]]), num_labels=2)
+    assert rt.cue_sensitivity(single_cue["groups"], "visual", "image_cue") == pytest.approx(0.5)
+    assert rt.cue_sensitivity(single_cue["groups"], "visual", "text_cue") == pytest.approx(1.0)
+    assert rt.cue_sensitivity(single_cue["groups"], "text", "text_cue") == pytest.approx(0.0)
+    assert rt.cue_sensitivity(routed["groups"], "visual", "text_cue") is None  # the groups differ in both cues
+    other_label = rt.routing_by_group(gates, np.array([gid[0, 0, 0]] * 2 + [gid[1, 1, 1]]), num_labels=2)
+    assert rt.separation(other_label["groups"], "visual") is None
+    assert rt.balance([0.25] * 4) == pytest.approx(1.0) and rt.balance([1.0, 0.0]) == pytest.approx(0.0)
 
     runs = plan(bench, tmp_path, ["vanilla", "cfmoe"], [0])
     write_fake_run(runs[1].run_dir)
     write_fake_run(runs[0].run_dir, routing=False)
-    report = bm.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
+    report = rp.write_report(tmp_path, runs, bench.TABLE, SETTINGS)
     routing = json.loads((tmp_path / "routing.json").read_text())[SETTING]
     assert routing["cfmoe"]["seeds"]["0"]["final_training_shares"] == {"visual": [0.7, 0.3], "text": [0.6, 0.4]}
     assert routing["cfmoe"]["separation"]["visual"]["mean"] == pytest.approx(1.0)

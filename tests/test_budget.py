@@ -20,11 +20,11 @@ import math
 import pytest
 import torch
 
-from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
-from trainer.cfmoe_trainer import CFMoETrainer
-from trainer.speed import Work, count_work
-from trainer.tiny import IMAGE_SIZE, PATCH_SIZE, tiny_base_config
-from trainer.training_args import CFMoETrainingArguments
+from benchmarks.speed import Work, count_work
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.trainer.cfmoe_trainer import CFMoETrainer
+from cfmoe.trainer.data.tiny import IMAGE_SIZE, PATCH_SIZE, tiny_base_config
+from cfmoe.trainer.training_args import CFMoETrainingArguments
 
 IMAGE_TOKEN, PAD, BOS, VOCAB = 4, 0, 1, 64
 N_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2  # the tiny tower's patches; its CLS feature is dropped

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from modeling_cfmoe.preprocessing import MAX_ASPECT_RATIO, BadExampleError, encode_examples, load_rgb_image
-from trainer.collator import CFMoECollator
+from cfmoe.modeling_cfmoe.preprocessing import MAX_ASPECT_RATIO, BadExampleError, encode_examples, load_rgb_image
+from cfmoe.trainer.collator import CFMoECollator
 
 IMAGE_TOKENS = 16  # the tiny processor: 32x32 images, patch 8
 
@@ -92,7 +92,7 @@ def test_each_bad_item_is_named_with_what_to_fix(collator, tmp_path):
 def test_skip_bad_examples_drops_counts_and_logs_each_bad_item(processor, tmp_path, caplog):
     collator = CFMoECollator(processor, num_labels=2, skip_bad_examples=True)
     cases = bad_items(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="trainer.collator"):
+    with caplog.at_level(logging.WARNING, logger="cfmoe.trainer.collator"):
         for number, (fields, _) in enumerate(cases, start=1):
             batch = collator([item(0), item(1, id=f"bad-{number}", **fields), item(2)])
             assert batch["labels"].tolist() == [0, 0] and image_token_counts(processor, batch) == [IMAGE_TOKENS] * 2

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from modeling_cfmoe.context import ContextStatistics, mean_colour, spread
-from modeling_cfmoe.counterfactual import (
+from cfmoe.modeling_cfmoe.context import ContextStatistics, mean_colour, spread
+from cfmoe.modeling_cfmoe.counterfactual import (
     CONTEXT_SWAPPED,
     CORE_MASKED,
     close_holes,
@@ -15,8 +15,8 @@ from modeling_cfmoe.counterfactual import (
     transplant_pixels,
     transplant_tokens,
 )
-from modeling_cfmoe.counterfactual_rows import RowBatch
-from trainer.tiny import build_tiny_model
+from cfmoe.modeling_cfmoe.counterfactual_rows import RowBatch
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 CUE, OTHER = 7, 8  # token ids: a cue that only class 1 items hold, and a word of both classes
 

@@ -1,4 +1,4 @@
-"""Tests for trainer/synthetic.py (the planted-cue benchmark) and trainer/data.py (the real-data loaders)."""
+"""Tests for trainer/data/synthetic.py (the planted-cue benchmark) and trainer/data/real.py (the real-data loaders)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from datasets import Image
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trainer.data import (
+from cfmoe.trainer.data import (
     count_text_cues,
     load_benchmark,
     load_dmsd_ood,
@@ -24,7 +24,7 @@ from trainer.data import (
     parse_extra_test,
     released_texts,
 )
-from trainer.synthetic import (
+from cfmoe.trainer.data.synthetic import (
     CUE_SETTINGS,
     HASHTAGS,
     MARK_SIZE,
@@ -664,7 +664,7 @@ def test_each_bad_item_fails_with_a_clear_message(tmp_path):
 
 def test_skip_bad_examples_skips_and_counts(tmp_path, caplog):
     root = write_bad_mmsd(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+    with caplog.at_level(logging.WARNING, logger="cfmoe.trainer.data"):
         dataset, report = load_mmsd(root, "test", skip_bad_examples=True)
     assert dataset["id"] == ["1", "5"]
     assert report.num_skipped == 4 and report.num_loaded == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.evaluation import bias_split_accuracies
+from cfmoe.trainer.evaluation import bias_split_accuracies
 
 
 def _one_hot(classes: np.ndarray) -> np.ndarray:

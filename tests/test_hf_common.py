@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
 SDIST_DIR = Path(os.environ.get("TRANSFORMERS_SDIST_DIR", Path.home() / ".cache" / "cfmoe" / "sdist"))
 SDIST = SDIST_DIR / f"transformers-{transformers.__version__}.tar.gz"

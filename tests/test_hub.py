@@ -10,10 +10,10 @@ import pytest
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 
-import modeling_cfmoe
-from modeling_cfmoe.pipeline_cfmoe import TASK, save_pipeline
-from trainer import hub
-from trainer.hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
+import cfmoe.modeling_cfmoe as modeling_cfmoe
+from cfmoe.modeling_cfmoe.pipeline_cfmoe import TASK, save_pipeline
+from cfmoe.trainer import hub
+from cfmoe.trainer.hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 
 EVAL = {
     "test_iid": {"accuracy": 0.9125, "macro_f1": 0.9, "worst_group_accuracy": 0.75},
@@ -84,7 +84,7 @@ def test_push_completes_the_folder_and_uploads_our_card(tiny_model, processor, t
     (folder / "checkpoint-10").mkdir()
     (folder / "checkpoint-10" / "model.safetensors").write_bytes(b"x")
     (folder / "training_args.bin").write_bytes(b"pickle")
-    with pytest.raises(ValueError, match="README.md written by trainer.hub.write_model_card"):
+    with pytest.raises(ValueError, match="README.md written by cfmoe.trainer.hub.write_model_card"):
         complete_hub_folder(folder)
     (folder / "README.md").write_text("---\nlibrary_name: transformers\n---\n# generic card\n")
     with pytest.raises(ValueError, match="README.md"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import (
+from cfmoe.trainer.losses import (
     bias_conflict_weights,
     counterfactual_contrast,
     kl_to_prior,

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_cfmoe import CounterfactualMode
-from trainer import METHODS, CFMoECollator, CFMoETrainer, CFMoETrainingArguments
-from trainer.methods import DebiasingMethod, LossTerms, get_method, method_names, register_method
-from trainer.synthetic import SyntheticConfig, make_synthetic_benchmark
-from trainer.tiny import build_tiny_model
+from cfmoe.modeling_cfmoe import CounterfactualMode
+from cfmoe.trainer import METHODS, CFMoECollator, CFMoETrainer, CFMoETrainingArguments
+from cfmoe.trainer.data.synthetic import SyntheticConfig, make_synthetic_benchmark
+from cfmoe.trainer.data.tiny import build_tiny_model
+from cfmoe.trainer.methods import DebiasingMethod, LossTerms, get_method, method_names, register_method
 
 REPO = Path(__file__).resolve().parents[1]
 BIAS_TERMS = {"bias_text", "bias_image", "bias_prior"}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from trainer.metrics import (
+from cfmoe.trainer.metrics import (
     DebiasingMetrics,
     accuracy,
     binary_f1,

@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
 
-from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
-from modeling_cfmoe.context import spread
-from modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
-from trainer.tiny import build_tiny_model, tiny_base_config
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.modeling_cfmoe.context import spread
+from cfmoe.modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
+from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
 
 MODELING_FILES = {"configuration_cfmoe.py", "modeling_cfmoe.py", "moe.py", "counterfactual.py"}
 
@@ -219,7 +219,7 @@ def _check_base_weights(model: CFMoEForMultimodalClassification, stock: LlavaFor
 def load_logs(caplog, monkeypatch):
     """The records of transformers' loggers (its load report) and ours, from INFO on."""
     monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
-    caplog.set_level(logging.INFO, logger="modeling_cfmoe")
+    caplog.set_level(logging.INFO, logger="cfmoe.modeling_cfmoe")
     return caplog
 
 
@@ -233,7 +233,7 @@ def test_from_base_pretrained_loads_every_stock_weight(tmp_path, load_logs):
     _check_base_weights(model, stock)
     # no load report listing the new modules as MISSING and lm_head as UNEXPECTED: one line names them
     assert not [r for r in load_logs.records if r.levelno >= logging.WARNING and "LOAD REPORT" in r.getMessage()]
-    (line,) = [r.getMessage() for r in load_logs.records if r.name == "modeling_cfmoe.modeling_pretrained"]
+    (line,) = [r.getMessage() for r in load_logs.records if r.name == "cfmoe.modeling_cfmoe.modeling_pretrained"]
     assert line.endswith("every base weight loaded; initialised context_statistics, fused_head, image_head, "
                          "prior_logits, text_head, text_moe, visual_moe")  # fmt: skip
     assert CFMoEForMultimodalClassification._keys_to_ignore_on_load_missing is None  # a later load reports all

@@ -18,12 +18,12 @@ import torch
 from conftest import BLOCK_OUR_PACKAGES, random_images
 from transformers import AutoProcessor, LlavaNextImageProcessorPil, LlavaNextProcessor
 
-import modeling_cfmoe
-from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
-from modeling_cfmoe.handler import EndpointHandler
-from modeling_cfmoe.pipeline_cfmoe import MultimodalDebiasedClassificationPipeline, save_pipeline
-from modeling_cfmoe.preprocessing import BadExampleError, encode_examples
-from trainer.tiny import tiny_base_config
+import cfmoe.modeling_cfmoe as modeling_cfmoe
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.modeling_cfmoe.handler import EndpointHandler
+from cfmoe.modeling_cfmoe.pipeline_cfmoe import MultimodalDebiasedClassificationPipeline, save_pipeline
+from cfmoe.modeling_cfmoe.preprocessing import BadExampleError, encode_examples
+from cfmoe.trainer.data.tiny import tiny_base_config
 
 TEXTS = ["we love the rainy monday", "what a day", "the train is late again and again and again"]
 EFFECT_KEYS = {"TE", "NDE_T", "NDE_V", "TIE"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from trainer.plots import plot_training, training_figure
+from cfmoe.trainer.plots import plot_training, training_figure
 
 
 def _history(num_experts: int, evaluations: bool = True) -> list[dict]:

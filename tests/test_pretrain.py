@@ -1,4 +1,4 @@
-"""Perception pretraining of the tiny base (`trainer.pretrain`) and `examples/make_tiny_model.py --pretrain`."""
+"""Perception pretraining of the tiny base (`benchmarks.pretrain`) and `examples/make_tiny_model.py --pretrain`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_cfmoe import CFMoEForMultimodalClassification
-from trainer.pretrain import (
+from benchmarks.pretrain import (
     PERCEPTION_TARGETS,
     PretrainConfig,
     perception_data,
@@ -19,7 +18,8 @@ from trainer.pretrain import (
     pretrain_perception,
     target_names,
 )
-from trainer.tiny import build_tiny_model
+from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = PretrainConfig(num_train=64, num_validation=32, num_epochs=3, batch_size=16, cue_setting="all_forms")

@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 from transformers.trainer_utils import get_last_checkpoint
 
-import trainer.methods as trainer_module
-from modeling_cfmoe import CFMoEForMultimodalClassification
-from modeling_cfmoe.moe import AttentionRouter
-from modeling_cfmoe.preprocessing import BadExampleError
-from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
-from trainer.synthetic import SyntheticConfig, make_synthetic_benchmark
-from trainer.tiny import build_tiny_model
+import cfmoe.trainer.methods as trainer_module
+from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
+from cfmoe.modeling_cfmoe.moe import AttentionRouter
+from cfmoe.modeling_cfmoe.preprocessing import BadExampleError
+from cfmoe.trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
+from cfmoe.trainer.data.synthetic import SyntheticConfig, make_synthetic_benchmark
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 # the example's main(argv)
 run_sarcasm = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "run_sarcasm.py"))["main"]
@@ -89,7 +89,7 @@ def test_skip_policy_drops_exactly_the_bad_updates_and_counts_them(tmp_path, tin
     trainer = make_trainer(tmp_path / "all", tiny_data, nan_policy="skip")
     before = snapshot(trainer.model)
     poison(monkeypatch, float("nan"))
-    with caplog.at_level(logging.WARNING, logger="trainer.nonfinite"):
+    with caplog.at_level(logging.WARNING, logger="cfmoe.trainer.nonfinite"):
         trainer.train()
     # no update at all (not even AdamW's weight decay) and no optimizer state for any parameter
     for name, param in trainer.model.named_parameters():

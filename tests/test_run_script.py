@@ -17,8 +17,8 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import is_torch_bf16_gpu_available
 
-from modeling_cfmoe import CFMoEConfig
-from trainer.arguments import (
+from cfmoe.modeling_cfmoe import CFMoEConfig
+from cfmoe.trainer.arguments import (
     CONFIG_FLAG_FORMS,
     NOT_CONFIG_FLAGS,
     CheckpointTrainingArguments,
@@ -27,10 +27,10 @@ from trainer.arguments import (
     config_argument_help,
     parse_args,
 )
-from trainer.errors import UserInputError, exit_on_user_error
-from trainer.run import load_model
-from trainer.synthetic import HASHTAGS
-from trainer.tiny import build_tiny_model, tiny_base_config
+from cfmoe.trainer.data.synthetic import HASHTAGS
+from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
+from cfmoe.trainer.errors import UserInputError, exit_on_user_error
+from cfmoe.trainer.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

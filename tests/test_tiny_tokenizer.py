@@ -8,8 +8,14 @@ import string
 import pytest
 from conftest import random_images
 
-from trainer.synthetic import synthetic_vocabulary
-from trainer.tiny import build_tiny_model, tiny_processor, tokens_per_word, train_text_tokenizer, train_tiny_tokenizer
+from cfmoe.trainer.data.synthetic import synthetic_vocabulary
+from cfmoe.trainer.data.tiny import (
+    build_tiny_model,
+    tiny_processor,
+    tokens_per_word,
+    train_text_tokenizer,
+    train_tiny_tokenizer,
+)
 
 TEXTS = [
     "Great, another Monday!!! #not",

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
-from trainer.synthetic import SyntheticConfig, make_synthetic_benchmark
-from trainer.tiny import build_tiny_model
+from cfmoe.trainer import CFMoECollator, CFMoETrainer, CFMoETrainingArguments
+from cfmoe.trainer.data.synthetic import SyntheticConfig, make_synthetic_benchmark
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 run_sarcasm = runpy.run_path(str(REPO / "examples" / "run_sarcasm.py"))["main"]  # the example's main(argv)
@@ -187,9 +187,9 @@ def test_load_in_8bit_quantises_a_stock_base_and_keeps_the_heads(tmp_path):
     import bitsandbytes as bnb
     from transformers import LlavaForConditionalGeneration
 
-    from trainer.arguments import ModelArguments
-    from trainer.run import load_model
-    from trainer.tiny import tiny_base_config
+    from cfmoe.trainer.arguments import ModelArguments
+    from cfmoe.trainer.data.tiny import tiny_base_config
+    from cfmoe.trainer.loading import load_model
 
     _, processor = build_tiny_model("sarcasm")
     stock = LlavaForConditionalGeneration(

@@ -21,8 +21,8 @@ from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
-from modeling_cfmoe import BASE_FAMILIES, CFMoEPreTrainedModel, base_family
-from modeling_cfmoe.pipeline_cfmoe import save_pipeline
+from cfmoe.modeling_cfmoe import BASE_FAMILIES, CFMoEPreTrainedModel, base_family
+from cfmoe.modeling_cfmoe.pipeline_cfmoe import save_pipeline
 
 DEBIASING_MODULES = ["visual_moe", "text_moe", "fused_head", "text_head", "image_head"]
 BASE = CFMoEPreTrainedModel.base_model_prefix  # where the CF-MoE model holds the wrapped base

@@ -21,11 +21,11 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
-from modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
-from modeling_cfmoe.configuration_cfmoe import CHOICES
+from cfmoe.modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
+from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES
 
+from .data.synthetic import SyntheticConfig
 from .errors import name_flags, require, user_input
-from .synthetic import SyntheticConfig
 from .training_args import CFMoETrainingArguments
 
 TINY, CHECKPOINT, LORA = 0, 1, 2
@@ -409,7 +409,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """(model, data, training) arguments of a run script's command line (`sys.argv[1:]` when None), with the
     defaults of what it trains (`--recipe`): the tiny model, or a checkpoint given by `--model_name_or_path` (with
     `--use_lora`). `--help` lists the defaults of the command line it comes with. A value the run cannot use
-    raises a [`~trainer.errors.UserInputError`] naming its flag."""
+    raises a [`~cfmoe.trainer.errors.UserInputError`] naming its flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with user_input():
         peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)

@@ -1,4 +1,4 @@
-"""`CFMoETrainer`: a `Trainer` whose `compute_loss` is the objective of a debiasing method (`trainer.methods`).
+"""`CFMoETrainer`: a `Trainer` whose `compute_loss` is the objective of a debiasing method (`cfmoe.trainer.methods`).
 
 One training step: the batch is counted into the context statistics that pick each item's context (when the method
 reads them), the model's forward computes what the method asks for (`DebiasingMethod.forward_mode`), the method
@@ -14,7 +14,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED
+from cfmoe.modeling_cfmoe.counterfactual import CONTEXT_SWAPPED
 
 from .audit import ContextAuditCallback
 from .checkpointing import StagedCheckpointsMixin

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from modeling_cfmoe.preprocessing import (
+from cfmoe.modeling_cfmoe.preprocessing import (
     DEFAULT_PROMPT_TEMPLATE,
     BadExampleError,
     check_text,

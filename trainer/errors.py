@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from modeling_cfmoe.preprocessing import BadExampleError
+from cfmoe.modeling_cfmoe.preprocessing import BadExampleError
 
 TRACEBACK_VARIABLE = "CFMOE_TRACEBACK"
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-import modeling_cfmoe
-from modeling_cfmoe import CFMoEConfig
-from modeling_cfmoe.pipeline_cfmoe import TASK, add_pipeline_entry
+import cfmoe.modeling_cfmoe as modeling_cfmoe
+from cfmoe.modeling_cfmoe import CFMoEConfig
+from cfmoe.modeling_cfmoe.pipeline_cfmoe import TASK, add_pipeline_entry
 
 CARD_TAG = "cfmoe"
 TAGS = ["multimodal", "debiasing", "mixture-of-experts", "counterfactual", "custom_code", CARD_TAG]
@@ -69,7 +69,7 @@ def write_model_card(
 
     eval_results: `{split: {metric: value}}`, e.g. `{"test_ood": {"accuracy": 0.81, "macro_f1": 0.8}}`.
     routing_shares: `{site: [share of expert 0, ...]}` or the trainer's logged `routing_<site>_expert_<i>` keys.
-    context_audit: one stage of `context_report.json` (`trainer.audit`): what training treated as context.
+    context_audit: one stage of `context_report.json` (`cfmoe.trainer.audit`): what training treated as context.
     base_model: a Hub id (None for a locally built base: left out of the metadata).
     repo_id: the Hub id used in the card's loading example; model_name defaults to its last part.
     synthetic: the results come from the planted-cue benchmark; the card says so next to the numbers.
@@ -198,7 +198,7 @@ def _number(value: float | None) -> str:
 
 
 def _audit_section(audit: Mapping[str, Any]) -> str:
-    """What training treated as context (`trainer.audit.context_report`), for a reader to check."""
+    """What training treated as context (`cfmoe.trainer.audit.context_report`), for a reader to check."""
 
     def tokens(status: str) -> str:
         entries = audit["tokens"].get(status, [])[:12]
@@ -257,7 +257,7 @@ def complete_hub_folder(folder: str | Path) -> list[str]:
     ):
         problems.append("the processor files (processor.save_pretrained(folder))")
     if not _is_our_card(folder / "README.md"):
-        problems.append("README.md written by trainer.hub.write_model_card")
+        problems.append("README.md written by cfmoe.trainer.hub.write_model_card")
     if problems:
         raise ValueError(f"{folder} cannot be pushed; missing: " + "; ".join(problems))
     added = []

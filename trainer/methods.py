@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from modeling_cfmoe import CFMoEConfig, CounterfactualMode
-from modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
+from cfmoe.modeling_cfmoe import CFMoEConfig, CounterfactualMode
+from cfmoe.modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
 
 from .losses import (
     bias_conflict_weights,

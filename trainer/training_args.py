@@ -15,7 +15,7 @@ class CFMoETrainingArguments(TrainingArguments):
     """Method and loss weights. A weight of 0 switches its term off (ablations); every term that is on is
     logged by name (`loss_<term>`) at each logging step.
 
-    Methods (`trainer.methods`, any registered one): `vanilla` (plain task loss), `text_poe` / `image_poe` / `poe`
+    Methods (`cfmoe.trainer.methods`, any registered one): `vanilla` (plain task loss), `text_poe` / `image_poe` / `poe`
     (product of experts with the text-only / image-only / both bias branches, stop-gradient), `rubi` (RUBi's sigmoid
     mask), `cfvqa` (branches trained jointly, TIE at test time), `group_dro` (uses group labels: a reference, not a
     competitor), `cfmoe` (the full method).

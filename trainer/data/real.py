@@ -1,11 +1,11 @@
-"""Loaders for the real data sets as released (users bring the data) and ``load_benchmark``, which dispatches by name.
+"""Loaders for the real data sets as released (users bring the data).
 
 ``load_mmsd`` (MMSD2.0's JSON layout, also used for MMSD), ``load_mmsd_release`` (MMSD 1.0's own text release),
 ``load_dmsd_ood`` (the DMSD-CL OOD lines) and ``load_mvsa`` (MVSA-Single, MVSA-Multiple) each return
-``(Dataset, LoadReport)``; ``load_benchmark`` returns a ``DatasetDict`` (it logs the reports) for these and for the
-synthetic benchmark (``trainer.synthetic``). Bad input raises early with a message naming the file, the line or item
-and the fix; ``skip_bad_examples=True`` skips and counts such items instead. ``released_texts`` and
-``count_text_cues`` count the spurious cues the released texts carry (docs/real_data.md).
+``(Dataset, LoadReport)``; ``benchmarks.load_benchmark`` assembles them into a ``DatasetDict`` by name. Bad input
+raises early with a message naming the file, the line or item and the fix; ``skip_bad_examples=True`` skips and
+counts such items instead. ``released_texts`` and ``count_text_cues`` count the spurious cues the released texts
+carry (docs/real_data.md).
 """
 
 from __future__ import annotations
@@ -15,23 +15,18 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import PIL.Image
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from .synthetic import LABEL_NAMES, SyntheticConfig, make_synthetic_benchmark
+from .synthetic import LABEL_NAMES
 
 logger = logging.getLogger(__name__)
-
-# ----------------------------------------------------------------------------------------------------------
-# Loaders for the real data layouts
-# ----------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -150,7 +145,7 @@ MMSD_DISCARD_WORDS = frozenset(
 _DMSD_LINE = re.compile(r"\[\s*([^,\]]+?)\s*,(.*),\s*([^,\]]+?)\s*\]")
 
 
-def _split_name(split: str) -> str:
+def split_name(split: str) -> str:
     """train, validation or test for a split name ("valid" is validation)."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_NAMES)}")
@@ -158,13 +153,13 @@ def _split_name(split: str) -> str:
 
 
 def _mmsd_split_file(data_dir: Path, split: str) -> Path:
-    path = data_dir / MMSD_JSON_FILES[_split_name(split)]
+    path = data_dir / MMSD_JSON_FILES[split_name(split)]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: expected MMSD2.0's layout DATA_DIR/{{train,valid,test}}.json")
     return path
 
 
-def _mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
+def mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
     """The image folder (or one placeholder image file) of an MMSD data set: ``image_dir``, else ``DATA_DIR/images``,
     ``DATA_DIR/dataset_image`` or ``DATA_DIR/../dataset_image`` (MMSD2.0's repository: ``data/text_json_final``
     beside ``data/dataset_image``)."""
@@ -278,7 +273,7 @@ def load_mmsd(
     """
     data_dir = Path(data_dir)
     path = _mmsd_split_file(data_dir, split)
-    images = _mmsd_image_dir(data_dir, image_dir)
+    images = mmsd_image_dir(data_dir, image_dir)
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
     for index, entry in enumerate(_json_entries(path)):
         where = f"{path} item {index}"
@@ -308,8 +303,8 @@ def load_mmsd_release(
     published sizes remain (19,816 / 2,410 / 2,409). Images as in ``load_mmsd``.
     """
     data_dir = Path(data_dir)
-    path = data_dir / "text" / MMSD_RELEASE_FILES[_split_name(split)]
-    images = _mmsd_image_dir(data_dir, image_dir)
+    path = data_dir / "text" / MMSD_RELEASE_FILES[split_name(split)]
+    images = mmsd_image_dir(data_dir, image_dir)
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
     for where, line in _lines(path):
         with items.item():
@@ -475,125 +470,3 @@ def load_mvsa(
         report.num_unlabelled,
     )
     return dataset, report
-
-
-def _log(name: str, split: str, report: LoadReport) -> None:
-    logger.info(
-        "%s/%s: %d items from %s (%d skipped as bad, %d unlabelled, %d discarded by the data set's rule)",
-        name,
-        split,
-        report.num_loaded,
-        report.source,
-        report.num_skipped,
-        report.num_unlabelled,
-        report.num_discarded,
-    )
-
-
-MMSD_NAMES = ("mmsd", "mmsd2")
-
-
-def parse_extra_test(spec: str | None) -> dict[str, str]:
-    """``{name: data_dir}`` of an ``--extra_test`` value ``NAME=DIR[,NAME=DIR...]`` (NAME: mmsd or mmsd2); empty for
-    None or ""."""
-    extra: dict[str, str] = {}
-    for part in (part.strip() for part in (spec or "").split(",")):
-        if not part:
-            continue
-        name, _, folder = part.partition("=")
-        if name.strip() not in MMSD_NAMES or not folder.strip() or name.strip() in extra:
-            raise ValueError(
-                f"--extra_test {spec!r}: {part!r} is not NAME=DIR with NAME one of {list(MMSD_NAMES)} (each once), "
-                "e.g. --extra_test mmsd2=/data/MMSD2.0/data/text_json_final"
-            )
-        extra[name.strip()] = folder.strip()
-    return extra
-
-
-def _load_mmsd_split(
-    name: str, data_dir: str | Path, split: str, image_dir: str | Path | None, discard_rule: bool, **options: bool
-) -> tuple[Dataset, LoadReport]:
-    """One split of "mmsd" (MMSD 1.0's text release where DATA_DIR holds it, else the JSON layout) or "mmsd2"."""
-    if name == "mmsd" and is_mmsd_release(data_dir):
-        return load_mmsd_release(data_dir, split, image_dir, discard_rule=discard_rule, **options)
-    if name == "mmsd" and not (Path(data_dir) / MMSD_JSON_FILES[_split_name(split)]).is_file():
-        raise FileNotFoundError(
-            f"{data_dir}: no MMSD data found: expected MMSD 1.0's release DATA_DIR/text/{{train,valid2,test2}}.txt "
-            "or the JSON layout DATA_DIR/{train,valid,test}.json"
-        )
-    return load_mmsd(data_dir, split, image_dir, **options)
-
-
-def _mmsd_benchmark(
-    name: str,
-    data_dir: str | Path,
-    image_dir: str | Path | None = None,
-    ood_file: str | Path | None = None,
-    extra_test: Mapping[str, str | Path] | None = None,
-    discard_rule: bool = True,
-    **options: bool,
-) -> DatasetDict:
-    splits = DatasetDict()
-    for split in ("train", "validation", "test"):
-        splits[split], report = _load_mmsd_split(name, data_dir, split, image_dir, discard_rule, **options)
-        _log(name, split, report)
-    for extra_name, extra_dir in (extra_test or {}).items():
-        split = f"test_{extra_name}"
-        splits[split], report = _load_mmsd_split(extra_name, extra_dir, "test", image_dir, discard_rule, **options)
-        _log(name, split, report)
-    if ood_file is not None:
-        ood_images = _mmsd_image_dir(Path(data_dir), image_dir)
-        splits["test_ood"], report = load_dmsd_ood(ood_file, ood_images, **options)
-        _log(name, "test_ood", report)
-    return splits
-
-
-def _mvsa_benchmark(
-    name: str,
-    data_dir: str | Path,
-    label_file: str | Path | None = None,
-    split_seed: int = 0,
-    **options: bool,
-) -> DatasetDict:
-    """MVSA has no official split: a seeded 8:1:1 train/validation/test split."""
-    dataset, report = load_mvsa(data_dir, label_file, **options)
-    _log(name, "all", report)
-    order = np.random.default_rng(split_seed).permutation(len(dataset))
-    n_train, n_val = round(0.8 * len(dataset)), round(0.1 * len(dataset))
-    parts = {"train": order[:n_train], "validation": order[n_train : n_train + n_val], "test": order[n_train + n_val :]}
-    return DatasetDict({split: dataset.select(np.sort(indices)) for split, indices in parts.items()})
-
-
-BENCHMARKS = ("synthetic_sarcasm", "synthetic_sentiment", "mmsd", "mmsd2", "mvsa_single", "mvsa_multiple")
-
-
-def load_benchmark(name: str, data_dir: str | Path | None = None, **kwargs: object) -> DatasetDict:
-    """Load a benchmark by name as a DatasetDict.
-
-    - "synthetic_sarcasm", "synthetic_sentiment": ``make_synthetic_benchmark``; kwargs are
-      ``SyntheticConfig`` fields (not ``task``); data_dir is not used.
-    - "mmsd": train / validation / test of MMSD 1.0 from ``load_mmsd_release`` where DATA_DIR holds its text
-      release (``text/*.txt``; kwarg ``discard_rule``, default True), else from ``load_mmsd`` (the JSON layout);
-      "mmsd2": from ``load_mmsd``. Kwargs ``image_dir`` (a folder, or one placeholder image file), ``ood_file`` (a
-      DMSD-CL OOD file, images from the same folder) to add ``test_ood``, and ``extra_test`` ({"mmsd" | "mmsd2":
-      DATA_DIR}, ``parse_extra_test``) to add the test split of another data set as ``test_<name>``.
-    - "mvsa_single", "mvsa_multiple": ``load_mvsa`` split 8:1:1 with ``split_seed`` (default 0); kwarg
-      ``label_file``.
-    Real data sets also take ``skip_bad_examples`` and ``verify_images``; their load reports are logged.
-    """
-    if name.startswith("synthetic_"):
-        task = name.removeprefix("synthetic_")
-        unknown = set(kwargs) - {f.name for f in fields(SyntheticConfig)} - {"task"}
-        if task not in LABEL_NAMES or unknown:
-            raise ValueError(f"cannot load {name!r} with options {sorted(unknown)}")
-        return make_synthetic_benchmark(SyntheticConfig(task=task, **kwargs))  # type: ignore[arg-type]
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {list(BENCHMARKS)}")
-    if data_dir is None:
-        raise ValueError(f"benchmark {name!r} needs data_dir (the folder holding the data set)")
-    if name in MMSD_NAMES:
-        return _mmsd_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]
-    mmsd_only = sorted(key for key in ("ood_file", "extra_test", "discard_rule") if kwargs.get(key) is not None)
-    if mmsd_only:
-        raise ValueError(f"{name}: the options {mmsd_only} apply to mmsd and mmsd2 only")
-    return _mvsa_benchmark(name, data_dir, **kwargs)  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, get_cosine_schedule_with_warmup
 
-from .collator import CFMoECollator
-from .synthetic import NO_CUE, SyntheticConfig, id2label, make_synthetic_benchmark
-from .tiny import build_tiny_model
+from cfmoe.trainer.collator import CFMoECollator
+from cfmoe.trainer.data.synthetic import NO_CUE, SyntheticConfig, id2label, make_synthetic_benchmark
+from cfmoe.trainer.data.tiny import build_tiny_model
 
 PERCEPTION_TARGETS = ("text_polarity", "image_polarity", "text_cue", "image_cue")
 MARKER_RATE = 0.25  # sarcasm pretraining data: items holding a sarcasm marker, whose presence is a target

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
-
-from .cfmoe_trainer import CFMoETrainer
-from .run import freeze_vision_tower
-from .tiny import PATCH_SIZE, tiny_base_config
-from .training_args import CFMoETrainingArguments
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.trainer.cfmoe_trainer import CFMoETrainer
+from cfmoe.trainer.data.tiny import PATCH_SIZE, tiny_base_config
+from cfmoe.trainer.loading import freeze_vision_tower
+from cfmoe.trainer.training_args import CFMoETrainingArguments
 
 PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
 CUE_TOKENS = (5, 6)  # one class hashtag per class, at the end of the text
@@ -58,8 +57,8 @@ def parse_sizes(spec: str, text_ratio: float = 0.1) -> list[Size]:
 
 
 def build_model(size: Size, seed: int = 0) -> CFMoEForMultimodalClassification:
-    """The tiny LLaVA of `trainer.tiny` (hidden 64, 2 layers) with images large enough for `size.image_tokens`
-    patches, wrapped at the default CF-MoE configuration."""
+    """The tiny LLaVA of `cfmoe.trainer.data.tiny` (hidden 64, 2 layers) with images large enough for
+    `size.image_tokens` patches, wrapped at the default CF-MoE configuration."""
     base = tiny_base_config(vocab_size=VOCAB, image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
     base.vision_config.image_size = size.image_size
     base.text_config.max_position_embeddings = 2048

@@ -187,7 +187,7 @@ def build_tiny_model(
     the synthetic vocabulary, or on `texts` (real data's training texts: `train_text_tokenizer`) when given."""
     import torch
 
-    from modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+    from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
 
     from .synthetic import id2label
 

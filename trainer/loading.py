@@ -1,6 +1,6 @@
 """The reusable pieces of the run scripts (`examples/run_sarcasm.py`, `examples/run_sentiment.py`): data and model
 loading, resuming, evaluation of every test split, saving, the model card and the Hub folder, the results table.
-Their arguments are in [`trainer.arguments`]."""
+Their arguments are in [`cfmoe.trainer.arguments`]."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from .arguments import DataArguments, ModelArguments
 from .audit import read_context_report
 from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
-from .data import load_benchmark, parse_extra_test
+from .data.benchmarks import load_benchmark, parse_extra_test
+from .data.synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
+from .data.tiny import build_tiny_model
 from .errors import UserFileNotFoundError, user_input
 from .evaluation import evaluate_split
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .methods import get_method
 from .plots import plot_training
-from .synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
-from .tiny import build_tiny_model
 from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_ac
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
     """(splits, the synthetic benchmark's config or None for real data). Images stay undecoded: the collator opens
     them item by item, so that a corrupt file is named there (or skipped and counted with `skip_bad_examples`).
-    Data the loaders refuse raises a [`~trainer.errors.UserInputError`]."""
+    Data the loaders refuse raises a [`~cfmoe.trainer.errors.UserInputError`]."""
     if data_args.dataset == "synthetic":
         synthetic = data_args.synthetic_config(task, seed)
         data = make_synthetic_benchmark(synthetic)
@@ -124,7 +124,7 @@ def _load_base_model(
         load_kwargs["quantization_config"] = quantization
     if AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == "cfmoe":
         return AutoModel.from_pretrained(path, trust_remote_code=True, **overrides, **load_kwargs), processor
-    from modeling_cfmoe import CFMoEForMultimodalClassification
+    from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
 
     model = CFMoEForMultimodalClassification.from_base_pretrained(
         path, id2label=labels, config_kwargs=overrides, **load_kwargs
