@@ -72,6 +72,10 @@ class CFMoEConfig(PretrainedConfig):
         image_context_threshold (`float`): image *context* is the image's mean colour plus the pixels whose
             local linear discriminant scores (label statistics of 3x3 pixel neighbourhoods) reach this fraction of
             the batch's strongest pixel, closed over the marks they outline.
+        context_covariance_pixels (`int`, *optional*): the covariance of single pixel descriptors (what whitens the
+            pixel scores) is counted from the first images of each training batch whose pixels reach this many (at
+            least one image; the class means still count every image): its cost stays bounded at large images
+            (a LLaVA-1.5 image has 113k pixels). None: every image.
         detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
             text-only language-model pass runs without gradient): they measure what one modality alone predicts
             without shaping the shared base, and no backward runs through the text-only pass (docs/method.md).
@@ -120,6 +124,7 @@ class CFMoEConfig(PretrainedConfig):
         discover_image_context: bool = True,
         declared_image_context: list[list[float]] | None = None,
         image_context_threshold: float = 0.5,
+        context_covariance_pixels: int | None = 16384,
         detach_bias_branches: bool = True,
         inference_mode: str = "fused",
         prompt_template: str = "{image}\n{text}",
@@ -154,6 +159,7 @@ class CFMoEConfig(PretrainedConfig):
         self.discover_image_context = discover_image_context
         self.declared_image_context = [list(map(float, box)) for box in declared_image_context or []]
         self.image_context_threshold = image_context_threshold
+        self.context_covariance_pixels = context_covariance_pixels
         self.detach_bias_branches = detach_bias_branches
         self.inference_mode = inference_mode
         self.prompt_template = prompt_template
@@ -186,6 +192,10 @@ class CFMoEConfig(PretrainedConfig):
             raise ValueError(
                 "text_context_threshold and image_context_threshold must lie in (0, 1], got "
                 f"{self.text_context_threshold} and {self.image_context_threshold}"
+            )
+        if self.context_covariance_pixels is not None and self.context_covariance_pixels < 1:
+            raise ValueError(
+                f"context_covariance_pixels must be >= 1 (or None: every image), got {self.context_covariance_pixels}"
             )
         if self.context_support < 0:
             raise ValueError(f"context_support must be >= 0, got {self.context_support}")

@@ -90,10 +90,11 @@ class ContextStatistics(nn.Module):
         num_channels: int = 3,
         support: float = 10.0,
         feature_dim: int = 1,
+        covariance_pixels: int | None = None,
     ):
         super().__init__()
         core_dim = min(feature_dim, CORE_DIM)
-        self.support = support
+        self.support, self.covariance_pixels = support, covariance_pixels
         self.radius = (math.isqrt(local_dim // num_channels) - 1) // 2  # local_dim = channels * (2 radius + 1)^2
         k = num_labels
         self.register_buffer("token_counts", torch.zeros(vocab_size, k, dtype=torch.long))
@@ -134,7 +135,7 @@ class ContextStatistics(nn.Module):
         if pixel_values is not None:
             batch = labels.shape[0]
             centred = centred_pixels(pixel_values).flatten(0, -4)
-            local = local_descriptors(centred, self.radius)  # (images, dim, pixels)
+            local = local_descriptors(centred[: self._covariance_images(centred)], self.radius)  # (images, dim, pixels)
             items = mean_descriptor(centred, self.radius)
             colour = mean_colour(pixel_values)
             items = items.view(batch, -1, items.shape[-1]).mean(1)
@@ -146,6 +147,13 @@ class ContextStatistics(nn.Module):
             sums["colour_sums"] = onehot.T @ colour
             sums["colour_moments"] = _moments(colour.T @ colour, colour.sum(0), batch)
         self._add(sums)
+
+    def _covariance_images(self, images: torch.Tensor) -> int:
+        """How many of `images` `(n, channels, height, width)` the descriptor covariance counts: the first whose
+        pixels reach `covariance_pixels` (at least one), or all."""
+        if self.covariance_pixels is None:
+            return images.shape[0]
+        return min(images.shape[0], max(1, math.ceil(self.covariance_pixels / images[0, 0].numel())))
 
     @torch.no_grad()
     def update_core_readings(
@@ -300,8 +308,9 @@ class ContextStatistics(nn.Module):
     def _class_difference_p_value(self, sums: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
         """`()` p-value of the Lawley-Hotelling trace of per-item values: `(N - K) tr(W^-1 B)` (W, B the within- and
         between-class scatter of the items' values, from per-class sums `(num_labels, dim)` and the moments of single
-        items `(dim + 1, dim + 1)`) against a chi-square with `dim (K - 1)` degrees of freedom. 1 before any item."""
-        counts = self.class_counts.float()
+        items `(dim + 1, dim + 1)`) against a chi-square with `dim (K - 1)` degrees of freedom. 1 before any item.
+        In float64: W is the difference of two large scatters, which cancels in float32 on near-identical items."""
+        sums, moments, counts = sums.double(), moments.double(), self.class_counts.double()
         total = moments[-1, -1]
         overall = moments[-1, :-1] / total.clamp_min(1)
         gaps = sums / counts.clamp_min(1).unsqueeze(-1) - overall
@@ -314,7 +323,7 @@ class ContextStatistics(nn.Module):
         statistic = scale * torch.linalg.solve(within + ridge * eye, between).diagonal().sum()
         dof = torch.tensor(dim * (classes - 1) / 2, device=sums.device)
         p_value = torch.special.gammaincc(dof, statistic.clamp_min(0) / 2)
-        return torch.where(total > classes, p_value, torch.ones_like(p_value))
+        return torch.where(total > classes, p_value, torch.ones_like(p_value)).float()
 
     def _discriminant(self, sums: torch.Tensor, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fisher's directions `(dim, num_labels)` from per-class sums `(num_labels, dim)` and the moments of single
@@ -445,12 +454,18 @@ def centred_pixels(pixel_values: torch.Tensor, surround: int = 3) -> torch.Tenso
     running sums): local evidence only (a global tint or the image's overall colour is none of it).
     pixel_values `(..., channels, height, width)` -> the same shape, float32."""
     images = pixel_values.flatten(0, -4).float()
-    size = 2 * surround + 1
-    box = nn.functional.pad(images, (surround,) * 4, mode="reflect")
-    for dim in (-1, -2):  # the window sums along width, then height
+    box = window_sums(nn.functional.pad(images, (surround,) * 4, mode="reflect"), 2 * surround + 1)
+    return (images - box / (2 * surround + 1) ** 2).view(pixel_values.shape)
+
+
+def window_sums(padded: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum of every `size` x `size` window of `padded` `(..., height + size - 1, width + size - 1)`, from running
+    sums along width, then height (a cost per pixel that does not grow with `size`): `(..., height, width)`."""
+    box = padded
+    for dim in (-1, -2):
         sums = nn.functional.pad(box.cumsum(dim), (1, 0) if dim == -1 else (0, 0, 1, 0))
         box = sums.narrow(dim, size, sums.shape[dim] - size) - sums.narrow(dim, 0, sums.shape[dim] - size)
-    return (images - box / size**2).view(pixel_values.shape)
+    return box
 
 
 def local_descriptors(centred: torch.Tensor, radius: int = 1) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from transformers.utils import ExplicitEnum
 
+from .context import window_sums
+
 CONTEXT_SWAPPED, CORE_MASKED = 0, 1
 COUNTERFACTUAL_KINDS = {"context_swapped": CONTEXT_SWAPPED, "core_masked": CORE_MASKED}
 
@@ -221,9 +223,8 @@ def transplant_tokens(
 
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """A bool mask `(..., height, width)` grown by `radius` pixels (the reach of a local descriptor)."""
-    grid = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    grown = nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius).squeeze(1).bool()
-    return grown.view_as(mask)
+    grid = nn.functional.pad(mask.reshape(-1, *mask.shape[-2:]).float(), (radius,) * 4)
+    return (window_sums(grid, 2 * radius + 1) > 0.5).view_as(mask)  # counts of marked pixels: exact in float32
 
 
 def close_holes(mask: torch.Tensor, radius: int) -> torch.Tensor:

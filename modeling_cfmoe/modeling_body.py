@@ -124,6 +124,7 @@ class CFMoEModel(CFMoEPreTrainedModel):
             channels,
             support=config.context_support,
             feature_dim=config.hidden_size,
+            covariance_pixels=config.context_covariance_pixels,
         )
         if type(self) is CFMoEModel:  # a model with heads initialises once they are built
             self.post_init()

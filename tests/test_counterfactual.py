@@ -153,6 +153,38 @@ def test_local_statistics_find_a_small_mark_and_ignore_a_global_tint():
     assert plain.local_p_value() > 0.01 and plain.colour_p_value() < 1e-6  # a tint alone: no pixel is local context
 
 
+def test_a_covariance_budget_counts_the_first_images_and_still_finds_the_mark():
+    torch.manual_seed(0)
+    labels = torch.arange(64) % 2
+    images = torch.randn(64, 3, 16, 16) * 0.1
+    images[:, 0, 2:5, 2:5] += torch.where(labels == 1, 2.0, -2.0).view(-1, 1, 1)
+    tokens, mask = torch.zeros(64, 1, dtype=torch.long), torch.ones(64, 1, dtype=torch.bool)
+    full, budget = (
+        ContextStatistics(vocab_size=4, local_dim=27, num_labels=2, covariance_pixels=p) for p in (None, 600)
+    )
+    full.update(tokens, mask, images, labels)
+    budget.update(tokens, mask, images, labels)
+    assert full.local_moments[-1, -1] == 64 * 256 and budget.local_moments[-1, -1] == 3 * 256  # ceil(600 / 256) images
+    for name in ("local_sums", "local_item_moments", "colour_sums"):  # every image still counts for the class means
+        assert torch.equal(getattr(full, name), getattr(budget, name)), name
+    found = []
+    for statistics in (full, budget):
+        strength = spread(statistics.local_scores(images))
+        found.append(dilate(strong_context(strength, True, 0.5 * strength.max()), 2))
+        assert found[-1][:, 2:5, 2:5].float().mean() > 0.95 and found[-1][:, 9:, 9:].float().mean() < 0.02
+    assert (found[0] == found[1]).float().mean() > 0.98  # a covariance from 3 images finds what one from 64 does
+
+
+def test_dilation_is_the_square_maximum():
+    torch.manual_seed(0)
+    for shape in [(6, 29, 31), (2, 3, 5, 4), (1, 1)]:
+        mask = torch.rand(shape) > 0.9
+        for radius in (1, 3):
+            grid = mask.reshape(-1, 1, *shape[-2:]).float()
+            square = torch.nn.functional.max_pool2d(grid, 2 * radius + 1, stride=1, padding=radius)
+            assert torch.equal(dilate(mask, radius), square.bool().view(shape)), (shape, radius)
+
+
 def test_closing_fills_a_solid_mark_found_at_its_rim():
     mark = torch.zeros(1, 16, 16, dtype=torch.bool)
     mark[0, 1:7, 1:7] = True  # a solid 6x6 mark near the corner
