@@ -4,88 +4,155 @@
     python examples/benchmark_speed.py --output_dir out/speed                  # CPU, 1 thread, four sizes
     python examples/benchmark_speed.py --output_dir out/speed --device cuda    # GPU, bf16 autocast
     python examples/benchmark_speed.py --output_dir out/speed --tiny           # seconds: the test's smoke run
+    python examples/benchmark_speed.py --output_dir out/speed_llava --shape llava         # CPU, 1 thread, ~2 min
+    python examples/benchmark_speed.py --output_dir out/speed_llava --shape llava --tiny  # the test's smoke run
+    python examples/benchmark_speed.py --output_dir out/speed_7b --shape llava-7b --device cuda  # H200, 10 steps
 
-Both configurations train the same tiny LLaVA (`cfmoe.trainer.data.tiny`, images enlarged to the size's patch grid; same
-weights, same batches) through `CFMoETrainer.training_step`, gradient clipping and the trainer's AdamW: `vanilla`
-with `CFMoETrainingArguments(method="vanilla")`, the default with `CFMoETrainingArguments()` (`method="cfmoe"`,
-what `examples/run_sarcasm.py` trains), past its bias-only warm-up (`debias_warmup_ratio=0`) so that it builds
-its counterfactual rows. The batches carry the synthetic benchmark's cues (a class hashtag, a class tint), and
-the context statistics are filled first, as the warm-up leaves them. Two configurations: `default` (the headline),
-the vision tower frozen for both, as `run_sarcasm.py` fine-tunes a checkpoint and as the README's main job runs;
-`trained_tower`, the tower trained for both, as the tiny from-scratch recipe does.
+Shapes (`benchmarks.shapes`, random weights): `tiny` (default), the tiny LLaVA of `cfmoe.trainer.data.tiny`, the
+vision tower as large as the language model, images enlarged to the size's patch grid; `llava`, a LLaVA with
+LLaVA-1.5-7B's proportions on one CPU thread (Llama decoder 256 x 5 layers, CLIP tower 64 x 2 layers, patch 14 at
+336 x 336 pixels: 576 image tokens, the tower's forward FLOPs 1 : 21.6 of the decoder's, as LLaVA-1.5-7B's 1 : 22);
+`llava-7b`, LLaVA-1.5-7B's dimensions (Llama-2-7B, CLIP ViT-L/14-336) in bf16, CUDA only, the language model
+fully fine-tuned or with LoRA on its q/k/v/o projections. Both configurations train the same model (same weights,
+same batches) through `CFMoETrainer.training_step`, gradient clipping and the trainer's AdamW: `vanilla` with
+`CFMoETrainingArguments(method="vanilla")`, the default with `CFMoETrainingArguments()` (`method="cfmoe"`, what
+`examples/run_sarcasm.py` trains), past its bias-only warm-up (`debias_warmup_ratio=0`) so that it builds its
+counterfactual rows. The batches carry the synthetic benchmark's cues (a class hashtag, a class tint), and the
+context statistics are filled first, as the warm-up leaves them. Tiny shape: two configurations, `default` (the
+headline) with the vision tower frozen for both, as `run_sarcasm.py` fine-tunes a checkpoint and as the README's
+main job runs, and `trained_tower`, the tower trained for both, as the tiny from-scratch recipe does. The LLaVA
+shapes: the tower frozen.
 
-Per size `BxN` (B items, N image tokens, about N / 10 text tokens): after warm-up steps, `--steps` fresh batches
-run through both configurations back to back (the order alternating); the ratios are of the medians. The clock
-is the process CPU time with 1 thread on CPU, the wall time on CUDA. Peak memory: see
+Per size `BxN` (B items, N image tokens, about N / 10 text tokens: 58 at 576, a tweet): after warm-up steps,
+`--steps` fresh batches run through both configurations back to back (the order alternating); the ratios are of
+the medians. The clock is the process CPU time with 1 thread on CPU, the wall time on CUDA. Peak memory: see
 `benchmarks.speed.Runner.profile_train_step`. Forward hooks count the LM tokens (rows x length of every
-language-model call) and vision-tower images of a step; on CUDA its host syncs are counted too. Writes
-`speed.json` (`{"default": {"BxN": {"train_step_ratio", "inference_ratio", "peak_memory_ratio", ...}},
-"trained_tower": {...}, "setup": {...}}`) and `speed.md`, and prints the tables.
+language-model call) and vision-tower images of a step; on CUDA its host syncs are counted too. FLOPs of one
+training step by part (`benchmarks.speed.Runner.flops`, forward + backward): vision tower, language model, the
+context statistics' update and the context strength, the rest; and the tower : LM ratio of an inference forward.
+Writes `speed.json` (`{"default": {"BxN": {"train_step_ratio", "inference_ratio", "peak_memory_ratio", ...,
+"vanilla": {..., "flop_shares", "gflops"}, "default": {...}}}, "trained_tower": {...}, "setup": {...}}`; with
+`--shape llava` the section `llava_shape`, with `--shape llava-7b` `llava_7b_full` and `llava_7b_lora`) and
+`speed.md`, and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 from pathlib import Path
 
 import torch
 
-from benchmarks.speed import Runner, Size, compare, make_batch, parse_sizes, time_interleaved
+from benchmarks.shapes import LLAVA_SIZE, MODEL_DTYPES, PATCH_SIZES, SHAPES, Size, parse_sizes
+from benchmarks.speed import CONTEXT_CALLS, Runner, compare, lm_to_tower_forward, make_batch, time_interleaved
 
-# the headline first: the vision tower frozen, as the llava recipe and the README's main job train; then the tiny
-# from-scratch recipe, which trains the tower (both configurations and vanilla alike)
-CONFIGURATIONS = {
-    "default": "Default training configuration / vanilla, vision tower frozen",
-    "trained_tower": "Default training configuration / vanilla, vision tower trained (the tiny from-scratch recipe)",
+# per --shape, speed.json's sections: title, Runner options. The headline first: the vision tower frozen, as the
+# llava recipe and the README's main job train; then the tiny from-scratch recipe, which trains the tower
+SECTIONS = {
+    "tiny": {
+        "default": ("Default training configuration / vanilla, vision tower frozen", {}),
+        "trained_tower": (
+            "Default training configuration / vanilla, vision tower trained (the tiny from-scratch recipe)",
+            {"freeze_tower": False},
+        ),
+    },
+    "llava": {
+        "llava_shape": (
+            "Default training configuration / vanilla, LLaVA-1.5-7B's proportions (Llama 256 x 5 layers, "
+            "CLIP 64 x 2 layers, 336 px, patch 14), vision tower frozen",
+            {},
+        ),
+    },
+    # llava-7b: LoRA first (2 x 14 GB of weights), written before the full fine-tuning (2 runners: about 110 GB) runs
+    "llava-7b": {
+        "llava_7b_lora": (
+            "Default training configuration / vanilla, LLaVA-1.5-7B's dimensions (random weights, bf16), LoRA "
+            "(rank 16) on the language model's q/k/v/o projections, experts, heads and projector trained in full, "
+            "vision tower frozen",
+            {"lora": True},
+        ),
+        "llava_7b_full": (
+            "Default training configuration / vanilla, LLaVA-1.5-7B's dimensions (random weights, bf16), "
+            "language model fully fine-tuned, vision tower frozen",
+            {},
+        ),
+    },
 }
-TARGETS = {"train_step_ratio": 1.3, "inference_ratio": 1.05, "peak_memory_ratio": 1.3}
-FULL = {"sizes": "8x64,8x144,8x256,4x576", "steps": 20, "warmup": 3}
-TINY = {"sizes": "2x16", "steps": 2, "warmup": 1}  # the test's smoke run
+# per --shape: the tiny model's tower is as large as its language model; LLaVA-1.5's is a 1 : 22 share of it
+LLAVA_TARGETS = {"train_step_ratio": 1.15, "inference_ratio": 1.02, "peak_memory_ratio": 1.15}
+TARGETS = {
+    "tiny": {"train_step_ratio": 1.3, "inference_ratio": 1.05, "peak_memory_ratio": 1.2},
+    "llava": LLAVA_TARGETS,
+    "llava-7b": LLAVA_TARGETS,
+}
+RUNS = {  # per --shape: the full run, the --tiny smoke run (the tests')
+    "tiny": ({"sizes": "8x64,8x144,8x256,4x576", "steps": 20, "warmup": 3}, {"sizes": "2x16", "steps": 2, "warmup": 1}),
+    "llava": ({"sizes": "4x576", "steps": 20, "warmup": 3}, {"sizes": "2x576", "steps": 2, "warmup": 1}),
+    "llava-7b": ({"sizes": "4x576", "steps": 10, "warmup": 2}, {"sizes": "4x576", "steps": 2, "warmup": 1}),
+}
 STATISTICS_BATCHES, TINY_STATISTICS_BATCHES = 16, 2  # batches counted into the context statistics before timing
+PARTS = ("vision_tower", "language_model", *CONTEXT_CALLS, "rest")  # the FLOP shares of a step
 
 
-def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool) -> dict:
-    """Vanilla and the default training configuration side by side at one size, the vision tower frozen or not."""
+def probe(runner: Runner, batch: dict[str, torch.Tensor]) -> dict:
+    """The counts of `runner`'s steps on `batch`: work and context seconds of a training step and of an inference,
+    profiler FLOPs and memory, FLOPs by part (training step and inference), host syncs on CUDA."""
+    train, context_seconds = runner.count("train_step", batch)
+    inference, _ = runner.count("infer", batch)
+    return {
+        "train": train,
+        "context_seconds": context_seconds,
+        "inference": inference,
+        **runner.profile_train_step(batch),
+        "train_flops": runner.flops("train_step", batch),
+        "inference_flops": runner.flops("infer", batch),
+        "host_syncs": runner.count_host_syncs(batch) if runner.device.type == "cuda" else None,
+    }
+
+
+def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool = True, lora: bool = False) -> dict:
+    """Vanilla and the default training configuration side by side at one size of `cli.shape`, the vision tower
+    frozen or not, the language model fully trained or with LoRA."""
     generator = torch.Generator().manual_seed(cli.seed)
 
     def batches(count: int) -> list[dict[str, torch.Tensor]]:
         return [{k: v.to(cli.device) for k, v in make_batch(size, generator).items()} for _ in range(count)]
 
+    options = {"freeze_tower": freeze_tower, "shape": cli.shape, "lora": lora, "dtype": MODEL_DTYPES.get(cli.shape)}
     runners = [
-        Runner("vanilla", size, cli.device, freeze_tower=freeze_tower, method="vanilla"),
-        Runner("default", size, cli.device, freeze_tower=freeze_tower),
+        Runner("vanilla", size, cli.device, cli.seed, method="vanilla", **options),
+        Runner("default", size, cli.device, cli.seed, **options),
     ]
     statistics_batches, warmup, timed = batches(cli.statistics_batches), batches(cli.warmup), batches(cli.steps)
     for runner in runners:
         runner.fill_context_statistics(statistics_batches)
         for batch in warmup:
             runner.train_step(batch)
-    raw = {
-        runner.name: {
-            "train": runner.count("train_step", timed[0]),
-            "inference": runner.count("infer", timed[0]),
-            **runner.profile_train_step(timed[0]),
-            "host_syncs": runner.count_host_syncs(timed[0]) if cli.device == "cuda" else None,
-        }
-        for runner in runners
-    }
+    raw = {runner.name: probe(runner, timed[0]) for runner in runners}
     train = time_interleaved(runners, "train_step", timed)
     inference = time_interleaved(runners, "infer", timed)
     result = {
         "text_tokens": size.text_tokens,
+        "parameters_m": parameters(runners[1]),
         "train_step": compare(train, "default", "vanilla"),
         "inference": compare(inference, "default", "vanilla"),
     }
     for name, counts in raw.items():
+        flops, inference_flops = counts["train_flops"], counts["inference_flops"]
         result[name] = {
             "train_step_ms": 1e3 * statistics.median(train[name]),
             "inference_ms": 1e3 * statistics.median(inference[name]),
             "peak_memory_mb": counts["peak_bytes"] / 2**20,
             "step_memory_mb": counts["step_bytes"] / 2**20,
             "train_step_gflops": counts["flops"] / 1e9,
+            "flop_shares": {part: flops[part] / flops["total"] for part in PARTS},
+            "gflops": {part: flops[part] / 1e9 for part in (*PARTS, "total")},
+            "inference_gflops": {part: inference_flops[part] / 1e9 for part in (*PARTS, "total")},
+            "context_ms": {part: 1e3 * seconds for part, seconds in counts["context_seconds"].items()},
             "lm_calls": [(call.rows, call.length) for call in counts["train"].lm_calls],
             "lm_tokens": counts["train"].lm_tokens,
             "images": counts["train"].images,
@@ -94,6 +161,7 @@ def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool) -> dict:
             "host_syncs": counts["host_syncs"],
         }
     default, vanilla = raw["default"], raw["vanilla"]
+    forward = vanilla["inference_flops"]
     return {
         "train_step_ratio": result["train_step"]["ratio"],
         "inference_ratio": result["inference"]["ratio"],
@@ -102,36 +170,61 @@ def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool) -> dict:
         "train_flop_ratio": default["flops"] / vanilla["flops"],
         "lm_token_ratio": default["train"].lm_tokens / vanilla["train"].lm_tokens,
         "image_ratio": default["train"].images / vanilla["train"].images,
+        "lm_to_tower_forward": forward["language_model"] / forward["vision_tower"],
         **result,
     }
 
 
+def parameters(runner: Runner) -> dict[str, float]:
+    """Millions of parameters: the vision tower's, the language model's, all, and those trained."""
+    core, model = runner.core, runner.model
+    return {
+        "vision_tower": sum(p.numel() for p in core.vision_tower.parameters()) / 1e6,
+        "language_model": sum(p.numel() for p in core.language_model.parameters()) / 1e6,
+        "total": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+    }
+
+
 def markdown(report: dict) -> str:
-    """One table per configuration (the headline first): default / vanilla at each size, with the counts behind it."""
+    """Per section (the headline first): default / vanilla at each size, with the counts behind it, and the FLOPs
+    of a step by part next to the measured times."""
     setup = report["setup"]
-    lines = []
-    for name, title in CONFIGURATIONS.items():
+    targets, lines = setup["targets"], []
+    for name, (title, _) in SECTIONS[setup["shape"]].items():
         lines += [
             f"{title} ({setup['date']}, {setup['device']}, {setup['clock']}, median of {setup['steps']} steps; "
-            f"targets: train step <= {TARGETS['train_step_ratio']}, inference <= {TARGETS['inference_ratio']}, "
-            f"peak memory <= {TARGETS['peak_memory_ratio']})",
+            f"targets: train step <= {targets['train_step_ratio']}, inference <= {targets['inference_ratio']}, "
+            f"peak memory <= {targets['peak_memory_ratio']})",
             "",
             *size_table(report[name]),
             "",
+            "FLOPs of one training step by part (torch's FLOP formulas: matmuls, convolutions, attention; forward + "
+            "backward), the clock over the context calls of one step, and the language model's forward FLOPs per "
+            "vision-tower forward FLOP in an inference (LLaVA-1.5-7B's dimensions: "
+            f"{setup['llava_7b_lm_to_tower_forward']:.1f})",
+            "",
+            *flop_table(report[name]),
+            "",
         ]
-    if setup["device"] != "CPU":
-        syncs = ", ".join(
-            f"{n}: {r['vanilla']['host_syncs']} -> {r['default']['host_syncs']}" for n, r in report["default"].items()
-        )
-        lines += [f"Host syncs per training step (vanilla -> default): {syncs}", ""]
+        if setup["device"] != "CPU":
+            syncs = ", ".join(
+                f"{n}: {r['vanilla']['host_syncs']} -> {r['default']['host_syncs']}" for n, r in report[name].items()
+            )
+            lines += [f"Host syncs per training step (vanilla -> default): {syncs}", ""]
     return "\n".join(lines)
+
+
+def memory(mib: float) -> str:
+    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
 
 
 def size_table(results: dict) -> list[str]:
     lines = [
         "| batch x (image + text tokens) | vanilla step ms | default step ms | **train step** | **inference** "
-        "| **peak memory** | step memory | FLOPs | LM tokens per step | vision-tower images per step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| **peak memory** | peak memory (vanilla -> default) | step memory | FLOPs | LM tokens per step "
+        "| vision-tower images per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         batch, tokens = name.split("x")
@@ -139,6 +232,7 @@ def size_table(results: dict) -> list[str]:
         lines.append(
             f"| {batch} x ({tokens} + {r['text_tokens']}) | {v['train_step_ms']:.0f} | {d['train_step_ms']:.0f} "
             f"| **{r['train_step_ratio']:.2f}** | **{r['inference_ratio']:.2f}** | **{r['peak_memory_ratio']:.2f}** "
+            f"| {memory(v['peak_memory_mb'])} -> {memory(d['peak_memory_mb'])} "
             f"| {r['step_memory_ratio']:.2f} | {r['train_flop_ratio']:.2f} "
             f"| {v['lm_tokens']} -> {d['lm_tokens']} ({r['lm_token_ratio']:.2f}x) "
             f"| {v['images']} -> {d['images']} ({r['image_ratio']:.2f}x) |"
@@ -146,18 +240,41 @@ def size_table(results: dict) -> list[str]:
     return lines
 
 
+def flop_table(results: dict) -> list[str]:
+    lines = [
+        "| batch x (image + text tokens) | configuration | step ms | GFLOPs | vision tower | language model "
+        "| context statistics | context strength | rest | statistics ms | strength ms | LM : tower forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        batch, tokens = name.split("x")
+        for configuration in ("vanilla", "default"):
+            c = r[configuration]
+            shares = " | ".join(f"{c['flop_shares'][part]:.3f}" for part in PARTS)
+            lines.append(
+                f"| {batch} x ({tokens} + {r['text_tokens']}) | {configuration} | {c['train_step_ms']:.0f} "
+                f"| {c['gflops']['total']:.3g} | {shares} | {c['context_ms']['context_statistics']:.1f} "
+                f"| {c['context_ms']['context_strength']:.1f} | {r['lm_to_tower_forward']:.1f} |"
+            )
+    return lines
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True, help="where speed.json and speed.md are written")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16 autocast")
-    parser.add_argument("--sizes", default=None, help=f"comma-separated BxN (N a square), default {FULL['sizes']}")
+    parser.add_argument("--shape", choices=SHAPES, default="tiny", help="the model (benchmarks.shapes)")
+    parser.add_argument("--sizes", default=None, help="comma-separated BxN (N a square), default per shape")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="one small size, 2 steps: a smoke run for the tests")
     cli = parser.parse_args(argv)
-    for name, value in (TINY if cli.tiny else FULL).items():
+    if cli.shape == "llava-7b" and cli.device != "cuda":
+        parser.error("--shape llava-7b needs --device cuda (LLaVA-1.5-7B's dimensions, bf16)")
+    full, tiny = RUNS[cli.shape]
+    for name, value in (tiny if cli.tiny else full).items():
         if getattr(cli, name) is None:
             setattr(cli, name, value)
     cli.statistics_batches = TINY_STATISTICS_BATCHES if cli.tiny else STATISTICS_BATCHES
@@ -165,28 +282,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Measure every size, write `speed.json` and `speed.md`, print the table; returns the report."""
+    """Measure every section and size, write `speed.json` and `speed.md`, print the tables; returns the report."""
     cli = parse_args(argv)
     torch.set_num_threads(cli.threads)
+    sizes = parse_sizes(cli.sizes, PATCH_SIZES[cli.shape])
     report = {
-        **{name: {} for name in CONFIGURATIONS},
+        **{name: {} for name in SECTIONS[cli.shape]},
         "setup": {
             "date": datetime.date.today().isoformat(),
+            "shape": cli.shape,
             "device": torch.cuda.get_device_name() if cli.device == "cuda" else "CPU",
             "clock": "wall time, bf16 autocast" if cli.device == "cuda" else f"CPU time, torch threads {cli.threads}",
             "steps": cli.steps,
             "warmup": cli.warmup,
             "torch": torch.__version__,
-            "targets": TARGETS,
+            "targets": TARGETS[cli.shape],
+            # the reference: LLaVA-1.5-7B's dimensions over 4 x (576 + 58) tokens, counted on the meta device
+            "llava_7b_lm_to_tower_forward": lm_to_tower_forward("llava-7b", LLAVA_SIZE),
         },
     }
-    for name in CONFIGURATIONS:
-        for size in parse_sizes(cli.sizes):
-            print(f"measuring {name} {size.name} (+{size.text_tokens} text tokens)", flush=True)
-            report[name][size.name] = measure(size, cli, freeze_tower=name == "default")
     output = Path(cli.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    for name, (_, options) in SECTIONS[cli.shape].items():
+        for size in sizes:
+            print(f"measuring {name} {size.name} (+{size.text_tokens} text tokens)", flush=True)
+            report[name][size.name] = measure(size, cli, **options)
+            gc.collect()  # the runners' models before the next ones (llava-7b: 2 x 40 GB)
+            if cli.device == "cuda":
+                torch.cuda.empty_cache()
+            (output / "speed.json").write_text(json.dumps(report, indent=2) + "\n")  # what is done so far
     table = markdown(report)
     (output / "speed.md").write_text(table)
     print(table)

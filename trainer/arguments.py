@@ -352,7 +352,7 @@ class RunTrainingArguments(CFMoETrainingArguments):
 
 @dataclass
 class TinyTrainingArguments(RunTrainingArguments):
-    """Training defaults of the tiny offline model on the synthetic benchmark (about 3 minutes on 2 CPU cores)."""
+    """Training defaults of the tiny offline model on the synthetic benchmark (about a minute on 2 CPU cores)."""
 
     num_train_epochs: float = _default("num_train_epochs", TINY)
     per_device_train_batch_size: int = _default("per_device_train_batch_size", TINY)

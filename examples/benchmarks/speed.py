@@ -1,6 +1,6 @@
-"""Measuring the cost of a training configuration against `vanilla`: the model and batches of
-`examples/benchmark_speed.py`, a runner that trains through `CFMoETrainer`, and the clocks, counters and memory
-probes it reads."""
+"""Measuring the cost of a training configuration against `vanilla`: the batches of `examples/benchmark_speed.py`
+(its models: `benchmarks.shapes`), a runner that trains through `CFMoETrainer`, and the clocks, counters and
+memory probes it reads."""
 
 from __future__ import annotations
 
@@ -12,58 +12,24 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+from torch.autograd.graph import register_multi_grad_hook
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from benchmarks.shapes import BOS, IMAGE_TOKEN, MODEL_DTYPES, PAD, VOCAB, Size, build_model, lora_model
+from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
 from cfmoe.trainer.cfmoe_trainer import CFMoETrainer
-from cfmoe.trainer.data.tiny import PATCH_SIZE, tiny_base_config
 from cfmoe.trainer.loading import freeze_vision_tower
 from cfmoe.trainer.training_args import CFMoETrainingArguments
 
-PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
 CUE_TOKENS = (5, 6)  # one class hashtag per class, at the end of the text
 FIRST_WORD = 7  # ordinary words are drawn from [FIRST_WORD, VOCAB)
 CUE_TINTS = torch.tensor([[0.6, 0.0, 0.0], [0.0, 0.0, 0.6]])  # one colour per class, added to every pixel
 CUE_AGREEMENT = 0.95  # how often an item's cues name its label (the synthetic benchmark's rho_train)
-
-
-@dataclass(frozen=True)
-class Size:
-    """`batch` items, each with `image_tokens` image tokens (a square patch grid) and up to `text_tokens`."""
-
-    batch: int
-    image_tokens: int
-    text_tokens: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.batch}x{self.image_tokens}"
-
-    @property
-    def image_size(self) -> int:
-        return math.isqrt(self.image_tokens) * PATCH_SIZE
-
-
-def parse_sizes(spec: str, text_ratio: float = 0.1) -> list[Size]:
-    """`"8x64,4x576"` -> sizes with about `text_ratio` text tokens per image token (at least 4)."""
-    sizes = []
-    for item in spec.split(","):
-        batch, tokens = (int(x) for x in item.strip().lower().split("x"))
-        if math.isqrt(tokens) ** 2 != tokens:
-            raise ValueError(f"image tokens must fill a square patch grid, got {tokens}")
-        sizes.append(Size(batch, tokens, max(4, round(tokens * text_ratio))))
-    return sizes
-
-
-def build_model(size: Size, seed: int = 0) -> CFMoEForMultimodalClassification:
-    """The tiny LLaVA of `cfmoe.trainer.data.tiny` (hidden 64, 2 layers) with images large enough for
-    `size.image_tokens` patches, wrapped at the default CF-MoE configuration."""
-    base = tiny_base_config(vocab_size=VOCAB, image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
-    base.vision_config.image_size = size.image_size
-    base.text_config.max_position_embeddings = 2048
-    torch.manual_seed(seed)
-    return CFMoEForMultimodalClassification(CFMoEConfig(base_config=base.to_dict(), num_labels=2))
 
 
 def make_batch(size: Size, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -141,14 +107,155 @@ def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
             handle.remove()
 
 
-class Runner:
-    """One training configuration: a fresh model (same seed, so the same weights for every runner), its
-    `CFMoETrainer` and the trainer's AdamW. Past the bias-only warm-up (`debias_warmup_ratio=0`), so a `cfmoe`
-    step builds its counterfactual rows."""
+# the model's own methods behind the no-gradient token- and pixel-space work of a step: the statistics update the
+# trainer makes before each training forward, and the context strength the forward computes
+CONTEXT_CALLS = {"context_statistics": "update_context_statistics", "context_strength": "_context_strength"}
 
-    def __init__(self, name: str, size: Size, device: str, seed: int = 0, freeze_tower: bool = True, **training_args):
+
+@contextmanager
+def read_calls(core: CFMoEForMultimodalClassification, read: Callable[[], float]) -> Iterator[dict[str, float]]:
+    """While open, how much `read()` (a clock, a FLOP count) grows during the calls of each `CONTEXT_CALLS` method
+    of `core` (the CF-MoE model, not its PEFT wrapper), by part name."""
+    spent = dict.fromkeys(CONTEXT_CALLS, 0.0)
+
+    def wrap(part: str, method: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            start = read()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[part] += read() - start
+
+        return wrapper
+
+    for part, name in CONTEXT_CALLS.items():
+        setattr(core, name, wrap(part, getattr(core, name)))  # an instance attribute shadows the method
+    try:
+        yield spent
+    finally:
+        for name in CONTEXT_CALLS.values():
+            delattr(core, name)
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FLOP formulas (`FlopCounterMode`'s: matmuls, convolutions, CUDA's fused attention; from op shapes) and
+# CPU's fused attention, which they lack
+FLOP_FORMULAS = {
+    **flop_registry,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_cpu_attention_flops),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_cpu_attention_backward_flops),
+}
+
+
+def _grad_tensors(tree) -> list[torch.Tensor]:
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+
+
+class PartFlops(TorchDispatchMode):
+    """The FLOPs of the ops dispatched (`FLOP_FORMULAS`; composite ops decomposed first, as `FlopCounterMode`) by
+    the part that runs them, `flops`: a part of `count_flops` while active, else `rest`."""
+
+    def __init__(self, parts: list[str]):
+        super().__init__()
+        self.flops = dict.fromkeys([*parts, "rest"], 0)
+        self.active: list[str] = []
+        self.handles: list = []
+
+    def total(self) -> int:
+        return sum(self.flops.values())
+
+    def leave(self, part: str) -> None:
+        if part in self.active:
+            del self.active[len(self.active) - 1 - self.active[::-1].index(part)]
+
+    def forward_starts(self, part: str, module, args, kwargs) -> None:
+        self.active.append(part)
+        if inputs := _grad_tensors((args, kwargs)):  # its backward ends with the gradients of all its inputs
+            self.handles.append(register_multi_grad_hook(inputs, lambda grads: self.leave(part)))
+
+    def forward_ends(self, part: str, module, args, kwargs, output) -> None:
+        self.leave(part)
+        if outputs := _grad_tensors(output):  # its backward starts with the gradient of any of its outputs
+            self.handles.append(register_multi_grad_hook(outputs, lambda grad: self.active.append(part), mode="any"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.prim.device.default:
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        formula = FLOP_FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            self.flops[self.active[-1] if self.active else "rest"] += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+@contextmanager
+def count_flops(parts: dict[str, torch.nn.Module]) -> Iterator[PartFlops]:
+    """While open, the FLOPs of the ops run, by part (`PartFlops`): each of `parts` (name -> module) in its forward
+    (module hooks) and in its backward (from the gradient of any of its outputs to those of all its inputs:
+    gradient hooks, as `FlopCounterMode`'s module tracker, which misses keyword inputs such as the language
+    model's `inputs_embeds`), the rest apart."""
+    counter = PartFlops(list(parts))
+    for part, module in parts.items():
+        counter.handles += [
+            module.register_forward_pre_hook(partial(counter.forward_starts, part), with_kwargs=True),
+            module.register_forward_hook(partial(counter.forward_ends, part), with_kwargs=True),
+        ]
+    try:
+        with counter:
+            yield counter
+    finally:
+        for handle in counter.handles:
+            handle.remove()
+
+
+def model_parts(core: CFMoEForMultimodalClassification) -> dict[str, torch.nn.Module]:
+    return {"vision_tower": core.vision_tower, "language_model": core.language_model}
+
+
+def lm_to_tower_forward(shape: str, size: Size) -> float:
+    """How many FLOPs the language model's forward over `size.batch` rows of 1 + image + text tokens takes per FLOP
+    of the vision tower's forward over their images (the 25 of 1 : 25), counted on the meta device (shapes only)."""
+    dtype = MODEL_DTYPES.get(shape, torch.float32)
+    model = build_model(size, shape=shape, device="meta", dtype=dtype)
+    rows, length = size.batch, 1 + size.image_tokens + size.text_tokens
+    with torch.device("meta"), torch.no_grad(), count_flops(model_parts(model)) as counter:
+        model.vision_tower(torch.empty(rows, 3, size.image_size, size.image_size, dtype=dtype))
+        model.language_model(inputs_embeds=torch.empty(rows, length, model.config.hidden_size, dtype=dtype))
+    return counter.flops["language_model"] / counter.flops["vision_tower"]
+
+
+class Runner:
+    """One training configuration: a fresh `shape` model (`benchmarks.shapes.build_model`; same seed, so the same
+    weights for every runner) in `dtype`, LoRA on its language model's attention when `lora`, its `CFMoETrainer`
+    and the trainer's AdamW; bf16 autocast on CUDA or with bf16 weights. Past the bias-only warm-up
+    (`debias_warmup_ratio=0`), so a `cfmoe` step builds its counterfactual rows."""
+
+    def __init__(
+        self,
+        name: str,
+        size: Size,
+        device: str,
+        seed: int = 0,
+        freeze_tower: bool = True,
+        shape: str = "tiny",
+        lora: bool = False,
+        dtype: torch.dtype | None = None,
+        **training_args,
+    ):
         self.name, self.device = name, torch.device(device)
-        self.model = build_model(size, seed)
+        self.core = build_model(size, seed, shape, device, dtype)  # the CF-MoE model, under `self.model`'s LoRA
+        self.model = lora_model(self.core) if lora else self.core
         if freeze_tower:
             freeze_vision_tower(self.model)
         self._output_dir = tempfile.TemporaryDirectory()
@@ -156,7 +263,7 @@ class Runner:
             output_dir=self._output_dir.name,
             report_to="none",
             use_cpu=device == "cpu",
-            bf16=device == "cuda",  # the trainer's bf16 autocast
+            bf16=device == "cuda" or dtype == torch.bfloat16,  # the trainer's bf16 autocast
             debias_warmup_ratio=0.0,
             **training_args,
         )
@@ -186,11 +293,21 @@ class Runner:
                 batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
             )
 
-    def count(self, phase: str, batch: dict[str, torch.Tensor]) -> Work:
-        """The work of one `train_step` or `infer` on `batch`."""
-        with count_work(self.model) as work:
+    def count(self, phase: str, batch: dict[str, torch.Tensor]) -> tuple[Work, dict[str, float]]:
+        """The work of one `train_step` or `infer` on `batch`, and the seconds of its `CONTEXT_CALLS` (the clock)."""
+        with count_work(self.model) as work, read_calls(self.core, clock(self.device)) as seconds:
             getattr(self, phase)(batch)
-        return work
+        return work, seconds
+
+    def flops(self, phase: str, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        """FLOPs of one `train_step` or `infer` (`count_flops`: matmuls, convolutions and attention, from op shapes;
+        forward and backward) by part: `vision_tower` and `language_model`, `CONTEXT_CALLS` (the model's calls),
+        `rest` (projector, experts, heads, counterfactual edits), `total`."""
+        with count_flops(model_parts(self.core)) as counter, read_calls(self.core, counter.total) as calls:
+            getattr(self, phase)(batch)
+        context = {part: int(flops) for part, flops in calls.items()}  # counted in `rest`
+        rest = counter.flops["rest"] - sum(context.values())
+        return {**counter.flops, **context, "rest": rest, "total": counter.total()}
 
     def resident_bytes(self) -> int:
         """Bytes live between steps: weights, buffers, optimizer state (gradients are freed after each update)."""
@@ -201,9 +318,10 @@ class Runner:
 
     def profile_train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
         """Matmul FLOPs (torch profiler, from op shapes) and memory of one training step: `step_bytes`, the most it
-        holds above what is live before it, and `peak_bytes`, that plus what is live (weights, optimizer state).
-        CUDA: `torch.cuda.max_memory_allocated`. CPU: the profiler's record of every allocation and free of torch's
-        allocator, in order (Python objects and the allocator's cached pages are not counted)."""
+        holds above what is live before it, and `peak_bytes`, that plus what this runner keeps live (weights,
+        optimizer state; not the other runners'). CUDA: `torch.cuda.max_memory_allocated`. CPU: the profiler's
+        record of every allocation and free of torch's allocator, in order (Python objects and the allocator's cached
+        pages are not counted)."""
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
@@ -217,7 +335,7 @@ class Runner:
         if cuda:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
-            return {"flops": flops, "step_bytes": peak - before, "peak_bytes": peak}
+            return {"flops": flops, "step_bytes": peak - before, "peak_bytes": peak - before + self.resident_bytes()}
         events = sorted(
             (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
         )
