@@ -13,7 +13,7 @@ vision tower as large as the language model, images enlarged to the size's patch
 LLaVA-1.5-7B's proportions on one CPU thread (Llama decoder 256 x 5 layers, CLIP tower 64 x 2 layers, patch 14 at
 336 x 336 pixels: 576 image tokens, the tower's forward FLOPs 1 : 21.6 of the decoder's, as LLaVA-1.5-7B's 1 : 22);
 `llava-7b`, LLaVA-1.5-7B's dimensions (Llama-2-7B, CLIP ViT-L/14-336) in bf16, CUDA only, the language model
-fully fine-tuned or with LoRA on its q/k/v/o projections. Both configurations train the same model (same weights,
+fully fine-tuned or with LoRA as `--use_lora True` trains it. Both configurations train the same model (same weights,
 same batches) through `CFMoETrainer.training_step`, gradient clipping and the trainer's AdamW: `vanilla` with
 `CFMoETrainingArguments(method="vanilla")`, the default with `CFMoETrainingArguments()` (`method="cfmoe"`, what
 `examples/run_sarcasm.py` trains), past its bias-only warm-up (`debias_warmup_ratio=0`) so that it builds its
@@ -71,7 +71,8 @@ SECTIONS = {
     "llava-7b": {
         "llava_7b_lora": (
             "Default training configuration / vanilla, LLaVA-1.5-7B's dimensions (random weights, bf16), LoRA "
-            "(rank 16) on the language model's q/k/v/o projections, experts, heads and projector trained in full, "
+            "(rank 16) on the language model's attention and MLP projections, experts, heads and projector trained "
+            "in full, "
             "vision tower frozen",
             {"lora": True},
         ),

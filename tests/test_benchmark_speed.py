@@ -81,7 +81,7 @@ def test_llava_shape_has_llava_proportions(tmp_path):
 
 def test_llava_7b_shape_has_llava_1_5_dimensions():
     """LLaVA-1.5-7B (Llama-2-7B, CLIP ViT-L/14-336) on the meta device: its dimensions, parameter counts and dtype,
-    and LoRA on the attention projections only, with the tower frozen."""
+    and LoRA on the language model's attention and MLP projections, with the tower frozen."""
     model = build_model(LLAVA_SIZE, shape="llava-7b", device="meta", dtype=MODEL_DTYPES["llava-7b"])
     text, vision = model.config.base_config.text_config, model.config.base_config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (4096, 32, 32)
@@ -99,7 +99,8 @@ def test_llava_7b_shape_has_llava_1_5_dimensions():
     freeze_vision_tower(peft)
     trained = [name for name, p in peft.named_parameters() if p.requires_grad]
     adapted = {re.sub(r"\.lora_[AB]\..*", "", name) for name in trained if ".lora_" in name}
-    assert len(adapted) == 32 * 4 and all(re.search(r"self_attn\.[qkvo]_proj$", name) for name in adapted)
+    projections = r"(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj$"  # as --use_lora True adapts them
+    assert len(adapted) == 32 * 7 and all(re.search(projections, name) for name in adapted)
     assert not any("vision_tower" in name for name in trained)
     assert any("visual_moe" in name for name in trained) and any("fused_head" in name for name in trained)
 

@@ -1,6 +1,6 @@
 """The models of `examples/benchmark_speed.py`: the tiny LLaVA enlarged to a patch grid (`tiny`), a LLaVA scaled
 down with LLaVA-1.5-7B's proportions (`llava`), LLaVA-1.5-7B's real dimensions (`llava-7b`); random weights, wrapped
-at the default CF-MoE configuration; the batch sizes, and LoRA on the language model's attention."""
+at the default CF-MoE configuration; the batch sizes, and LoRA as `--use_lora True` trains it."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import LlavaConfig, PretrainedConfig
 
-from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification, base_family
-from cfmoe.trainer.adapters import BASE, apply_lora
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.trainer.adapters import apply_lora
 from cfmoe.trainer.data.tiny import PATCH_SIZE, tiny_base_config
 
 PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
@@ -50,7 +50,6 @@ LLAVA_SHAPES = {
 # llava-7b in bf16, AdamW's states too: 40 GB a runner between steps; in float32 two runners would not fit 141 GB
 MODEL_DTYPES = {"llava-7b": torch.bfloat16}
 PATCH_SIZES = {"tiny": PATCH_SIZE, "llava": CLIP_PATCH, "llava-7b": CLIP_PATCH}
-LORA_ATTENTION = r"layers\.\d+\.self_attn\.(?:q|k|v|o)_proj"  # relative to the language model
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,6 @@ def initialise_on(
 
 
 def lora_model(model: CFMoEForMultimodalClassification) -> PeftModel:
-    """`cfmoe.trainer.adapters.apply_lora` (rank 16) on the language model's q/k/v/o projections; the experts,
-    routers, heads and projector trained in full."""
-    family = base_family(model.config.base_config.model_type)
-    return apply_lora(model, target_modules=rf"{BASE}\.{family.language_model}\.{LORA_ATTENTION}")
+    """LoRA as `--use_lora True` trains it (`cfmoe.trainer.adapters.apply_lora`: rank 16 on the language model's
+    attention and MLP projections); the experts, routers, heads and projector trained in full."""
+    return apply_lora(model)
