@@ -75,7 +75,8 @@ class CFMoEConfig(PretrainedConfig):
         context_covariance_pixels (`int`, *optional*): the covariance of single pixel descriptors (what whitens the
             pixel scores) is counted from the first images of each training batch whose pixels reach this many (at
             least one image; the class means still count every image): its cost stays bounded at large images
-            (a LLaVA-1.5 image has 113k pixels). None: every image.
+            (a LLaVA-1.5 image has 113k pixels: one per batch; the tiny recipe's 32 images of 32 x 32: all).
+            None: every image.
         detach_bias_branches (`bool`): the text-only and image-only heads read stop-gradient states (the
             text-only language-model pass runs without gradient): they measure what one modality alone predicts
             without shaping the shared base, and no backward runs through the text-only pass (docs/method.md).
@@ -124,7 +125,7 @@ class CFMoEConfig(PretrainedConfig):
         discover_image_context: bool = True,
         declared_image_context: list[list[float]] | None = None,
         image_context_threshold: float = 0.5,
-        context_covariance_pixels: int | None = 16384,
+        context_covariance_pixels: int | None = 32768,
         detach_bias_branches: bool = True,
         inference_mode: str = "fused",
         prompt_template: str = "{image}\n{text}",
