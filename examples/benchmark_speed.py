@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.shapes import LLAVA_SIZE, MODEL_DTYPES, PATCH_SIZES, SHAPES, Size, parse_sizes
+from benchmarks.shapes import LLAVA_SIZE, SHAPES, Size, parse_sizes
 from benchmarks.speed import CONTEXT_CALLS, Runner, compare, lm_to_tower_forward, make_batch, time_interleaved
 
 # per --shape, speed.json's sections: title, Runner options. The headline first: the vision tower frozen, as the
@@ -123,7 +123,7 @@ def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool = True, lora
     def batches(count: int) -> list[dict[str, torch.Tensor]]:
         return [{k: v.to(cli.device) for k, v in make_batch(size, generator).items()} for _ in range(count)]
 
-    options = {"freeze_tower": freeze_tower, "shape": cli.shape, "lora": lora, "dtype": MODEL_DTYPES.get(cli.shape)}
+    options = {"freeze_tower": freeze_tower, "shape": cli.shape, "lora": lora, "dtype": SHAPES[cli.shape].dtype}
     runners = [
         Runner("vanilla", size, cli.device, cli.seed, method="vanilla", **options),
         Runner("default", size, cli.device, cli.seed, **options),
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Measure every section and size, write `speed.json` and `speed.md`, print the tables; returns the report."""
     cli = parse_args(argv)
     torch.set_num_threads(cli.threads)
-    sizes = parse_sizes(cli.sizes, PATCH_SIZES[cli.shape])
+    sizes = parse_sizes(cli.sizes, SHAPES[cli.shape].patch_size)
     report = {
         **{name: {} for name in SECTIONS[cli.shape]},
         "setup": {

@@ -15,7 +15,7 @@ import benchmark_speed
 import pytest
 import torch
 
-from benchmarks.shapes import LLAVA_SIZE, MODEL_DTYPES, build_model, initialise_on, lora_model, parse_sizes
+from benchmarks.shapes import LLAVA_SIZE, SHAPES, build_model, initialise_on, lora_model, parse_sizes
 from benchmarks.speed import Runner, lm_to_tower_forward, make_batch
 from cfmoe.trainer.loading import freeze_vision_tower
 
@@ -82,7 +82,7 @@ def test_llava_shape_has_llava_proportions(tmp_path):
 def test_llava_7b_shape_has_llava_1_5_dimensions():
     """LLaVA-1.5-7B (Llama-2-7B, CLIP ViT-L/14-336) on the meta device: its dimensions, parameter counts and dtype,
     and LoRA on the language model's attention and MLP projections, with the tower frozen."""
-    model = build_model(LLAVA_SIZE, shape="llava-7b", device="meta", dtype=MODEL_DTYPES["llava-7b"])
+    model = build_model(LLAVA_SIZE, shape="llava-7b", device="meta", dtype=SHAPES["llava-7b"].dtype)
     text, vision = model.config.base_config.text_config, model.config.base_config.vision_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (4096, 32, 32)
     assert (text.intermediate_size, text.vocab_size, text.num_key_value_heads) == (11008, 32064, 32)

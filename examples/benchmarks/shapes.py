@@ -16,20 +16,37 @@ from cfmoe.trainer.adapters import apply_lora
 from cfmoe.trainer.data.tiny import PATCH_SIZE, tiny_base_config
 
 PAD, BOS, IMAGE_TOKEN, VOCAB = 0, 1, 4, 320
-SHAPES = ("tiny", "llava", "llava-7b")
 CLIP_PATCH = 14  # CLIP ViT-L/14 at 336 x 336 pixels: a 24 x 24 patch grid, 576 image tokens (+ CLS)
-# the Llama decoder and CLIP vision tower of each LLaVA shape. `llava`: head sizes of LLaVA-1.5-7B (128 in the
-# decoder, 64 in the tower), Llama's MLP ratio (11008 / 4096) and CLIP's (4), depths chosen so that the tower's
-# forward FLOPs against the decoder's over 4 x (576 + 58) tokens, attention included, are 1 : 21.6, as LLaVA-1.5-7B's
-# (0.3B CLIP ViT-L/14-336 over 577 tokens, 6.6B Llama-2-7B over 576 + 58: 1 : 22.1); one training step takes about
-# 1.4-1.7 s on one CPU thread. `llava-7b`: Llama-2-7B and CLIP ViT-L/14-336, as `llava-hf/llava-1.5-7b-hf`.
-LLAVA_SHAPES = {
-    "llava": (
-        {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 5, "num_attention_heads": 2},
-        {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1},
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model of the benchmark: its patch size, its weights' dtype (None: float32), and for a LLaVA shape the
+    config values of its Llama decoder (`text`) and CLIP vision tower (`vision`); None: the tiny LLaVA."""
+
+    patch_size: int
+    dtype: torch.dtype | None = None
+    text: dict | None = None
+    vision: dict | None = None
+
+
+# `llava`: head sizes of LLaVA-1.5-7B (128 in the decoder, 64 in the tower), Llama's MLP ratio (11008 / 4096) and
+# CLIP's (4), depths chosen so that the tower's forward FLOPs against the decoder's over 4 x (576 + 58) tokens,
+# attention included, are 1 : 21.6, as LLaVA-1.5-7B's (0.3B CLIP ViT-L/14-336 over 577 tokens, 6.6B Llama-2-7B over
+# 576 + 58: 1 : 22.1); one training step takes about 1.2-1.7 s on one CPU thread. `llava-7b`: Llama-2-7B and CLIP
+# ViT-L/14-336, as `llava-hf/llava-1.5-7b-hf`, in bf16, AdamW's states too: 40 GB a runner between steps (in float32
+# two runners would not fit 141 GB).
+SHAPES = {
+    "tiny": Shape(PATCH_SIZE),
+    "llava": Shape(
+        CLIP_PATCH,
+        text={"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 5, "num_attention_heads": 2},
+        vision={"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 1},
     ),
-    "llava-7b": (
-        {
+    "llava-7b": Shape(
+        CLIP_PATCH,
+        torch.bfloat16,
+        text={
             "hidden_size": 4096,
             "intermediate_size": 11008,
             "num_hidden_layers": 32,
@@ -38,7 +55,7 @@ LLAVA_SHAPES = {
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5,
         },
-        {
+        vision={
             "hidden_size": 1024,
             "intermediate_size": 4096,
             "num_hidden_layers": 24,
@@ -47,9 +64,6 @@ LLAVA_SHAPES = {
         },
     ),
 }
-# llava-7b in bf16, AdamW's states too: 40 GB a runner between steps; in float32 two runners would not fit 141 GB
-MODEL_DTYPES = {"llava-7b": torch.bfloat16}
-PATCH_SIZES = {"tiny": PATCH_SIZE, "llava": CLIP_PATCH, "llava-7b": CLIP_PATCH}
 
 
 @dataclass(frozen=True)
@@ -88,12 +102,12 @@ LLAVA_SIZE = Size(4, 576, 58, CLIP_PATCH)  # LLaVA-1.5's: 4 items, 24 x 24 patch
 
 def base_config(shape: str, size: Size) -> PretrainedConfig:
     """The LLaVA config of `shape` (`SHAPES`) with images of `size.image_size` pixels."""
-    if shape == "tiny":  # hidden 64, 2 layers in both towers
+    text, vision = SHAPES[shape].text, SHAPES[shape].vision
+    if text is None:  # the tiny LLaVA: hidden 64, 2 layers in both towers
         base = tiny_base_config(vocab_size=VOCAB, image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
         base.vision_config.image_size = size.image_size
         base.text_config.max_position_embeddings = 2048
         return base
-    text, vision = LLAVA_SHAPES[shape]
     text = {"vocab_size": VOCAB, "max_position_embeddings": 2048, **text}
     return LlavaConfig(
         text_config={

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
-from benchmarks.shapes import BOS, IMAGE_TOKEN, MODEL_DTYPES, PAD, VOCAB, Size, build_model, lora_model
+from benchmarks.shapes import BOS, IMAGE_TOKEN, PAD, SHAPES, VOCAB, Size, build_model, lora_model
 from cfmoe.modeling_cfmoe import CFMoEForMultimodalClassification
 from cfmoe.trainer.cfmoe_trainer import CFMoETrainer
 from cfmoe.trainer.loading import freeze_vision_tower
@@ -226,7 +226,7 @@ def model_parts(core: CFMoEForMultimodalClassification) -> dict[str, torch.nn.Mo
 def lm_to_tower_forward(shape: str, size: Size) -> float:
     """How many FLOPs the language model's forward over `size.batch` rows of 1 + image + text tokens takes per FLOP
     of the vision tower's forward over their images (the 25 of 1 : 25), counted on the meta device (shapes only)."""
-    dtype = MODEL_DTYPES.get(shape, torch.float32)
+    dtype = SHAPES[shape].dtype or torch.float32
     model = build_model(size, shape=shape, device="meta", dtype=dtype)
     rows, length = size.batch, 1 + size.image_tokens + size.text_tokens
     with torch.device("meta"), torch.no_grad(), count_flops(model_parts(model)) as counter:
