@@ -3,8 +3,13 @@
 
     accelerate launch examples/run_sentiment.py --output_dir out               # tiny model, synthetic data
     accelerate launch examples/run_sentiment.py --model_name_or_path llava-hf/llava-1.5-7b-hf \
-        --dataset mvsa_single --data_dir /data/MVSA_Single --output_dir out
+        --dataset mvsa_single --data_dir /data/CLMLF/dataset/data/MVSA-single/10-flod-1 \
+        --extra_test mvsa_multiple=/data/CLMLF/dataset/data/MVSA-multiple/10-flod-1 --output_dir out
     python examples/run_sentiment.py --help                                    # every argument and its default
+
+`--dataset mvsa_single` / `mvsa_multiple` read CLMLF's released splits (`DATA_DIR/{train,dev,test}.json`, CLMLF's
+labels 0 positive / 2 negative mapped to ours, 0 negative / 2 positive) or MVSA's raw layout; images from
+`DATA_DIR/../dataset_image` or `--image_dir` (one image file: a placeholder for every item; docs/real_data.md).
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
 (docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").

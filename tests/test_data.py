@@ -13,17 +13,21 @@ from datasets import Image
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cfmoe.trainer.arguments import DataArguments
 from cfmoe.trainer.data import (
+    count_hashtags,
     count_text_cues,
     load_benchmark,
     load_dmsd_ood,
     load_mmsd,
     load_mmsd_release,
     load_mvsa,
+    load_mvsa_clmlf,
     mvsa_label,
     parse_extra_test,
     released_texts,
 )
+from cfmoe.trainer.data.real import SOCIAL_CUES
 from cfmoe.trainer.data.synthetic import (
     CUE_SETTINGS,
     HASHTAGS,
@@ -42,6 +46,8 @@ from cfmoe.trainer.data.synthetic import (
     make_synthetic_benchmark,
     synthetic_vocabulary,
 )
+from cfmoe.trainer.errors import UserValueError
+from cfmoe.trainer.loading import load_data
 
 SPLITS = ["train", "validation", "test_iid", "test_ood", "test_neutral"]
 RHO = {"train": 0.95, "validation": 0.95, "test_iid": 0.95, "test_ood": 0.05, "test_neutral": 0.5}
@@ -375,7 +381,7 @@ def test_mmsd_image_folder_names(tmp_path):
     with pytest.raises(FileNotFoundError, match="image_dir"):
         load_mmsd(tmp_path / "b", "test")
     with pytest.raises(ValueError, match="split"):
-        load_mmsd(tmp_path / "a", "dev")
+        load_mmsd(tmp_path / "a", "training")
 
 
 def write_ood(path: Path) -> Path:
@@ -508,8 +514,12 @@ def test_extra_test_splits_and_placeholder_image(tmp_path):
     for bad in ("mvsa=dir", "mmsd2", "mmsd2=", "mmsd=a,mmsd=b"):
         with pytest.raises(ValueError, match="NAME=DIR"):
             parse_extra_test(bad)
-    with pytest.raises(ValueError, match="apply to mmsd and mmsd2 only"):
+    with pytest.raises(
+        ValueError, match=r"\['mmsd2'\] are not sentiment data sets.*\['mvsa_single', 'mvsa_multiple'\]"
+    ):
         load_benchmark("mvsa_single", tmp_path, extra_test={"mmsd2": mmsd2})
+    with pytest.raises(ValueError, match="apply to mmsd and mmsd2 only"):
+        load_benchmark("mvsa_single", tmp_path, ood_file=ood)
 
 
 def test_release_bad_lines_name_file_and_line(tmp_path):
@@ -624,6 +634,140 @@ def test_mvsa_benchmark_split(tmp_path):
     assert set.union(*ids) == {str(i) for i in range(1, 41)} and sum(map(len, ids)) == 40
     assert load_benchmark("mvsa_multiple", root)["test"]["id"] == splits["test"]["id"]
     assert load_benchmark("mvsa_single", root, split_seed=1)["test"]["id"] != splits["test"]["id"]
+
+
+# CLMLF's release of MVSA (github:Link-Li/CLMLF): dataset/data/MVSA-<single|multiple>/10-flod-1/{train,dev,test}.json,
+# JSON lists of {"id", "text", "emotion_label"} with 0 positive, 1 neutral, 2 negative; images in
+# MVSA-<single|multiple>/dataset_image. Items typed here in that format, not copied from the data.
+CLMLF_TRAIN = [
+    {"id": "5", "text": "RT @friend: Went to the lake today, lovely people! #happy", "emotion_label": 0},
+    {"id": "9", "text": "Stuck in traffic again #fail http://t.co/abc", "emotion_label": 2},
+    {"id": "12", "text": " Game day at the stadium ", "emotion_label": 1},
+    {"id": "13", "text": "Best day ever #happy #love", "emotion_label": 0},
+]
+CLMLF_DEV = [{"id": "16", "text": "Sunset over the #harbour tonight #calm", "emotion_label": 0}]
+CLMLF_TEST = [
+    {"id": "17", "text": "Fresh bread from the corner shop.", "emotion_label": 0},
+    {"id": "21", "text": "@someone this is awful", "emotion_label": 2},
+]
+
+
+def write_clmlf(root: Path, collection: str = "MVSA-single", images: bool = True) -> Path:
+    """CLMLF's layout under ROOT: the split folder ``dataset/data/<collection>/10-flod-1`` (returned), with a
+    ``train-copy.json`` as MVSA-multiple has, and ``dataset_image/<id>.jpg`` beside it."""
+    folder = root / "dataset" / "data" / collection / "10-flod-1"
+    folder.mkdir(parents=True)
+    for name, items in (("train", CLMLF_TRAIN), ("dev", CLMLF_DEV), ("test", CLMLF_TEST)):
+        (folder / f"{name}.json").write_text(json.dumps(items))
+        for item in items if images else ():
+            jpeg(folder.parent / "dataset_image" / f"{item['id']}.jpg")
+    (folder / "train-copy.json").write_text("not read")
+    return folder
+
+
+def test_mvsa_clmlf_layout_labels_and_image_folder(tmp_path):
+    folder = write_clmlf(tmp_path)
+    splits = load_benchmark("mvsa_single", folder)
+    assert {split: len(data) for split, data in splits.items()} == {"train": 4, "validation": 1, "test": 2}
+    train = splits["train"]
+    assert train.features["label"].names == ["negative", "neutral", "positive"]
+    # CLMLF's 0 positive, 1 neutral, 2 negative -> ours 2, 1, 0
+    assert train["label"] == [2, 0, 1, 2] and train.features["label"].int2str(train["label"][0]) == "positive"
+    assert train["id"] == ["5", "9", "12", "13"] and train["text"][2] == "Game day at the stadium"
+    images = folder.parent / "dataset_image"  # found at DATA_DIR/../dataset_image, as in CLMLF's repository
+    assert image_paths(train)[0] == str((images / "5.jpg").resolve()) and train[0]["image"].size == (8, 8)
+    dev, report = load_mvsa_clmlf(folder, "dev")
+    assert dev["id"] == ["16"] and dev["label"] == [2] and report.num_loaded == 1 and report.source.endswith("dev.json")
+    assert load_mvsa_clmlf(folder, "validation")[0]["id"] == load_mvsa_clmlf(folder, "valid")[0]["id"] == ["16"]
+    assert load_benchmark("mvsa_multiple", folder)["test"]["label"] == [2, 0]
+
+
+def test_mvsa_image_dir_file_for_clmlf_and_raw_layouts(tmp_path):
+    clmlf = write_clmlf(tmp_path / "CLMLF", images=False)
+    raw = write_mvsa(tmp_path / "raw", [f"{i}\tpositive,positive" for i in range(1, 11)])
+    placeholder = tmp_path / "grey.jpg"
+    jpeg(placeholder, (128, 128, 128))
+    with pytest.raises(FileNotFoundError, match="pass --image_dir"):
+        load_mvsa_clmlf(clmlf, "test")
+    for name, folder in (("mvsa_single", clmlf), ("mvsa_multiple", raw)):
+        splits = load_benchmark(name, folder, image_dir=placeholder)
+        assert all(set(image_paths(data)) == {str(placeholder.resolve())} for data in splits.values())
+    dataset, _ = load_mvsa(raw, image_dir=raw / "data")  # a folder of <id>.jpg
+    assert [Path(path).name for path in image_paths(dataset)][:2] == ["1.jpg", "2.jpg"]
+    with pytest.raises(FileNotFoundError, match="pass --image_dir"):
+        load_mvsa(raw, image_dir=tmp_path / "nowhere")
+
+
+def test_mvsa_extra_test_and_task_families(tmp_path):
+    single, multiple = write_clmlf(tmp_path), write_clmlf(tmp_path, "MVSA-multiple")
+    rows = [f"{i}\tpositive,neutral" if i % 2 else f"{i}\tnegative,negative" for i in range(1, 21)]
+    raw = write_mvsa(tmp_path / "raw", rows)
+    extra = parse_extra_test(f"mvsa_multiple={multiple}, mvsa_single={raw}")
+    assert extra == {"mvsa_multiple": str(multiple), "mvsa_single": str(raw)}
+    splits = load_benchmark("mvsa_single", single, extra_test=extra)
+    assert list(splits) == ["train", "validation", "test", "test_mvsa_multiple", "test_mvsa_single"]
+    assert splits["test_mvsa_multiple"]["id"] == ["17", "21"]
+    assert splits["test_mvsa_single"]["id"] == load_benchmark("mvsa_single", raw)["test"]["id"]  # the seeded split
+    with pytest.raises(ValueError, match=r"\['mvsa_multiple'\] are not sarcasm data sets.*\['mmsd', 'mmsd2'\]"):
+        load_benchmark("mmsd2", write_mmsd(tmp_path / "mmsd"), extra_test={"mvsa_multiple": multiple})
+    with pytest.raises(ValueError, match="no label_file or split_seed"):
+        load_benchmark("mvsa_single", single, split_seed=1)
+    with pytest.raises(ValueError, match=r"NAME one of \['mmsd', 'mmsd2', 'mvsa_single', 'mvsa_multiple'\]"):
+        parse_extra_test("mvsa=dir")
+    arguments = DataArguments(dataset="mvsa_single", data_dir=str(single), extra_test=f"mvsa_multiple={multiple}")
+    assert list(load_data("sentiment", arguments, seed=0)[0])[-1] == "test_mvsa_multiple"
+    with pytest.raises(UserValueError, match="mvsa_single is a sentiment data set: run examples/run_sentiment.py"):
+        load_data("sarcasm", arguments, seed=0)
+
+
+def test_mvsa_clmlf_bad_items_name_file_and_item(tmp_path):
+    folder = write_clmlf(tmp_path)
+    test = folder / "test.json"
+    bad = [
+        (
+            {"id": "17", "text": "fine", "emotion_label": 3},
+            ValueError,
+            r"item 1 \(id '17'\): label 3 is not one of \{0: 'positive'",
+        ),
+        ({"id": "17", "text": "no label"}, ValueError, r"item 1: expected an object with keys id, text, emotion_label"),
+        (
+            {"id": "21", "text": "duplicate", "emotion_label": 0},
+            ValueError,
+            r"duplicate id '21' \(first seen at .*item 0",
+        ),
+        ({"id": "17", "text": "  ", "emotion_label": 1}, ValueError, r"item 1 \(id '17'\): item '17' has empty"),
+        ({"id": "99", "text": "no image", "emotion_label": 1}, FileNotFoundError, r"99\.jpg of item '99' not found"),
+    ]
+    for item, error, message in bad:
+        test.write_text(json.dumps([CLMLF_TEST[1], item]))
+        with pytest.raises(error, match=message) as caught:
+            load_mvsa_clmlf(folder, "test")
+        assert str(test) in str(caught.value) and "skip_bad_examples" in str(caught.value)
+    test.write_text(json.dumps([CLMLF_TEST[1], *(item for item, _, _ in bad)]))
+    dataset, report = load_mvsa_clmlf(folder, "test", skip_bad_examples=True)
+    assert dataset["id"] == ["21"] and report.num_skipped == 5
+    test.write_text('[\n{"id": "17", "text": "x", "emotion_label": 0},\n{"id": "21",\n')
+    with pytest.raises(ValueError, match=r"test\.json: malformed JSON at line 4"):
+        load_mvsa_clmlf(folder, "test")
+    with pytest.raises(FileNotFoundError, match=r"expected CLMLF's layout DATA_DIR/\{train,dev,test\}\.json"):
+        load_mvsa_clmlf(tmp_path, "train")
+
+
+def test_social_cues_and_hashtags():
+    texts = [item["text"] for item in CLMLF_TRAIN]
+    labels = [2, 0, 1, 2]
+    assert count_text_cues(texts, labels, 3, SOCIAL_CUES) == {
+        "items": [1, 1, 2],
+        "hashtag": [1, 0, 2],
+        "mention": [0, 0, 1],
+        "URL": [1, 0, 0],
+        "RT @": [0, 0, 1],
+    }
+    assert count_hashtags([*texts, "#HAPPY #happy"], [*labels, 0]) == {
+        "happy": [1, 0, 2],
+        "fail": [1, 0, 0],
+        "love": [0, 0, 1],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -263,15 +263,20 @@ class DataArguments:
             "help": "synthetic (the task's planted-cue benchmark); mmsd (MMSD 1.0: its text release "
             "DATA_DIR/text/{train,valid2,test2}.txt with the release's discard words applied, or the JSON layout); "
             "mmsd2 (DATA_DIR/{train,valid,test}.json, e.g. MMSD2.0's data/text_json_final); mvsa_single, "
-            "mvsa_multiple (docs/real_data.md)"
+            "mvsa_multiple (CLMLF's released splits DATA_DIR/{train,dev,test}.json, or MVSA's raw layout split 8:1:1; "
+            "docs/real_data.md)"
         },
     )
-    data_dir: str | None = field(default=None, metadata={"help": "folder of a real data set"})
+    data_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of a real data set, e.g. /data/CLMLF/dataset/data/MVSA-single/10-flod-1"},
+    )
     image_dir: str | None = field(
         default=None,
         metadata={
-            "help": "folder of <id>.jpg when not under data_dir, or one image file used for every item (a "
-            "placeholder where the images are not at hand: a text-only run)"
+            "help": "folder of <id>.jpg when not found beside data_dir (DATA_DIR/images, DATA_DIR/dataset_image, "
+            "DATA_DIR/../dataset_image, DATA_DIR/../../dataset_image; raw MVSA: DATA_DIR/data), or one image file "
+            "used for every item of every split (a placeholder where the images are not at hand: a text-only run)"
         },
     )
     ood_file: str | None = field(
@@ -281,8 +286,10 @@ class DataArguments:
     extra_test: str | None = field(
         default=None,
         metadata={
-            "help": "more test splits, NAME=DIR[,NAME=DIR]: the test split of data set NAME (mmsd or mmsd2) in DIR, "
-            "evaluated as test_NAME (images from --image_dir), e.g. mmsd2=/data/MMSD2.0/data/text_json_final"
+            "help": "more test splits, NAME=DIR[,NAME=DIR]: the test split of data set NAME in DIR, evaluated as "
+            "test_NAME (images from --image_dir); NAME of the run's task: mmsd or mmsd2 for sarcasm (e.g. "
+            "mmsd2=/data/MMSD2.0/data/text_json_final), mvsa_single or mvsa_multiple for sentiment (e.g. "
+            "mvsa_multiple=/data/CLMLF/dataset/data/MVSA-multiple/10-flod-1)"
         },
     )
     num_train: int = field(default=4000, metadata={"help": "synthetic: training items"})

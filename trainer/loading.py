@@ -19,7 +19,7 @@ from .arguments import DataArguments, ModelArguments
 from .audit import read_context_report
 from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
-from .data.benchmarks import load_benchmark, parse_extra_test
+from .data.benchmarks import dataset_task, load_benchmark, parse_extra_test
 from .data.synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
 from .data.tiny import build_tiny_model
 from .errors import UserFileNotFoundError, user_input
@@ -42,9 +42,11 @@ TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_ac
 
 
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
-    """(splits, the synthetic benchmark's config or None for real data). Images stay undecoded: the collator opens
-    them item by item, so that a corrupt file is named there (or skipped and counted with `skip_bad_examples`).
-    Data the loaders refuse raises a [`~cfmoe.trainer.errors.UserInputError`]."""
+    """(splits, the synthetic benchmark's config or None for real data: `--dataset` in `--data_dir`, with
+    `--image_dir`, `--ood_file` and `--extra_test` passed to `load_benchmark`). Images stay undecoded: the collator
+    opens them item by item, so that a corrupt file is named there (or skipped and counted with
+    `skip_bad_examples`). Data the loaders refuse, or a data set of the other task, raises a
+    [`~cfmoe.trainer.errors.UserInputError`]."""
     if data_args.dataset == "synthetic":
         synthetic = data_args.synthetic_config(task, seed)
         data = make_synthetic_benchmark(synthetic)
@@ -55,9 +57,12 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
             kwargs["image_dir"] = data_args.image_dir
         if data_args.ood_file:
             kwargs["ood_file"] = data_args.ood_file
-        if data_args.extra_test:
-            kwargs["extra_test"] = parse_extra_test(data_args.extra_test)
-        with user_input():  # a data set the loaders refuse: its message says what to fix
+        with user_input():  # arguments or a data set the loaders refuse: the message says what to fix
+            if data_args.extra_test:
+                kwargs["extra_test"] = parse_extra_test(data_args.extra_test)
+            if dataset_task(data_args.dataset) != task:
+                other = dataset_task(data_args.dataset)
+                raise ValueError(f"--dataset {data_args.dataset} is a {other} data set: run examples/run_{other}.py")
             data = load_benchmark(data_args.dataset, data_args.data_dir, **kwargs)
     return data.cast_column("image", Image(decode=False)), synthetic
 

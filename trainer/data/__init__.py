@@ -4,11 +4,13 @@ planted-cue benchmark (`synthetic`, its words in `lexicon`) and the tiny offline
 from .benchmarks import BENCHMARKS, load_benchmark, parse_extra_test
 from .real import (
     LoadReport,
+    count_hashtags,
     count_text_cues,
     load_dmsd_ood,
     load_mmsd,
     load_mmsd_release,
     load_mvsa,
+    load_mvsa_clmlf,
     mvsa_label,
     released_texts,
 )
@@ -19,6 +21,7 @@ __all__ = [
     "LABEL_NAMES",
     "LoadReport",
     "SyntheticConfig",
+    "count_hashtags",
     "count_text_cues",
     "flip_cues",
     "id2label",
@@ -27,6 +30,7 @@ __all__ = [
     "load_mmsd",
     "load_mmsd_release",
     "load_mvsa",
+    "load_mvsa_clmlf",
     "make_synthetic_benchmark",
     "mvsa_label",
     "parse_extra_test",

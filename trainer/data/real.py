@@ -1,11 +1,11 @@
 """Loaders for the real data sets as released (users bring the data).
 
 ``load_mmsd`` (MMSD2.0's JSON layout, also used for MMSD), ``load_mmsd_release`` (MMSD 1.0's own text release),
-``load_dmsd_ood`` (the DMSD-CL OOD lines) and ``load_mvsa`` (MVSA-Single, MVSA-Multiple) each return
-``(Dataset, LoadReport)``; ``benchmarks.load_benchmark`` assembles them into a ``DatasetDict`` by name. Bad input
-raises early with a message naming the file, the line or item and the fix; ``skip_bad_examples=True`` skips and
-counts such items instead. ``released_texts`` and ``count_text_cues`` count the spurious cues the released texts
-carry (docs/real_data.md).
+``load_dmsd_ood`` (the DMSD-CL OOD lines), ``load_mvsa_clmlf`` (MVSA-Single, MVSA-Multiple as CLMLF released their
+splits) and ``load_mvsa`` (MVSA's raw layout) each return ``(Dataset, LoadReport)``; ``benchmarks.load_benchmark``
+assembles them into a ``DatasetDict`` by name. Bad input raises early with a message naming the file, the line or
+item and the fix; ``skip_bad_examples=True`` skips and counts such items instead. ``released_texts`` and
+``count_text_cues`` count the spurious cues the released texts carry (docs/real_data.md).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +63,7 @@ def label_id(value: object, names: Sequence[str], where: str) -> int:
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return value
-    allowed = list(range(len(names))) if len(names) == 2 else list(names)
+    allowed = list(range(len(names))) if len(names) == 2 else dict(enumerate(names))
     raise ValueError(f"{where}: label {value!r} is not one of {allowed}; fix the label {_SKIP_HINT}")
 
 
@@ -132,8 +132,12 @@ class _Items:
         return Dataset.from_dict(self.columns, features=features), report
 
 
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "test": "test"}
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
 MMSD_JSON_FILES = {"train": "train.json", "validation": "valid.json", "test": "test.json"}
+# CLMLF's release of MVSA (github:Link-Li/CLMLF, dataset/data/MVSA-{single,multiple}/10-flod-1): the split files, and
+# the class of each of its emotion_label ids (0 positive, 1 neutral, 2 negative; ours: LABEL_NAMES["sentiment"])
+CLMLF_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
+CLMLF_LABELS = ("positive", "neutral", "negative")
 # MMSD 1.0's text release (github:headacheboy/data-of-multimodal-sarcasm-detection): text/<file> per split, and
 # the words whose posts its README and codes/loadData.py discard (a post is dropped when one of its
 # whitespace-separated words is one of these)
@@ -146,7 +150,7 @@ _DMSD_LINE = re.compile(r"\[\s*([^,\]]+?)\s*,(.*),\s*([^,\]]+?)\s*\]")
 
 
 def split_name(split: str) -> str:
-    """train, validation or test for a split name ("valid" is validation)."""
+    """train, validation or test for a split name ("valid" and "dev" are validation)."""
     if split not in SPLIT_NAMES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_NAMES)}")
     return SPLIT_NAMES[split]
@@ -159,12 +163,14 @@ def _mmsd_split_file(data_dir: Path, split: str) -> Path:
     return path
 
 
-def mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
-    """The image folder (or one placeholder image file) of an MMSD data set: ``image_dir``, else ``DATA_DIR/images``,
-    ``DATA_DIR/dataset_image`` or ``DATA_DIR/../dataset_image`` (MMSD2.0's repository: ``data/text_json_final``
-    beside ``data/dataset_image``)."""
+def find_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
+    """The image folder (or one placeholder image file) of a data set in DATA_DIR: ``image_dir``, else the first
+    folder of ``DATA_DIR/images``, ``DATA_DIR/dataset_image``, ``DATA_DIR/../dataset_image`` (MMSD2.0's repository:
+    ``data/text_json_final`` beside ``data/dataset_image``; CLMLF's: ``MVSA-single/10-flod-1`` beside
+    ``MVSA-single/dataset_image``) and ``DATA_DIR/../../dataset_image``."""
     if image_dir is None:
-        candidates = [data_dir / "images", data_dir / "dataset_image", data_dir.parent / "dataset_image"]
+        candidates = [data_dir / "images"]
+        candidates += [folder / "dataset_image" for folder in (data_dir, data_dir.parent, data_dir.parent.parent)]
     else:
         candidates = [Path(image_dir)]
     for candidate in candidates:
@@ -172,7 +178,7 @@ def mmsd_image_dir(data_dir: Path, image_dir: str | Path | None) -> Path:
             return candidate.resolve()
     raise FileNotFoundError(
         f"no image folder found (looked for {', '.join(map(str, candidates))}); "
-        "pass image_dir=<folder holding <image_id>.jpg, or one image file used for every item>"
+        "pass --image_dir <folder holding <id>.jpg, or one image file used for every item>"
     )
 
 
@@ -202,11 +208,14 @@ def _json_entries(path: Path) -> list:
     return entries
 
 
-def _json_entry(entry: object, where: str) -> tuple[str, object, object]:
-    """``(id, text, label)`` of one item of MMSD2.0's JSON layout."""
-    if not isinstance(entry, dict) or not {"image_id", "text", "label"} <= entry.keys():
-        raise ValueError(f"{where}: expected an object with keys image_id, text, label: {entry!r}")
-    return str(entry["image_id"]), entry["text"], entry["label"]
+def _json_entry(
+    entry: object, where: str, keys: tuple[str, str, str] = ("image_id", "text", "label")
+) -> tuple[str, object, object]:
+    """``(id, text, label)`` of one item of a JSON list, read from its ``keys`` (MMSD2.0's by default)."""
+    if not isinstance(entry, dict) or not set(keys) <= entry.keys():
+        expected = f"expected an object with keys {', '.join(keys)}: {repr(entry)[:200]}"
+        raise ValueError(f"{where}: {expected}; fix the item {_SKIP_HINT}")
+    return str(entry[keys[0]]), entry[keys[1]], entry[keys[2]]
 
 
 def _release_entry(line: str, where: str) -> tuple[str, object, object]:
@@ -273,7 +282,7 @@ def load_mmsd(
     """
     data_dir = Path(data_dir)
     path = _mmsd_split_file(data_dir, split)
-    images = mmsd_image_dir(data_dir, image_dir)
+    images = find_image_dir(data_dir, image_dir)
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
     for index, entry in enumerate(_json_entries(path)):
         where = f"{path} item {index}"
@@ -304,7 +313,7 @@ def load_mmsd_release(
     """
     data_dir = Path(data_dir)
     path = data_dir / "text" / MMSD_RELEASE_FILES[split_name(split)]
-    images = mmsd_image_dir(data_dir, image_dir)
+    images = find_image_dir(data_dir, image_dir)
     items = _Items(path, LABEL_NAMES["sarcasm"], skip_bad_examples, verify_images)
     for where, line in _lines(path):
         with items.item():
@@ -383,17 +392,42 @@ TEXT_CUES = {
     "ends in a space": lambda text: text.endswith(" "),
     "starts with '": lambda text: text.lstrip().startswith("'"),
 }
+# The tweet forms of MVSA's texts (docs/real_data.md): name -> test on one raw text
+SOCIAL_CUES = {
+    "hashtag": lambda text: re.search(r"#\w", text) is not None,
+    "mention": lambda text: re.search(r"@\w", text) is not None,
+    "URL": lambda text: re.search(r"https?://", text) is not None,
+    "RT @": lambda text: re.search(r"\bRT @", text) is not None,
+}
 
 
-def count_text_cues(texts: Sequence[str], labels: Sequence[int], num_labels: int = 2) -> dict[str, list[int]]:
-    """Per cue of ``TEXT_CUES``, how many texts of each class (label id 0 .. num_labels - 1) carry it; "items": the
-    class sizes."""
-    counts = {"items": [0] * num_labels} | {name: [0] * num_labels for name in TEXT_CUES}
+def count_text_cues(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    num_labels: int = 2,
+    cues: Mapping[str, Callable[[str], bool]] = TEXT_CUES,
+) -> dict[str, list[int]]:
+    """Per cue of ``cues`` (``TEXT_CUES``, or e.g. ``SOCIAL_CUES``), how many texts of each class (label id
+    0 .. num_labels - 1) carry it; "items": the class sizes."""
+    counts = {"items": [0] * num_labels} | {name: [0] * num_labels for name in cues}
     for text, label in zip(texts, labels, strict=True):
         counts["items"][label] += 1
-        for name, test in TEXT_CUES.items():
+        for name, test in cues.items():
             counts[name][label] += int(test(text))
     return counts
+
+
+HASHTAG = re.compile(r"#(\w+)")
+
+
+def count_hashtags(texts: Sequence[str], labels: Sequence[int], num_labels: int = 3) -> dict[str, list[int]]:
+    """Per hashtag (lower-cased, without ``#``), how many texts of each class (label id 0 .. num_labels - 1) hold
+    it, most frequent first."""
+    counts: dict[str, list[int]] = {}
+    for text, label in zip(texts, labels, strict=True):
+        for tag in {tag.lower() for tag in HASHTAG.findall(text)}:
+            counts.setdefault(tag, [0] * num_labels)[label] += 1
+    return dict(sorted(counts.items(), key=lambda item: (-sum(item[1]), item[0])))
 
 
 def mvsa_label(annotations: Sequence[tuple[str, str]]) -> int | None:
@@ -425,6 +459,7 @@ def _mvsa_file(data_dir: Path, item_id: str, suffix: str) -> Path:
 def load_mvsa(
     data_dir: str | Path,
     label_file: str | Path | None = None,
+    image_dir: str | Path | None = None,
     *,
     skip_bad_examples: bool = False,
     verify_images: bool = False,
@@ -435,12 +470,14 @@ def load_mvsa(
     ``DATA_DIR/labelResultAll.txt`` (or ``label_file``), tab separated, optional ``ID ...`` header, then
     ``<id>\\t<text>,<image>`` with one (Single) or three (Multiple) annotation columns. Labels follow
     ``mvsa_label``; items it leaves unlabelled are dropped and counted in ``LoadReport.num_unlabelled``.
-    Text files are read as UTF-8 with undecodable bytes replaced.
+    Text files are read as UTF-8 with undecodable bytes replaced. Images ``<image_dir>/<id>.jpg`` when ``image_dir``
+    is given (a file: every item's image, a placeholder), else beside the texts.
     """
     data_dir = Path(data_dir).resolve()
     label_path = Path(label_file) if label_file is not None else data_dir / "labelResultAll.txt"
     if not label_path.is_file():
         raise FileNotFoundError(f"MVSA label file {label_path} not found; pass label_file=<path>")
+    images = find_image_dir(data_dir, image_dir) if image_dir is not None else None
     names = LABEL_NAMES["sentiment"]
     items = _Items(label_path, names, skip_bad_examples, verify_images)
     lines = label_path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -461,7 +498,8 @@ def load_mvsa(
             if not text_path.is_file():
                 raise FileNotFoundError(f"{where}: text file {text_path} not found; add it {_SKIP_HINT}")
             text = text_path.read_text(encoding="utf-8", errors="replace")
-            items.add(item_id, text, label, _mvsa_file(data_dir, item_id, ".jpg"), where)
+            image = _mvsa_file(data_dir, item_id, ".jpg") if images is None else _image_file(images, item_id)
+            items.add(item_id, text, label, image, where)
     dataset, report = items.finish()
     logger.info(
         "%s: %d items loaded, %d dropped by the MVSA label rule (inconsistent or no majority)",
@@ -470,3 +508,47 @@ def load_mvsa(
         report.num_unlabelled,
     )
     return dataset, report
+
+
+def is_clmlf(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds CLMLF's release of MVSA (``{train,dev,test}.json``, any of them)."""
+    return any((Path(data_dir) / name).is_file() for name in CLMLF_FILES.values())
+
+
+def clmlf_label(value: object, where: str) -> int:
+    """Our sentiment label id (0 negative, 1 neutral, 2 positive) of a CLMLF ``emotion_label`` (0 positive,
+    1 neutral, 2 negative; ``CLMLF_LABELS``); ValueError naming ``where`` for any other value."""
+    return LABEL_NAMES["sentiment"].index(CLMLF_LABELS[label_id(value, CLMLF_LABELS, where)])
+
+
+def load_mvsa_clmlf(
+    data_dir: str | Path,
+    split: str,
+    image_dir: str | Path | None = None,
+    *,
+    skip_bad_examples: bool = False,
+    verify_images: bool = False,
+) -> tuple[Dataset, LoadReport]:
+    """Load one split of MVSA-Single or MVSA-Multiple as CLMLF released it (github:Link-Li/CLMLF,
+    ``dataset/data/MVSA-{single,multiple}/10-flod-1``: 3,611 / 450 / 450 and 13,624 / 1,700 / 1,700 items).
+
+    Layout: ``DATA_DIR/{train,dev,test}.json`` (split "train", "validation", "valid" or "dev", "test"), each a JSON
+    list of ``{"id": str, "text": str, "emotion_label": 0 | 1 | 2}`` in CLMLF's coding, 0 positive, 1 neutral,
+    2 negative, mapped to ours (``clmlf_label``: 0 negative, 1 neutral, 2 positive). Images
+    ``<image_dir>/<id>.jpg``, image_dir defaulting as in ``find_image_dir`` (CLMLF's ``MVSA-single/dataset_image``
+    is ``DATA_DIR/../dataset_image``); an image_dir that is a file is every item's image (a placeholder).
+    Returns the Dataset (id, image path decoded lazily, text, label) and its ``LoadReport``.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / CLMLF_FILES[split_name(split)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: expected CLMLF's layout DATA_DIR/{{train,dev,test}}.json")
+    images = find_image_dir(data_dir, image_dir)
+    items = _Items(path, LABEL_NAMES["sentiment"], skip_bad_examples, verify_images)
+    for index, entry in enumerate(_json_entries(path)):
+        where = f"{path} item {index}"
+        with items.item():
+            item_id, text, label = _json_entry(entry, where, ("id", "text", "emotion_label"))
+            where = f"{where} (id {item_id!r})"
+            items.add(item_id, text, clmlf_label(label, where), _image_file(images, item_id), where)
+    return items.finish()
