@@ -15,6 +15,7 @@ CHOICES = {
     "router_input": ("bias", "content"),
     "pooling": ("mean", "last"),
     "inference_mode": ("fused", "tie"),
+    "context_without_core_evidence": ("leak_forms", "strength"),
 }
 
 
@@ -60,6 +61,11 @@ class CFMoEConfig(PretrainedConfig):
             (`ContextStatistics.token_dependence`) moves with the image: it is core, whatever its strength. A
             spurious cue, caused by the label, is blind to the image given the label. None: no such test (every
             token that points at one class is context). Needs images, one per item.
+        context_without_core_evidence (`str`): what decides where the image core cannot test a token (it does not
+            tell the classes apart: text-only data, one placeholder image, an image the base cannot read): "leak_forms"
+            (only tokens used mostly in hashtags, mentions, URLs, emoji, placeholders such as `<num>` or whitespace
+            artefacts can be context; plain words are kept as core, since nothing tells a word that expresses the
+            label from a collection artefact) or "strength" (every token that points at one class is context).
         declared_text_context (`list[str]`): word patterns that are always context, whatever the statistics:
             regular expressions matched against each vocabulary piece, or the names "hashtag", "mention", "url",
             "emoji" (`context.DECLARED_CONTEXT_PATTERNS`). A word holding a matching piece is context.
@@ -119,6 +125,7 @@ class CFMoEConfig(PretrainedConfig):
         text_context_threshold: float = 0.7,
         context_support: float = 10.0,
         core_dependence_threshold: float | None = 0.15,
+        context_without_core_evidence: str = "leak_forms",
         declared_text_context: list[str] | None = None,
         protected_words: list[str] | None = None,
         discover_text_context: bool = True,
@@ -154,6 +161,7 @@ class CFMoEConfig(PretrainedConfig):
         self.text_context_threshold = text_context_threshold
         self.context_support = context_support
         self.core_dependence_threshold = core_dependence_threshold
+        self.context_without_core_evidence = context_without_core_evidence
         self.declared_text_context = list(declared_text_context or [])
         self.protected_words = list(protected_words or [])
         self.discover_text_context = discover_text_context

@@ -13,6 +13,12 @@ Nothing here assumes a cue's form. Context is read from non-contextual statistic
   a core word (a sentiment word, a sarcasm marker) takes part in what the item means, so given the label it moves
   with the image. Words that rule a class out without pointing at one (a sentiment word among three classes) are
   never context; words that point at one class but move with the image are core, however strong.
+* where the image cannot tell (no image core that separates the classes: text-only data, one placeholder image, an
+  image the base cannot read: `ContextStatistics.core_test_has_power`), no statistic of (word, label, rest)
+  separates a word that expresses the label (`love`) from a collection's label-giving tag (`#Happy`). Strength
+  alone does not decide then: only tokens used mostly in *leak-prone forms* (`LEAK_PRONE_FORMS`: hashtags,
+  mentions, URLs, emoji, placeholders such as `<num>`, whitespace artefacts; the forms collections leak and
+  MMSD2.0's cleaning deleted) can be context; plain words are kept as core (`context_without_core_evidence`).
 * image context is the image's mean colour plus the pixels whose linear discriminant of their neighbourhood
   (`local_descriptors`: the 3x3 pixels around it, each minus the mean of its 7x7 surround) is strong against the
   batch's strongest, grown to the marks they outline;
@@ -41,9 +47,25 @@ DECLARED_CONTEXT_PATTERNS = {
     "url": r"^(https?\b|www\.)",
     "emoji": r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]|^emoji_?|^<0xF[0-4]>$",
 }
+# The forms that collections leak labels through (the field's practice: MMSD2.0 deleted hashtags and emoji), matched
+# like `DECLARED_CONTEXT_PATTERNS`: where the image cannot test a token, only a token used mostly inside a word of
+# one of these forms can be context.
+LEAK_PRONE_FORMS = {
+    **DECLARED_CONTEXT_PATTERNS,
+    "placeholder": r"^<[A-Za-z_]+>$",  # an anonymisation placeholder: <num>, <user>, <url>
+}  # and whitespace artefacts: a word marker alone (a double space, where a word was deleted), `leak_occurrences`
 WORD_MARKERS = (" ", "\u2581", "\u0120")  # a piece starting with one of these starts a word
 # a token moves with the image core, pixels or colour carry evidence, only when chance alone would rarely show as much
 SIGNIFICANCE = 0.01
+# the image core can test a token only where it tells the classes apart significantly and by at least this many
+# within-class standard deviations (`ContextStatistics.core_separation`; the size of the dependence that makes a token
+# core). Measured: 0.87 on the synthetic AND-sarcasm with the perception-pretrained tiny base (where the image alone
+# decides a quarter of the items), 0.000 with one placeholder image for every item
+MIN_CORE_SEPARATION = 0.15
+# covariances get a ridge of at least this share of the features' mean square: identical images (one placeholder for
+# every item) differ only by rounding, which must not read as evidence
+FLOOR = 1e-4
+LEAK_SHARE = 0.5  # a token is of a leak-prone form when at least this share of its items hold it inside such a word
 CORE_DIM = 64  # image-core features are projected to at most this many dimensions (per-token sums stay small)
 
 
@@ -64,7 +86,8 @@ class ContextStatistics(nn.Module):
 
     Buffers (saved with the model):
     * `token_counts` `(vocab, num_labels)` int64, items of each class holding each token; `class_counts`
-      `(num_labels,)` int64;
+      `(num_labels,)` int64; `token_leak_counts` `(vocab,)` int64, items holding it inside a word of a leak-prone
+      form (`LEAK_PRONE_FORMS`);
     * the image core (`update_core_readings`): the pooled features of context-swapped images, projected to
       `core_dim` dimensions by the fixed `core_projection` `(feature_dim, core_dim)`: `core_feature_sums`
       `(num_labels, core_dim)` and `core_feature_counts` `(num_labels,)` per class, `core_feature_products`
@@ -77,7 +100,8 @@ class ContextStatistics(nn.Module):
       descriptors; `colour_sums` / `colour_moments` the same for the items' mean colour (the global component);
     * vocabulary flags (`set_vocabulary`): `continues_word` (the piece continues the word before it),
       `word_boundary` (specials and whitespace pieces: the piece after one starts a word), `declared_token` (always
-      context) and `protected_token` (never context), each `(vocab,)` bool.
+      context), `protected_token` (never context), `leak_form`, `leak_sign` and `blank` (`leak_occurrences`),
+      each `(vocab,)` bool.
     Closed-form, so they need no learning rate and follow any training recipe. `support`: the pseudo-items that
     pull a token's class distribution toward the prior (a token seen in few items points nowhere).
     """
@@ -99,6 +123,7 @@ class ContextStatistics(nn.Module):
         k = num_labels
         self.register_buffer("token_counts", torch.zeros(vocab_size, k, dtype=torch.long))
         self.register_buffer("class_counts", torch.zeros(k, dtype=torch.long))
+        self.register_buffer("token_leak_counts", torch.zeros(vocab_size, dtype=torch.long))
         self.register_buffer("core_projection", core_projection(feature_dim, core_dim))
         self.register_buffer("core_feature_sums", torch.zeros(k, core_dim, dtype=torch.float32))
         self.register_buffer("core_feature_counts", torch.zeros(k, dtype=torch.long))
@@ -131,7 +156,12 @@ class ContextStatistics(nn.Module):
         process under DDP."""
         onehot = nn.functional.one_hot(labels, self.class_counts.shape[0]).float()
         present = self._present(token_ids, token_mask)
-        sums = {"token_counts": present.T @ onehot, "class_counts": onehot.sum(0)}
+        in_leak_word = self.leak_occurrences(token_ids, token_mask.bool())
+        sums = {
+            "token_counts": present.T @ onehot,
+            "class_counts": onehot.sum(0),
+            "token_leak_counts": self._present(token_ids, token_mask & in_leak_word).sum(0),
+        }
         if pixel_values is not None:
             batch = labels.shape[0]
             centred = centred_pixels(pixel_values).flatten(0, -4)
@@ -182,7 +212,8 @@ class ContextStatistics(nn.Module):
         counts = self.core_feature_counts.float().clamp_min(1)
         means = self.core_feature_sums / counts.unsqueeze(-1)
         within = (self.core_feature_products - (means.T * counts) @ means) / counts.sum()
-        ridge = 1e-2 * within.diagonal().mean().clamp_min(1e-6)
+        floor = FLOOR * self.core_feature_products.diagonal().mean() / counts.sum()
+        ridge = 1e-2 * within.diagonal().mean().clamp_min(1e-6) + floor
         return means, within + ridge * torch.eye(within.shape[0], device=within.device)
 
     def core_discriminant(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +234,22 @@ class ContextStatistics(nn.Module):
         means, within = self._core_gaussian()
         gaps = means.unsqueeze(0) - means.unsqueeze(1)  # (k, k, core_dim)
         return (gaps * torch.linalg.solve(within, gaps.flatten(0, 1).T).T.view_as(gaps)).sum(-1).clamp_min(0).sqrt()
+
+    def core_p_value(self) -> torch.Tensor:
+        """`()`: the p-value of the image core's class means differing as much as counted by chance alone
+        (`_class_difference_p_value` of `update_core_readings`' features)."""
+        moments = _moments(
+            self.core_feature_products, self.core_feature_sums.sum(0), int(self.core_feature_counts.sum())
+        )
+        return self._class_difference_p_value(self.core_feature_sums, moments, self.core_feature_counts)
+
+    def core_test_power(self) -> torch.Tensor:
+        """`()` bool: whether the image core can tell a token that moves with it from one blind to it: its classes
+        differ significantly (`core_p_value`) and by at least `MIN_CORE_SEPARATION` within-class standard
+        deviations. Not with text-only data, one placeholder image for every item, or an image core the base cannot
+        read. A tensor, so that asking costs no device synchronisation."""
+        separated = self.core_separation().amax() >= MIN_CORE_SEPARATION
+        return separated & (self.core_p_value() < SIGNIFICANCE)
 
     def _present(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """`(n, vocab)` float: 1 where the item holds the token (among `token_mask`)."""
@@ -248,7 +295,7 @@ class ContextStatistics(nn.Module):
         gives (`1 / n` in squared units): about 0 for a token blind to the image given the label. p-value: of that
         shift under blindness (`sum_c n_c z_c^2` against a chi-square with one degree of freedom per class the token
         occurs in), so that a few items cannot make a token look dependent by chance. (0, 1) where the token has no
-        image-core features.
+        image-core features, and everywhere when the core test has no power (`core_test_power`).
         """
         weights, score_covariance = self.core_discriminant()
         n = self.token_core_counts[token_ids].float()  # (..., k)
@@ -260,20 +307,38 @@ class ContextStatistics(nn.Module):
         effect = ((n * corrected).sum(-1) / n.sum(-1).clamp_min(1)).clamp_min(0).sqrt()
         classes = (n > 0).sum(-1).float()
         statistic = (n * z2).sum(-1)
-        p_value = torch.where(
-            classes > 0, torch.special.gammaincc(classes.clamp_min(1) / 2, statistic / 2), torch.ones_like(statistic)
-        )
-        return effect, p_value
+        p_value = torch.special.gammaincc(classes.clamp_min(1) / 2, statistic / 2)
+        tested = (classes > 0) & self.core_test_power()
+        return torch.where(tested, effect, 0.0), torch.where(tested, p_value, 1.0)
 
-    def token_strength(self, token_ids: torch.Tensor, dependence_threshold: float | None) -> torch.Tensor:
+    def leak_share(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`(...)` in [0, 1]: the share of the token's items that hold it inside a word of a leak-prone form."""
+        return self.token_leak_counts[token_ids] / self.token_counts[token_ids].sum(-1).clamp_min(1)
+
+    def token_strength(
+        self,
+        token_ids: torch.Tensor,
+        dependence_threshold: float | None,
+        without_core_evidence: str = "leak_forms",
+        leak_occurrences: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`(...)` in [0, 1]: the shortcut each token carries: its `token_determination`, 0 when it moves with the
         image core (`token_dependence`: an effect of at least `dependence_threshold`, significant at
-        `SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context."""
+        `SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context.
+
+        Where the core test has no power (`core_test_power`), `without_core_evidence` decides: "leak_forms" keeps the
+        strength only where a token is used in a leak-prone form (`leak_occurrences`, bool like `token_ids`: these
+        occurrences, e.g. `ContextStatistics.leak_occurrences` of a batch; None: tokens used so in at least
+        `LEAK_SHARE` of their items), so that a plain word is kept as core; "strength" keeps every token's."""
         strength = self.token_determination(token_ids)
         if dependence_threshold is not None:
             effect, p_value = self.token_dependence(token_ids)
             dependent = (effect >= dependence_threshold) & (p_value < SIGNIFICANCE)
             strength = torch.where(dependent, 0.0, strength)
+            if without_core_evidence == "leak_forms":
+                if leak_occurrences is None:
+                    leak_occurrences = self.leak_share(token_ids) >= LEAK_SHARE
+                strength = torch.where(~self.core_test_power() & ~leak_occurrences, 0.0, strength)
         strength = torch.where(self.flag("protected_token", token_ids), 0.0, strength)
         return torch.where(self.flag("declared_token", token_ids), 1.0, strength)
 
@@ -305,12 +370,16 @@ class ContextStatistics(nn.Module):
         """`()`: the same for the items' mean colour: unless it is small, the colour is no context."""
         return self._class_difference_p_value(self.colour_sums, self.colour_moments)
 
-    def _class_difference_p_value(self, sums: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    def _class_difference_p_value(
+        self, sums: torch.Tensor, moments: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`()` p-value of the Lawley-Hotelling trace of per-item values: `(N - K) tr(W^-1 B)` (W, B the within- and
         between-class scatter of the items' values, from per-class sums `(num_labels, dim)` and the moments of single
-        items `(dim + 1, dim + 1)`) against a chi-square with `dim (K - 1)` degrees of freedom. 1 before any item.
-        In float64: W is the difference of two large scatters, which cancels in float32 on near-identical items."""
-        sums, moments, counts = sums.double(), moments.double(), self.class_counts.double()
+        items `(dim + 1, dim + 1)`; `counts` the items per class, by default `class_counts`) against a chi-square with
+        `dim (K - 1)` degrees of freedom. 1 before any item. In float64: W is the difference of two large scatters,
+        which cancels in float32 on near-identical items; its ridge is at least `FLOOR` of the values' mean square."""
+        counts = self.class_counts if counts is None else counts
+        sums, moments, counts = sums.double(), moments.double(), counts.double()
         total = moments[-1, -1]
         overall = moments[-1, :-1] / total.clamp_min(1)
         gaps = sums / counts.clamp_min(1).unsqueeze(-1) - overall
@@ -318,7 +387,7 @@ class ContextStatistics(nn.Module):
         within = moments[:-1, :-1] - total * torch.outer(overall, overall) - between
         classes, dim = sums.shape
         scale = (total - classes).clamp_min(1)
-        ridge = 1e-6 * within.diagonal().mean().clamp_min(1e-12)
+        ridge = 1e-6 * within.diagonal().mean().clamp_min(1e-12) + FLOOR * moments.diagonal()[:-1].mean()
         eye = torch.eye(dim, device=sums.device)
         statistic = scale * torch.linalg.solve(within + ridge * eye, between).diagonal().sum()
         dof = torch.tensor(dim * (classes - 1) / 2, device=sums.device)
@@ -367,6 +436,8 @@ class ContextStatistics(nn.Module):
         * `declared_token`: pieces matching one of `declared_context` (regular expressions, or the names of
           `DECLARED_CONTEXT_PATTERNS`) on their text without the word marker, or on the raw piece: a word holding one
           is always context;
+        * `leak_form`: pieces of one of `LEAK_PRONE_FORMS`, matched in the same way; `leak_sign`: a lone `#` or
+          `@` (the word after it is a hashtag or mention in pre-tokenized text); `blank`: a word marker alone;
         * `protected_token`: the pieces of `protected_words` (each word of each phrase, tokenized alone with and
           without a leading space, as written, lower-cased and capitalised): never context.
         """
@@ -375,6 +446,7 @@ class ContextStatistics(nn.Module):
         pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
         texts = [tokenizer.convert_tokens_to_string([piece]) if piece is not None else "" for piece in pieces]
         patterns = [re.compile(DECLARED_CONTEXT_PATTERNS.get(name, name)) for name in declared_context]
+        leak_forms = [re.compile(pattern) for pattern in LEAK_PRONE_FORMS.values()]
         flags = {name: torch.zeros(size, dtype=torch.bool) for name in VOCABULARY_FLAGS}
         for index, (piece, text) in enumerate(zip(pieces, texts, strict=True)):
             piece = piece or ""
@@ -382,9 +454,10 @@ class ContextStatistics(nn.Module):
             flags["continues_word"][index] = not (is_special or piece.startswith((*WORD_MARKERS, "<")))
             flags["word_boundary"][index] = is_special or (text != "" and text.isspace())
             bare = text.strip()
-            flags["declared_token"][index] = not is_special and any(
-                pattern.search(bare) or pattern.search(piece) for pattern in patterns
-            )
+            for name, forms in (("declared_token", patterns), ("leak_form", leak_forms)):
+                flags[name][index] = not is_special and any(form.search(bare) or form.search(piece) for form in forms)
+            flags["leak_sign"][index] = not is_special and bare in ("#", "@")
+            flags["blank"][index] = not is_special and piece in WORD_MARKERS
         for word in {variant for phrase in protected_words for w in phrase.split() for variant in _variants(w)}:
             for ids in (tokenizer(word, add_special_tokens=False)["input_ids"],
                         tokenizer(" " + word, add_special_tokens=False)["input_ids"]):  # fmt: skip
@@ -397,27 +470,43 @@ class ContextStatistics(nn.Module):
         kept in float32 holds its flags as numbers)."""
         return self._buffers[name][token_ids].bool()
 
-    def whole_words(self, token_ids: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """`context` `(batch, length)` grown to whole words: a word (a piece that starts one and the pieces that
-        continue it, among `candidates`) is context when any of its pieces is; protected pieces stay out."""
+    def in_marked_words(self, token_ids: torch.Tensor, marks: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """`(batch, length)` bool: the `candidates` whose word (a piece that starts one and the pieces that continue
+        it, among `candidates`) holds a piece of `marks` `(batch, length)`."""
         after_boundary = nn.functional.pad(self.flag("word_boundary", token_ids[:, :-1]), (1, 0), value=True)
         continues = self.flag("continues_word", token_ids) & ~after_boundary & candidates
         word = (~continues).long().cumsum(1)
         any_piece = torch.zeros(word.shape[0], word.shape[1] + 1, device=word.device)
-        any_piece = any_piece.scatter_reduce(1, word, context.float(), "amax")
-        return candidates & (any_piece.gather(1, word) > 0) & ~self.flag("protected_token", token_ids)
+        any_piece = any_piece.scatter_reduce(1, word, (marks & candidates).float(), "amax")
+        return candidates & (any_piece.gather(1, word) > 0)
+
+    def leak_occurrences(self, token_ids: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """`(batch, length)` bool: the `candidates` inside a word of a leak-prone form (`leak_form`), inside the
+        word right after a lone `#` or `@` (pre-tokenized releases such as MMSD write a hashtag `# funny`), or a word
+        marker alone that no piece continues (a double space: where a collection deleted a word)."""
+        after_sign = nn.functional.pad(self.flag("leak_sign", token_ids[:, :-1]), (1, 0), value=False)
+        before_word = nn.functional.pad(~self.flag("continues_word", token_ids[:, 1:]), (0, 1), value=True)
+        blank = self.flag("blank", token_ids) & before_word & candidates  # a word marker that is a word of its own
+        return self.in_marked_words(token_ids, self.flag("leak_form", token_ids) | after_sign, candidates) | blank
+
+    def whole_words(self, token_ids: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """`context` `(batch, length)` grown to whole words (`in_marked_words`): a word is context when any of its
+        pieces is; protected pieces stay out."""
+        return self.in_marked_words(token_ids, context, candidates) & ~self.flag("protected_token", token_ids)
 
     def resize_vocabulary(self, vocab_size: int) -> None:
         """Keep the statistics of the first `vocab_size` tokens; new tokens start unseen (and start words)."""
         kept = min(vocab_size, self.token_counts.shape[0])
-        for name in ("token_counts", "token_core_sums", "token_core_counts", *VOCABULARY_FLAGS):
+        for name in ("token_counts", "token_leak_counts", "token_core_sums", "token_core_counts", *VOCABULARY_FLAGS):
             old = self._buffers[name]
             new = old.new_zeros(vocab_size, *old.shape[1:])
             new[:kept] = old[:kept]
             self._buffers[name] = new
 
 
-VOCABULARY_FLAGS = ("continues_word", "word_boundary", "declared_token", "protected_token")
+VOCABULARY_FLAGS = (
+    "continues_word", "word_boundary", "declared_token", "protected_token", "leak_form", "leak_sign", "blank",
+)  # fmt: skip
 FLOAT_SUMS = (
     "core_projection", "core_feature_sums", "core_feature_products", "token_core_sums", "local_sums", "local_moments",
     "local_item_moments", "colour_sums", "colour_moments",

@@ -89,7 +89,10 @@ def context_strength(
     """The shortcut strength of each token `(batch, length)` (`ContextStatistics.token_strength`; only declared context
     when text discovery is off) and pixel (`spread` of its local scores; None without `pixel_values`, one per item)."""
     if config.discover_text_context:
-        tokens = statistics.token_strength(token_ids, config.core_dependence_threshold)
+        leaks = statistics.leak_occurrences(token_ids, torch.ones_like(token_ids, dtype=torch.bool))
+        tokens = statistics.token_strength(
+            token_ids, config.core_dependence_threshold, config.context_without_core_evidence, leaks
+        )
     else:
         tokens = statistics.flag("declared_token", token_ids).float()
     pixels = None if pixel_values is None else spread(statistics.local_scores(pixel_values))

@@ -257,7 +257,10 @@ def test_transplant_pixels_moves_the_colour_and_both_items_local_context():
 
 
 def _model_and_batch():
-    model, _ = build_tiny_model("sarcasm", seed=0, counterfactual_fraction=1.0)
+    # no image-core readings here: a plain cue token is context by its strength alone
+    model, _ = build_tiny_model(
+        "sarcasm", seed=0, counterfactual_fraction=1.0, context_without_core_evidence="strength"
+    )
     image_id = model.mllm.config.image_token_id
     torch.manual_seed(0)
     ids = torch.randint(10, 200, (1, 16 + 6)).repeat(4, 1)  # the same words in every item (no direct effect) ...
@@ -349,7 +352,13 @@ def test_counterfactual_rows_carry_bias_evidence_only_where_a_router_reads_it():
     embeds = model.get_input_embeddings()(ids)
     assert _counterfactual_rows(model, ids, embeds, mask, batch["pixel_values"]).evidence is None
     routed, _ = build_tiny_model(
-        "sarcasm", seed=0, counterfactual_fraction=1.0, num_visual_experts=4, num_text_experts=4, experts_top_k=2
+        "sarcasm",
+        seed=0,
+        counterfactual_fraction=1.0,
+        num_visual_experts=4,
+        num_text_experts=4,
+        experts_top_k=2,
+        context_without_core_evidence="strength",
     )
     routed.context_statistics.load_state_dict(model.context_statistics.state_dict())
     cf = _counterfactual_rows(routed.train(), ids, embeds, mask, batch["pixel_values"])

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from cfmoe.modeling_cfmoe.context import LEAK_SHARE, MIN_CORE_SEPARATION, SIGNIFICANCE
+
 logger = logging.getLogger(__name__)
 
 REPORT_FILE, FIGURE_FILE = "context_report.json", "context_report.png"
@@ -29,7 +31,7 @@ SAMPLE_ITEMS = 256  # training items whose context is measured
 SHOWN_ITEMS = 6  # items drawn in the figure
 
 
-def _token_entry(tokenizer, statistics, index: int, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _token_entry(tokenizer, statistics, index: int, values: dict[str, torch.Tensor], rule: str) -> dict[str, Any]:
     counts = statistics.token_counts[index].tolist()
     return {
         "token": tokenizer.convert_ids_to_tokens(index),
@@ -37,14 +39,54 @@ def _token_entry(tokenizer, statistics, index: int, values: dict[str, torch.Tens
         "items_per_class": counts,
         "items": int(sum(counts)),
         **{name: round(float(value[index]), 4) for name, value in values.items()},
+        "rule": rule,
     }
+
+
+# what decided a strong token (one pointing at one class), in the order the rules apply
+RULES = {
+    "declared": "declared context",
+    "protected": "protected word",
+    "dependent": "moves with the image core: core",
+    "blind": "blind to the image core: context",
+    "leak_form": "leak-prone form, no image-core evidence: context",
+    "plain": "plain word, no image-core evidence: kept as core (context only where written as a hashtag or mention)",
+    "strength": "strength alone, no image-core test: context",
+}
+
+
+def token_rules(config, statistics, ids: torch.Tensor, values: dict[str, torch.Tensor]) -> list[str]:
+    """The `RULES` key that decides each token of `ids` (strong or not): declared, protected, the image-core test's
+    verdict where it has power, else the form prior (`context_without_core_evidence="leak_forms"`) or strength."""
+    tested = config.core_dependence_threshold is not None
+    power = bool(statistics.core_test_power()) and tested
+    prior = tested and config.context_without_core_evidence == "leak_forms"
+    dependent = (values["dependence"] >= (config.core_dependence_threshold or 0)) & (
+        values["dependence_p_value"] < SIGNIFICANCE
+    )
+    leak = values["leak_share"] >= LEAK_SHARE
+    declared, protected = statistics.flag("declared_token", ids), statistics.flag("protected_token", ids)
+    rules = []
+    for index in range(len(ids)):
+        if declared[index]:
+            rules.append("declared")
+        elif protected[index]:
+            rules.append("protected")
+        elif power:
+            rules.append("dependent" if dependent[index] else "blind")
+        elif prior:
+            rules.append("leak_form" if leak[index] else "plain")
+        else:
+            rules.append("strength")
+    return rules
 
 
 @torch.no_grad()
 def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[str, Any]]]:
-    """The vocabulary as the context statistics see it: per status (`context`, `kept_as_core`: pointing at one
-    class but moving with the image core, `declared`, `protected`) the `top` tokens by determination, each with its
-    items per class, determination, dependence and strength."""
+    """The vocabulary as the context statistics see it: per status (`context`; `kept_as_core`: pointing at one
+    class but kept, because they move with the image core or, where the image cannot tell, because they are plain
+    words; `declared`, `protected`) the `top` tokens by determination, each with its items per class,
+    determination, dependence, share of leak-prone uses, strength and the rule that decided it (`RULES`)."""
     config, statistics = model.config, model.context_statistics
     seen = statistics.token_counts.sum(-1) > 0
     ids = torch.arange(statistics.token_counts.shape[0], device=seen.device)
@@ -54,13 +96,16 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
         "determination": statistics.token_determination(ids),
         "dependence": effect,
         "dependence_p_value": p_value,
-        "strength": statistics.token_strength(ids, config.core_dependence_threshold),
+        "leak_share": statistics.leak_share(ids),
+        "strength": statistics.token_strength(
+            ids, config.core_dependence_threshold, config.context_without_core_evidence
+        ),
     }
     strong = values["determination"] >= config.text_context_threshold
     discovered = strong if config.discover_text_context else torch.zeros_like(strong)
     masks = {
         "context": seen & (values["strength"] >= config.text_context_threshold) & ~declared,
-        "kept_as_core": seen & discovered & (values["strength"] < config.text_context_threshold),
+        "kept_as_core": seen & discovered & (values["strength"] < config.text_context_threshold) & ~protected,
         "declared": seen & declared,
         "protected": seen & protected,
     }
@@ -69,9 +114,37 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
     result = {}
     for status, mask in masks.items():
         chosen = ids[mask]
-        order = values["determination"][chosen].argsort(descending=True)[:top]
-        result[status] = [_token_entry(tokenizer, statistics, int(i), values) for i in chosen[order]]
+        chosen = chosen[values["determination"][chosen].argsort(descending=True)[:top]]
+        rules = token_rules(config, statistics, chosen, {k: v[chosen] for k, v in values.items()})
+        entries = zip(chosen.tolist(), rules, strict=True)
+        result[status] = [_token_entry(tokenizer, statistics, i, values, RULES[rule]) for i, rule in entries]
     return result
+
+
+def core_test(model) -> dict[str, Any]:
+    """Whether the image core could test tokens (`ContextStatistics.core_test_power`), its numbers, and in words
+    what decided instead where it could not."""
+    config, statistics = model.config, model.context_statistics
+    power = config.core_dependence_threshold is not None and bool(statistics.core_test_power())
+    if power:
+        decides = "the image core: a strong token that moves with it is core, one blind to it is context"
+    elif config.core_dependence_threshold is None:
+        decides = "strength alone (core_dependence_threshold is None): every token that points at one class"
+    elif config.context_without_core_evidence == "leak_forms":
+        decides = (
+            "no image evidence (the images do not tell the classes apart, e.g. one placeholder image): only tokens "
+            "of leak-prone forms (hashtags, mentions, URLs, emoji, placeholders, whitespace artefacts) that point at "
+            "one class are context; plain words are kept. Declare others with declared_text_context"
+        )
+    else:
+        decides = "no image evidence, strength alone (context_without_core_evidence='strength')"
+    return {
+        "has_power": power,
+        "max_separation": round(float(statistics.core_separation().max()), 3),
+        "min_separation_needed": MIN_CORE_SEPARATION,
+        "p_value": float(statistics.core_p_value()),
+        "decides": decides,
+    }
 
 
 @torch.no_grad()
@@ -124,12 +197,19 @@ def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], sta
         "image_core_separation": statistics.core_separation().round(decimals=3).tolist(),
         "local_pixel_evidence_p_value": float(statistics.local_p_value()),
         "colour_evidence_p_value": float(statistics.colour_p_value()),
+        "core_test": core_test(model),
+        "image_context": {
+            "colour": config.discover_image_context and bool(statistics.colour_p_value() < SIGNIFICANCE),
+            "pixels": config.discover_image_context and bool(statistics.local_p_value() < SIGNIFICANCE),
+            "declared_regions": len(config.declared_image_context),
+        },
         "settings": {
             name: getattr(config, name)
             for name in (
                 "text_context_threshold",
                 "context_support",
                 "core_dependence_threshold",
+                "context_without_core_evidence",
                 "declared_text_context",
                 "protected_words",
                 "discover_text_context",
@@ -198,11 +278,12 @@ def write_context_report(model, tokenizer, batches, output_dir: str | Path, stag
     path.write_text(json.dumps(stages, indent=2) + "\n")
     top = ", ".join(entry["text"].strip() or entry["token"] for entry in report["tokens"]["context"][:8])
     logger.info(
-        "context audit (%s): %.0f%% of rows have text context, %.1f%% of text tokens; strongest: %s",
+        "context audit (%s): %.0f%% of rows have text context, %.1f%% of text tokens; strongest: %s. Decided by %s",
         stage,
         100 * report["rows_with_text_context"],
         100 * report["text_tokens_as_context"],
         top or "none",
+        report["core_test"]["decides"],
     )
     return report
 
