@@ -1,5 +1,6 @@
-"""`examples/benchmark_real.py` end to end in its quick mode, on the three repositories' files written here in their
-released formats (a few dozen lines each, made up): MMSD 1.0's text release, MMSD2.0's JSON and DMSD-CL's OOD lines."""
+"""`examples/benchmark_real.py` end to end in its quick mode, on the repositories' files written here in their
+released formats (a few dozen lines each, made up): for sarcasm MMSD 1.0's text release, MMSD2.0's JSON and DMSD-CL's
+OOD lines; for sentiment CLMLF's MVSA-Single and MVSA-Multiple JSON splits."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_quick_benchmark_on_released_formats(bench, tmp_path, capsys):
     assert set(results) == {"mmsd", "mmsd2"} and set(results["mmsd"]) == {"vanilla", "cfmoe"}
     assert set(results["mmsd"]["cfmoe"]) == {"mmsd_test", "mmsd2_test", "dmsd_ood"}
     assert set(results["mmsd2"]["vanilla"]) == {"mmsd2_test", "dmsd_ood"}
-    for train_set, splits in bench.TRAIN_SETS.items():
+    for train_set, splits in bench.TASKS["sarcasm"].train_sets.items():
         for method in ("vanilla", "cfmoe"):
             evals = json.loads((out / f"runs/{train_set}/{method}/seed0/all_results.json").read_text())["eval"]
             assert set(evals) == set(splits.eval_sets)
@@ -96,3 +97,74 @@ def test_quick_benchmark_on_released_formats(bench, tmp_path, capsys):
     assert "4 of 4 run(s) finished before: not run again" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="git clone https://github.com/JoeYing1019/MMSD2.0"):
         bench.main(["--data_root", str(tmp_path / "nowhere"), "--output_dir", str(out)])
+
+
+def write_clmlf(root: Path) -> None:
+    """CLMLF's MVSA splits under ROOT/CLMLF, 30 / 9 / 9 items per collection, CLMLF's emotion_label (0 positive,
+    1 neutral, 2 negative) cycling; positive texts hold #happy, neutral ones a mention, negative ones a URL."""
+    forms = {0: " #happy", 1: " @someone", 2: " http://t.co/x"}
+    for n, collection in enumerate(("single", "multiple")):
+        folder = root / "CLMLF" / "dataset" / "data" / f"MVSA-{collection}" / "10-flod-1"
+        folder.mkdir(parents=True)
+        for k, (split, count) in enumerate((("train", 30), ("dev", 9), ("test", 9))):
+            items = [
+                {"id": str(1000 * n + 100 * k + i), "text": tweet(i + n) + forms[i % 3], "emotion_label": i % 3}
+                for i in range(count)
+            ]
+            (folder / f"{split}.json").write_text(json.dumps(items))
+
+
+def test_quick_sentiment_benchmark_on_clmlf_files(bench, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_clmlf(data)
+    argv = ["--task", "sentiment", "--data_root", str(data), "--output_dir", str(out)]
+    report = bench.main([*argv, "--data_report_only"])
+    assert "#happy" in report["markdown"] and not (out / "results.json").exists()
+    report = bench.main([*argv, "--quick", "--methods", "cfmoe", "--jobs", "2", "--threads", "1"])  # 2 runs: < 60 s
+
+    results = json.loads((out / "results.json").read_text())
+    eval_sets = {"single_test", "multiple_test"}
+    assert set(results) == {"mvsa_single", "mvsa_multiple"}
+    assert all(
+        set(results[train_set]) == {"cfmoe"} and set(results[train_set]["cfmoe"]) == eval_sets for train_set in results
+    )
+    for train_set, splits in bench.TASKS["sentiment"].train_sets.items():
+        evals = json.loads((out / f"runs/{train_set}/cfmoe/seed0/all_results.json").read_text())["eval"]
+        assert set(evals) == set(splits.eval_sets)
+        for split, eval_set in splits.eval_sets.items():
+            summary = results[train_set]["cfmoe"][eval_set]["macro_f1"]
+            assert summary["n"] == 1 and summary["mean"] == pytest.approx(evals[split]["macro_f1"])
+    assert {run["task"] for run in json.loads((out / "runs.json").read_text())} == {"sentiment"}
+
+    data_report = report["data_report"]
+    assert data_report["classes"] == ["negative", "neutral", "positive"]
+    assert data_report["items_per_class"]["mvsa_single"] == {
+        "train": [10, 10, 10],
+        "validation": [3, 3, 3],
+        "test": [3, 3, 3],
+        "test_mvsa_multiple": [3, 3, 3],
+    }
+    forms = data_report["tweet_forms_per_class"]["mvsa_multiple_train"]  # CLMLF's 0 (positive) is our 2
+    assert forms == {
+        "items": [10, 10, 10],
+        "hashtag": [0, 0, 10],
+        "mention": [0, 10, 0],
+        "URL": [10, 0, 0],
+        "RT @": [0, 0, 0],
+    }
+    hashtags = data_report["label_giving_hashtags"]["mvsa_single"]
+    assert hashtags["hashtags"] == [{"hashtag": "happy", "train": [0, 0, 10], "test": [0, 0, 3]}]
+    assert hashtags["test_covered"] == hashtags["test_rule_right"] == 3
+
+    markdown = (out / "results.md").read_text()
+    assert markdown == report["markdown"] and "not comparable to published ones" in markdown
+    assert (
+        "## Trained on mvsa_multiple train" in markdown
+        and "| majority class | 0.333 | 0.167 | 0.333 | 0.167 |" in markdown
+    )
+    assert "| mvsa_single_train | 10 / 10 / 10 | 0% / 0% / 100% |" in markdown and (out / "results.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="number their tweets alike"):  # ids of both collections overlap
+        bench.main([*argv, "--image_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="git clone https://github.com/Link-Li/CLMLF"):
+        bench.main(["--task", "sentiment", "--data_root", str(tmp_path / "nowhere"), "--output_dir", str(out)])
