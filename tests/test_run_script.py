@@ -124,33 +124,51 @@ def test_a_checkpoint_trains_with_its_vision_tower_frozen_unless_asked(llava_fol
 def _option_help(text: str, option: str) -> str:
     """The help of `--option`, whitespace normalised."""
     text = " ".join(text.split())
-    return re.search(rf"--{option} {option.upper()}, .*? \(default: [^)]*\)", text)[0]
+    return re.search(rf"--{option} {option.upper()} .*? \(default: [^)]*\)", text)[0]
 
 
-def test_help_shows_the_defaults_that_run(llava_folder, capsys):
+def _groups(text: str) -> list[str]:
+    """The titles of a help's groups, each checked to have a one-line description."""
+    groups = re.findall(r"^(\w[\w ]*):\n  (.*)$", text, re.M)
+    assert all(not line.startswith("-") for title, line in groups[1:])
+    return [title for title, _ in groups]
+
+
+def test_help_lists_the_common_options_first_with_the_defaults_that_run(llava_folder, capsys, monkeypatch):
     env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, str(EXAMPLES / "run_sarcasm.py"), "--help"],
                             capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-2000:]  # no bitsandbytes line
     assert _option_help(result.stdout, "learning_rate").endswith("(default: 0.001)")
     assert _option_help(result.stdout, "num_train_epochs").endswith("(default: 8.0)")
     assert _option_help(result.stdout, "per_device_train_batch_size").endswith("(default: 32)")
     assert "llava recipe (a --model_name_or_path): 2e-05 (0.0002 with --use_lora)" in _option_help(
         result.stdout, "learning_rate"
     )
-    # the project's groups first, each with a one-line description, then the inherited TrainingArguments
-    groups = re.findall(r"^(\w+):\n  (.*)$", result.stdout, re.M)
-    assert [title for title, _ in groups] == ["options", "model", "data", "method", "training"]
-    assert all(not line.startswith("-") for title, line in groups[1:])
-    assert result.stdout.index("--method METHOD") < result.stdout.index("--output_dir OUTPUT_DIR")
+    # what a run sets first, in the order it is set; the rest behind --help_all
+    assert _groups(result.stdout) == ["options", "data", "model", "method", "training"]
+    first = ("dataset", "model_name_or_path", "method", "output_dir")
+    order = [result.stdout.index(f"\n  --{name} ") for name in first]
+    assert order == sorted(order)
+    assert len(result.stdout.splitlines()) < 130 and "--help_all lists them all" in result.stdout
+    assert "--lora_r" not in result.stdout and "--adam_beta1" not in result.stdout
     assert len(result.stdout.split("\n\n", 1)[0].splitlines()) == 1  # a one-line usage, not every option
+    assert "  --no_" not in result.stdout and "--model-name-or-path" not in result.stdout  # each option once
 
+    monkeypatch.setenv("COLUMNS", "400")  # no line breaks (argparse would break CF-MoE at its hyphen)
     with pytest.raises(SystemExit):
-        parse_args(["--model_name_or_path", str(llava_folder), "--use_lora", "True", "--help"])
+        parse_args(["--model_name_or_path", str(llava_folder), "--use_lora", "True", "--help_all"])
     text = capsys.readouterr().out
+    assert _groups(text) == ["options", "data", "model", "method", "training", "model config", "more training"]
     assert _option_help(text, "learning_rate").endswith("(default: 0.0002)")
     assert _option_help(text, "gradient_accumulation_steps").endswith("(default: 16)")
     assert _option_help(text, "lora_r").endswith("(default: 128)")
+    assert "--adam_beta1" in text and "  --no_" not in text
+    # a config value shows one default, the config's; a pair sharing the config's description says which is which
+    experts = _option_help(text, "num_visual_experts")
+    assert experts.startswith("--num_visual_experts NUM_VISUAL_EXPERTS visual side (--num_text_experts sets the")
+    assert experts.endswith("(default: 1; a CF-MoE checkpoint: its own)") and experts.count("default:") == 1
+    assert _option_help(text, "num_text_experts").startswith("--num_text_experts NUM_TEXT_EXPERTS text side")
 
 
 def test_run_sentiment_is_run_sarcasm_with_another_task():
@@ -317,5 +335,5 @@ def test_model_arguments_are_the_config_arguments_with_their_docstring_help():
         "pooling": "last",
         "router_temperature": 2.0,
     }
-    with pytest.raises(SystemExit):  # argparse: invalid choice, the config's CHOICES
+    with pytest.raises(UserInputError, match="argument --pooling: invalid choice: 'max'"):  # the config's CHOICES
         parse_args(["--pooling", "max"])

@@ -11,11 +11,15 @@ Defaults depend on what is trained, and live in the argument dataclasses, so `--
 
 from __future__ import annotations
 
+import argparse
+import copy
+import difflib
 import inspect
 import re
 import sys
 from dataclasses import dataclass, field, fields, make_dataclass
-from typing import Any, Literal, get_type_hints
+from pathlib import Path
+from typing import Any, Literal, NoReturn, get_type_hints
 
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
@@ -25,7 +29,8 @@ from cfmoe.modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
 from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES
 
 from .data.synthetic import SyntheticConfig
-from .errors import name_flags, require, user_input
+from .errors import UserValueError, name_flags, require, user_input
+from .model_source import check_model_source
 from .training_args import CFMoETrainingArguments
 
 TINY, CHECKPOINT, LORA = 0, 1, 2
@@ -58,12 +63,25 @@ RUN_DEFAULTS: dict[str, tuple[Any, Any, Any]] = {
 METHOD_FIELDS = tuple(
     f.name for f in fields(CFMoETrainingArguments) if f.name not in TrainingArguments.__dataclass_fields__
 )
-HELP_GROUPS = {  # --help: the groups of the run scripts' options, in this order
-    "model": "the tiny offline default or a checkpoint, CF-MoE config overrides, LoRA and quantisation",
+HELP_GROUPS = {  # --help_all: the groups of the run scripts' options, in this order; --help: the first four
     "data": "the synthetic benchmark (sizes, noise, cues) or a real data set's folder",
+    "model": "the tiny offline default or a checkpoint, LoRA and quantisation",
     "method": "the debiasing method and the weights of its loss terms",
-    "training": "transformers.TrainingArguments, some defaults set by the run scripts (see their help)",
+    "training": "where the run writes and how long it trains (transformers.TrainingArguments; some defaults set "
+    "by the run scripts, see their help)",
+    "model config": "CF-MoE config values; a CF-MoE checkpoint keeps its own unless one is given",
+    "more training": "every other transformers.TrainingArguments option",
 }
+# what --help lists (--help_all: everything), by group
+SHORT_HELP = {
+    "data": ("dataset", "data_dir", "image_dir", "ood_file", "extra_test", "num_train", "cue_setting",
+             "skip_bad_examples"),
+    "model": ("model_name_or_path", "recipe", "dtype", "freeze_vision_tower", "use_lora", "load_in_4bit"),
+    "method": ("method", "debias_warmup_ratio"),
+    "training": ("output_dir", "num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "seed", "bf16", "use_cpu", "eval_strategy", "save_strategy",
+                 "resume_from_checkpoint", "push_to_hub", "hub_model_id", "log_level"),
+}  # fmt: skip
 
 
 def _help(base: str, name: str) -> str:
@@ -107,14 +125,20 @@ def config_argument_help() -> dict[str, str]:
     helps = {}
     for entry in entries:
         text = " ".join(entry["text"].split()).replace("%", "%%")
-        helps.update(dict.fromkeys(entry["names"].split(" / "), text))
+        names = entry["names"].split(" / ")
+        helps.update(dict.fromkeys(names, text))
+        if len(names) == 2:  # one entry for a pair (num_visual_experts / num_text_experts): which side is whose
+            words = [name.split("_") for name in names]
+            sides = [" ".join(word for word in own if word not in other) for own, other in (words, words[::-1])]
+            for i, name in enumerate(names):
+                helps[name] = f"{sides[i]} side (--{names[1 - i]} sets the {sides[1 - i]} side): {text}"
     return helps
 
 
 def config_override_fields() -> list[tuple[str, Any, Any]]:
     """One (name, type, field) per `CFMoEConfig` argument (but `NOT_CONFIG_FLAGS`): its type made optional (None, the
-    default, keeps the config's or the checkpoint's value; string settings limited to `CHOICES`), its help the
-    config's docstring with the config's default."""
+    field's default, keeps the config's or the checkpoint's value; string settings limited to `CHOICES`), its help
+    the config's docstring with the config's default as the one default shown."""
     hints = get_type_hints(CFMoEConfig.__init__)
     helps = config_argument_help()
     overrides = []
@@ -123,7 +147,8 @@ def config_override_fields() -> list[tuple[str, Any, Any]]:
             continue
         kind, form = CONFIG_FLAG_FORMS.get(name, (Literal[CHOICES[name]] if name in CHOICES else hints[name], ""))
         text = f"{form}: {helps[name]}" if form else helps[name]
-        help_text = f"{text} [CF-MoE config default: {parameter.default}]"
+        default = repr(parameter.default) if isinstance(parameter.default, str) else str(parameter.default)
+        help_text = f"{text} (default: {default.replace('%', '%%')}; a CF-MoE checkpoint: its own)"
         overrides.append((name, kind | None, field(default=None, metadata={"help": help_text})))
     return overrides
 
@@ -251,6 +276,11 @@ class CheckpointModelArguments(ModelArguments):
     lora_alpha: int = _default("lora_alpha", CHECKPOINT, "LoRA alpha")
 
 
+# DataArguments fields of the synthetic benchmark only: a real data set's run neither uses nor records them
+SYNTHETIC_FIELDS = ("num_train", "num_validation", "num_test", "label_noise", "rho_train", "cue_setting",
+                    "data_seed_offset")  # fmt: skip
+
+
 @dataclass
 class DataArguments:
     """The data: the synthetic benchmark (sizes, noise, cues) or a real data set's folder."""
@@ -352,9 +382,17 @@ class RunTrainingArguments(CFMoETrainingArguments):
     report_to: None | str | list[str] = _training_field("report_to", "none")
 
     def __post_init__(self):
+        self._check_output_dir()
         if self.gradient_checkpointing is not None:  # the deprecated alias was given: it decides
             self.activation_checkpointing = None
         super().__post_init__()
+
+    def _check_output_dir(self) -> None:
+        """`output_dir` must be a folder or a path where one can be made: not a file, nor under one."""
+        path = Path(self.output_dir)
+        existing = next(folder for folder in (path, *path.parents, Path(".")) if folder.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir}: {existing} is a file, not a folder; name another")
 
 
 @dataclass
@@ -415,37 +453,94 @@ def run_argument_classes(recipe: str, model_name_or_path: str | None, use_lora: 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CFMoETrainingArguments]:
     """(model, data, training) arguments of a run script's command line (`sys.argv[1:]` when None), with the
     defaults of what it trains (`--recipe`): the tiny model, or a checkpoint given by `--model_name_or_path` (with
-    `--use_lora`). `--help` lists the defaults of the command line it comes with. A value the run cannot use
-    raises a [`~cfmoe.trainer.errors.UserInputError`] naming its flag."""
+    `--use_lora`). `--help` lists the common options with the defaults of the command line it comes with,
+    `--help_all` every option. A value the run cannot use (an unknown or abbreviated flag, a bad value, a model
+    that is neither a local folder nor on the Hub) raises a [`~cfmoe.trainer.errors.UserInputError`] naming its
+    flag."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with user_input():
-        peek = HfArgumentParser(ModelArguments, add_help=False, allow_abbrev=False)
+        peek = RunArgumentParser(ModelArguments, add_help=False)
         model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        parser = run_argument_parser(
-            run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
-        )
+        classes = run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
+        parser = run_argument_parser(classes, full_help="--help_all" in argv)
+        _, unknown = parser.parse_known_args(argv)  # before the arguments' own checks: a typo is named first
+        if unknown:
+            parser.error(unknown_arguments(parser, unknown))
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        check_model_source(model_args.model_name_or_path)
     return model_args, data_args, training_args
 
 
-def run_argument_parser(classes: tuple[type, type, type]) -> HfArgumentParser:
-    """The run scripts' parser: its `--help` lists the model, data and method groups, each with a one-line
-    description, before the options inherited from `TrainingArguments`."""
-    parser = HfArgumentParser(
+def unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """The message for arguments `parser` does not know, with the closest known flag of each unknown one."""
+    flags = [argument.partition("=")[0] for argument in unknown if argument.startswith("-")] or unknown
+    known = [option for option in parser._option_string_actions if option.startswith("--")]
+    named = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        named.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    return f"unrecognized arguments: {', '.join(named)}"
+
+
+class RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option once (not its dashed alias), with one default: none added where the help names its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        dashed = {option.replace("_", "-") for option in action.option_strings if "_" in option}
+        shown = copy.copy(action)
+        shown.option_strings = [option for option in action.option_strings if option not in dashed]
+        return super()._format_action_invocation(shown)
+
+
+class RunArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` that takes no abbreviated flags and raises its errors as a
+    [`~cfmoe.trainer.errors.UserValueError`] (the run scripts print it on one line) instead of printing the usage
+    and exiting."""
+
+    def __init__(self, dataclass_types, **kwargs) -> None:
+        super().__init__(dataclass_types, allow_abbrev=False, formatter_class=RunHelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise UserValueError(message)
+
+
+def run_argument_parser(classes: tuple[type, type, type], full_help: bool = False) -> RunArgumentParser:
+    """The run scripts' parser. Its `--help` lists the options a run sets first (`SHORT_HELP`) in the groups
+    data, model, method and training; `--help_all` (`full_help`) lists every option, the CF-MoE config values and
+    the other `TrainingArguments` options in two more groups (`HELP_GROUPS`)."""
+    parser = RunArgumentParser(
         classes,
-        usage="%(prog)s [--model_name_or_path PATH] [--dataset NAME] [--method METHOD] [--output_dir DIR] [...]",
+        usage="%(prog)s [--dataset NAME] [--model_name_or_path PATH] [--method METHOD] [--output_dir DIR] [...]",
         description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
-        "True) before --help to see a real checkpoint's (the llava recipe).",
+        "True) before --help to see a real checkpoint's (the llava recipe). An option X that takes True/False is "
+        "also set False by --no_X. "
+        + ("Every option is listed." if full_help else "The common options are listed: --help_all lists them all."),
     )
+    parser.add_argument("--help_all", action="help", help="show every option and exit")
     groups = {group.title: group for group in parser._action_groups}
     for title, description in HELP_GROUPS.items():
-        if title in groups:
-            groups[title].description = description
-    training = groups["training"]
-    method = parser.add_argument_group("method", HELP_GROUPS["method"])
-    for action in [action for action in training._group_actions if action.dest in METHOD_FIELDS]:
-        training._group_actions.remove(action)
-        method._group_actions.append(action)
-    parser._action_groups.remove(method)
-    parser._action_groups.insert(parser._action_groups.index(training), method)
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        groups[title].description = description
+    config_fields = {name for name, _, _ in config_override_fields()}
+    moves = {"method": ("training", METHOD_FIELDS), "model config": ("model", config_fields)}
+    moves["more training"] = ("training", [a.dest for a in groups["training"]._group_actions if a.dest not in
+                                           (*SHORT_HELP["training"], *METHOD_FIELDS)])  # fmt: skip
+    for title, (source, names) in moves.items():
+        for action in [action for action in groups[source]._group_actions if action.dest in names]:
+            groups[source]._group_actions.remove(action)
+            groups[title]._group_actions.append(action)
+    order = SHORT_HELP["training"]  # output_dir first, then how long and how fast
+    groups["training"]._group_actions.sort(key=lambda action: order.index(action.dest))
+    shown = [groups[title] for title in HELP_GROUPS if full_help or title in SHORT_HELP]
+    parser._action_groups = [group for group in parser._action_groups if group.title not in HELP_GROUPS] + shown
+    for group in shown:
+        for action in group._group_actions:
+            negation = isinstance(action, argparse._StoreFalseAction)  # --no_X: the description says it once
+            if negation or not (full_help or action.dest in SHORT_HELP[group.title]):
+                action.help = argparse.SUPPRESS
     return parser

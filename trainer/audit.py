@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -223,9 +225,14 @@ def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], sta
     }
 
 
-def plot_context_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Left: the strongest context tokens and the strong tokens kept as core (determination, dependence); right: a
-    few training items' images with their image context in red, their text with context words in brackets."""
+def plot_context_report(
+    report: dict[str, Any], path: str | Path, pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
+) -> Path:
+    """Left: the strongest context tokens and the tokens kept as core (the report's `core_tokens` where it has
+    them, else its `kept_as_core` tokens), their determination and dependence on the image core; the title says
+    which of the two exist. Right: a few training items' images in their own colours (un-normalised with the
+    processor's `pixel_stats`, mean and std per channel; else drawn over a fixed range), their image context in
+    red, their text (context words in brackets) wrapped below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,43 +241,67 @@ def plot_context_report(report: dict[str, Any], path: str | Path) -> Path:
     shown = [item for item in report["shown"] if "image" in item]
     columns = max(1, min(3, len(shown)))
     rows = max(1, -(-len(shown) // columns))
-    fig = plt.figure(figsize=(6 + 3 * columns, max(4.5, 3 * rows)))
+    fig = plt.figure(figsize=(7 + 3.6 * columns, max(5.0, 4.2 * rows)), layout="constrained")
     grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[2] + [1] * columns)
     bars = fig.add_subplot(grid[:, 0])
-    entries = [("context", e) for e in report["tokens"]["context"][:15]]
-    entries += [("kept_as_core", e) for e in report["tokens"]["kept_as_core"][:10]]
+    context = report["tokens"]["context"][:15]
+    core = (report.get("core_tokens") or report["tokens"]["kept_as_core"])[:10]
+    entries = [("context", e) for e in context] + [("core", e) for e in core]
     if entries:
-        labels = [f"{e['text'].strip() or e['token']} ({'ctx' if s == 'context' else 'core'})" for s, e in entries]
+        labels = [f"{e['text'].strip() or e['token']} ({status})" for status, e in entries]
         positions = np.arange(len(entries))
         bars.barh(positions - 0.2, [e["determination"] for _, e in entries], 0.4, label="determination")
         bars.barh(positions + 0.2, [e["dependence"] for _, e in entries], 0.4, label="dependence on image core")
-        bars.set_yticks(positions, labels, fontsize=7)
+        bars.set_yticks(positions, labels, fontsize=9)
         bars.invert_yaxis()
-        bars.legend(fontsize=7)
-    bars.set_title(f"tokens ({report['stage']}): context vs kept as core", fontsize=9)
+        bars.legend(fontsize=9, loc="lower right")
+    else:
+        bars.text(0.5, 0.5, "no token passed the context thresholds", ha="center", fontsize=10)
+        bars.set_axis_off()
+    parts = [f"{len(context)} strongest context" if context else "no context token"]
+    parts.append(f"{len(core)} strongest kept as core" if core else "no strong token kept as core")
+    bars.set_title(f"tokens ({report['stage']}): " + ", ".join(parts), fontsize=11)
     for index, item in enumerate(shown):
         ax = fig.add_subplot(grid[index // columns, 1 + index % columns])
-        image = item["image"].reshape(-1, *item["image"].shape[-3:])[0]
-        image = (image - image.min()) / (image.max() - image.min()).clamp_min(1e-6)
-        picture = image.permute(1, 2, 0).numpy().copy()
-        context = item["image_context"].reshape(-1, *item["image_context"].shape[-2:])[0].numpy()
-        picture[context] = 0.5 * picture[context] + 0.5 * np.array([1.0, 0.0, 0.0])
-        ax.imshow(picture)
-        ax.set_title(item["text"][:60], fontsize=6)
+        picture = _picture(item["image"], pixel_stats)
+        mask = item["image_context"].reshape(-1, *item["image_context"].shape[-2:])[0].numpy()
+        picture[mask] = 0.5 * picture[mask] + 0.5 * np.array([1.0, 0.0, 0.0])
+        ax.imshow(picture, vmin=0.0, vmax=1.0)
+        ax.set_title(textwrap.fill(textwrap.shorten(item["text"], 120, placeholder=" ..."), 34), fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
 
-def write_context_report(model, tokenizer, batches, output_dir: str | Path, stage: str) -> dict[str, Any]:
+def _picture(image: torch.Tensor, pixel_stats: tuple[Sequence[float], Sequence[float]] | None) -> np.ndarray:
+    """An item's first image (height, width, RGB) in [0, 1]: its normalised pixels times std plus mean, or, without
+    the stats, mapped from [-2, 2] (about the range of CLIP-normalised pixels): never stretched per image, so that
+    a grey placeholder stays one flat colour."""
+    image = image.reshape(-1, *image.shape[-3:])[0].float()
+    if pixel_stats is not None:
+        mean, std = (torch.tensor(values, dtype=torch.float32).view(-1, 1, 1) for values in pixel_stats)
+        image = image * std + mean
+    else:
+        image = (image + 2) / 4
+    return image.clamp(0, 1).permute(1, 2, 0).numpy().copy()
+
+
+def write_context_report(
+    model,
+    tokenizer,
+    batches,
+    output_dir: str | Path,
+    stage: str,
+    pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> dict[str, Any]:
     """Add the audit at `stage` to `output_dir/context_report.json` (one entry per stage) and draw it to
-    `context_report.png`; returns the JSON-ready report."""
+    `context_report.png` (images un-normalised with the processor's `pixel_stats`, mean and std); returns the
+    JSON-ready report."""
     report = context_report(model, tokenizer, batches, stage)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    plot_context_report(report, output / FIGURE_FILE)
+    plot_context_report(report, output / FIGURE_FILE, pixel_stats)
     report["shown"] = [{"text": item["text"]} for item in report["shown"]]
     path = output / REPORT_FILE
     stages = json.loads(path.read_text()) if path.is_file() else {}
@@ -324,10 +355,12 @@ class ContextAuditCallback(TrainerCallback):
             for begin in range(0, len(sample), size):
                 batch = collator([sample[i] for i in range(begin, min(begin + size, len(sample)))])
                 batches.append({k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        images = getattr(trainer.processing_class, "image_processor", None)
+        pixel_stats = (images.image_mean, images.image_std) if getattr(images, "image_mean", None) else None
         training = model.training
         model.eval()
         try:
-            write_context_report(model, tokenizer, batches, trainer.args.output_dir, stage)
+            write_context_report(model, tokenizer, batches, trainer.args.output_dir, stage, pixel_stats)
         finally:
             model.train(training)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 # checkpoints are written here and renamed into place when complete (hidden from get_last_checkpoint and
 # from push_to_hub, which ignores "_*")
@@ -56,7 +57,7 @@ class StagedCheckpointsMixin:
         limit = self.args.save_total_limit
         if not limit or limit <= 0:
             return
-        checkpoints = sort_checkpoints(run_dir, use_mtime=True)
+        checkpoints = newest_last(run_dir)
         if not checkpoints:
             return
         best = self.state.best_model_checkpoint
@@ -69,6 +70,19 @@ class StagedCheckpointsMixin:
             os.replace(path, trash)
             shutil.rmtree(trash, ignore_errors=True)
         remove_if_empty(staging_root)
+
+
+def newest_last(run_dir: str) -> list[str]:
+    """The published `checkpoint-N` folders of `run_dir`, oldest first: by time written, then by step. (transformers'
+    `sort_checkpoints(use_mtime=True)` also warns, with nothing for a user to do, when they were written within a
+    second, as a small run's are.)"""
+    folders = [path for path in Path(run_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if path.is_dir()]
+
+    def order(path: Path) -> tuple[float, int]:
+        step = path.name.rpartition("-")[2]
+        return path.stat().st_mtime, int(step) if step.isdigit() else -1
+
+    return [str(path) for path in sorted(folders, key=order)]
 
 
 def _fsync(path: str) -> None:
@@ -84,8 +98,20 @@ def _fsync(path: str) -> None:
         os.close(descriptor)
 
 
+def match_sibling_modes(folder: str | Path) -> None:
+    """Gives each `*.safetensors` file under `folder` the permissions of a file beside it. safetensors >= 0.8
+    writes through a temporary file created with mode 0600 and renames it into place (safetensors/safetensors
+    issue 782), while every other file of a save gets the umask's mode (0644 under the usual umask 022)."""
+    for directory in {path.parent for path in Path(folder).rglob("*.safetensors")}:
+        sibling = next((p for p in directory.iterdir() if p.is_file() and p.suffix != ".safetensors"), None)
+        if sibling is not None:
+            for path in directory.glob("*.safetensors"):
+                path.chmod(stat.S_IMODE(sibling.stat().st_mode))
+
+
 def publish_checkpoint(staged: str, final: str) -> None:
     """Flush the staged files to disk, then rename the folder into place (atomic within one file system)."""
+    match_sibling_modes(staged)
     for folder, _, files in os.walk(staged):
         for file in files:
             _fsync(os.path.join(folder, file))

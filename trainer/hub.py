@@ -28,6 +28,12 @@ CONFIG_SETTINGS = tuple(
     name for name in inspect.signature(CFMoEConfig.__init__).parameters if name not in ("self", "base_config", "kwargs")
 )
 METRIC_ORDER = ("accuracy", "macro_f1", "binary_f1", "worst_group_accuracy", "cue_reliance")
+# The Hub's pipeline tags have no classifier of (image, text) pairs (huggingface_hub keeps no list of them):
+# image-text-to-text announces a generative VLM and the Hub's widget would chat with it; text- or
+# image-classification would feed it one modality. "other" is the Hub's tag for a task no pipeline covers; the
+# card's code loads our custom pipeline (task "multimodal-debiased-classification") with trust_remote_code.
+PIPELINE_TAG = "other"
+TINY_BASE = "the tiny offline LLaVA-architecture model of `cfmoe` (built locally from a config; not on the Hub)"
 # never uploaded: intermediate checkpoints, TensorBoard logs, pickles (weights here are safetensors only)
 IGNORE_PATTERNS = ["checkpoint-*", "runs/*", "*.bin", "*.pt", "*.pth", "__pycache__/*"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -61,20 +67,28 @@ def write_model_card(
     model_name: str | None = None,
     dataset_id: str | None = None,
     task: str = "sarcasm-detection",
-    pipeline_tag: str = "image-text-to-text",
+    pipeline_tag: str = PIPELINE_TAG,
     license: str = "apache-2.0",
     synthetic: bool = False,
+    kept_checkpoint: str | None = None,
+    placeholder_image: str | None = None,
 ) -> ModelCard:
     """Writes `output_dir/README.md`: metadata (tags, base model, model-index of `eval_results`) and the body.
 
     eval_results: `{split: {metric: value}}`, e.g. `{"test_ood": {"accuracy": 0.81, "macro_f1": 0.8}}`.
     routing_shares: `{site: [share of expert 0, ...]}` or the trainer's logged `routing_<site>_expert_<i>` keys.
     context_audit: one stage of `context_report.json` (`cfmoe.trainer.audit`): what training treated as context.
-    base_model: a Hub id (None for a locally built base: left out of the metadata).
+    base_model: a Hub id; a local folder is named in the text only, and None means the tiny offline default.
     repo_id: the Hub id used in the card's loading example; model_name defaults to its last part.
     synthetic: the results come from the planted-cue benchmark; the card says so next to the numbers.
+    kept_checkpoint: which checkpoint's weights the run kept, in words (`cfmoe.trainer.loading.kept_summary`).
+    placeholder_image: the one image every item was given (no real image used); the card says so.
     """
     output_dir = Path(output_dir)
+    if base_model is not None and Path(base_model).expanduser().exists():  # a local folder: no Hub metadata
+        base_text, base_model = f"the local model `{base_model}` (a folder, not a Hub repo)", None
+    else:
+        base_text = f"`{base_model}`" if base_model else TINY_BASE
     model_name = model_name or (repo_id or str(output_dir.resolve())).rpartition("/")[2]
     dataset_id = dataset_id or re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-")
     task_name = f"Multimodal {task.replace('-', ' ')}"
@@ -102,9 +116,18 @@ def write_model_card(
         tags=[*TAGS, task],
         eval_results=results or None,
     )
+    training = [f"- Base model: {base_text}", f"- Data set: {dataset_name}"]
+    if placeholder_image:
+        training.append(
+            f"- Images: **no real image was used**: every item, in training and evaluation, was given the same "
+            f"placeholder image (`{Path(placeholder_image).name}`), so the model learned from the texts alone"
+        )
+    if kept_checkpoint:
+        training.append(f"- Weights: {kept_checkpoint}")
     body = _card_body(
-        model_name, base_model, dataset_name, task_name, method_settings, eval_results, routing_shares, synthetic
-    )
+        model_name, base_text, training, task_name, method_settings, eval_results, routing_shares, synthetic,
+        dataset_name, placeholder_image is not None,
+    )  # fmt: skip
     if context_audit:
         body += _audit_section(context_audit) + "\n\n"
     body += f"{_usage_section(repo_id or 'REPO_ID')}\n\n## Citation\n\n```bibtex\n{BIBTEX}\n```\n"
@@ -118,8 +141,9 @@ def _pretty(metric: str) -> str:
     return metric.replace("_", " ").capitalize().replace("f1", "F1")
 
 
-def _card_body(model_name, base_model, dataset_name, task_name, settings, eval_results, routing, synthetic) -> str:
-    base = f"`{base_model}`" if base_model else "a LLaVA-family model built locally from a config (not on the Hub)"
+def _card_body(
+    model_name, base, training, task_name, settings, eval_results, routing, synthetic, dataset_name, placeholder
+) -> str:
     sections = [
         f"# {model_name}\n\n"
         f"A {task_name.lower()} classifier: {base} wrapped by CF-MoE, counterfactual debiasing with "
@@ -130,9 +154,9 @@ def _card_body(model_name, base_model, dataset_name, task_name, settings, eval_r
         "no longer follows the label. Inference is one forward pass.\n\n"
         "This is an independent implementation of the method of Wu, Huang and Wu (Findings of EMNLP 2025, "
         "arXiv 2509.15361), built from its abstract; it is not the authors' code.",
-        f"## Training\n\n- Base model: {base}\n- Data set: {dataset_name}\n\n"
-        + _table(["Setting", "Value"], [[f"`{k}`", f"`{v}`"] for k, v in settings.items()]),
-        _results_section(eval_results, dataset_name, synthetic),
+        "\n".join(["## Training\n", *training, "", ""])
+        + _table(["Setting", "Value"], [[f"`{k}`", _code_cell(v)] for k, v in settings.items()]),
+        _results_section(eval_results, dataset_name, synthetic, placeholder),
     ]
     if routing:
         sections.append(_routing_section(routing))
@@ -172,20 +196,27 @@ def _usage_section(repo: str) -> str:
     )
 
 
+def _code_cell(value: Any) -> str:
+    """`value` as inline code in a Markdown table cell: newlines written as \\n, pipes escaped."""
+    return "`" + str(value).replace("\n", "\\n").replace("|", "\\|") + "`"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def _results_section(eval_results, dataset_name, synthetic) -> str:
+def _results_section(eval_results, dataset_name, synthetic, placeholder) -> str:
     metrics = sorted({m for values in eval_results.values() for m in values}, key=_metric_rank)
     rows = [[split] + [_number(values.get(metric)) for metric in metrics] for split, values in eval_results.items()]
-    note = (
-        f"\n\n> These numbers come from {dataset_name}, the synthetic benchmark with planted spurious cues: "
-        "they are not MMSD2.0 results and do not predict accuracy on real posts."
-        if synthetic
-        else ""
-    )
+    note = ""
+    if synthetic:
+        note = (
+            f"\n\n> These numbers come from {dataset_name}, the synthetic benchmark with planted spurious cues: "
+            "they are not MMSD2.0 results and do not predict accuracy on real posts."
+        )
+    if placeholder:
+        note += "\n\n> No real image was used: these are the numbers of a text-only model on image-text data."
     return f"## Evaluation\n\n{_table(['Split', *map(_pretty, metrics)], rows)}{note}"
 
 
@@ -259,7 +290,7 @@ def complete_hub_folder(folder: str | Path) -> list[str]:
     if not _is_our_card(folder / "README.md"):
         problems.append("README.md written by cfmoe.trainer.hub.write_model_card")
     if problems:
-        raise ValueError(f"{folder} cannot be pushed; missing: " + "; ".join(problems))
+        raise ValueError(f"{folder} is not a complete CF-MoE model folder; missing: " + "; ".join(problems))
     added = []
     for source in sorted(Path(modeling_cfmoe.__file__).parent.glob("*.py")):
         if source.name != "__init__.py" and not (folder / source.name).exists():

@@ -4,32 +4,36 @@ Their arguments are in [`cfmoe.trainer.arguments`]."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import DatasetDict, Image
 from transformers import AutoConfig, AutoModel, AutoProcessor, PreTrainedModel, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from .adapters import apply_lora, merge_lora_run, prepare_for_kbit_training, quantization_config, save_lora_run
-from .arguments import DataArguments, ModelArguments
+from .arguments import SYNTHETIC_FIELDS, DataArguments, ModelArguments
 from .audit import read_context_report
 from .cfmoe_trainer import CFMoETrainer
+from .checkpointing import match_sibling_modes
 from .collator import CFMoECollator
 from .data.benchmarks import dataset_task, load_benchmark, parse_extra_test
 from .data.synthetic import SyntheticConfig, flip_cues, id2label, make_synthetic_benchmark
 from .data.tiny import build_tiny_model
-from .errors import UserFileNotFoundError, user_input
-from .evaluation import evaluate_split
+from .errors import UserFileNotFoundError, UserValueError, user_input
+from .evaluation import evaluate_split, predict_labels
 from .hub import complete_hub_folder, method_settings_from_config, push_folder_to_hub, write_model_card
 from .methods import get_method
 from .plots import plot_training
 from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
+PREDICTIONS_FILE = "test_predictions.json"
 
 # the method knobs of the training arguments (what `CFMoETrainingArguments` adds to `TrainingArguments`)
 LOSS_SETTINGS = tuple(
@@ -70,6 +74,24 @@ def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDi
 def labels_of(task: str, data: DatasetDict, synthetic: SyntheticConfig | None) -> dict[int, str]:
     """Class id -> name: the task's classes on synthetic data, else the data set's own."""
     return id2label(task) if synthetic is not None else dict(enumerate(data["train"].features["label"].names))
+
+
+def check_training_labels(data: DatasetDict, labels: dict[int, str]) -> None:
+    """Raises a [`~cfmoe.trainer.errors.UserValueError`] when the training split holds fewer than two classes: a
+    classifier learns nothing from it, and scores every test item of that class as right."""
+    present = set(data["train"]["label"])
+    if len(present) < 2:
+        size = len(data["train"])
+        held = f"a single class (all {size} items are {labels[present.pop()]!r})" if present else "no item"
+        raise UserValueError(f"the training split holds {held}: a classifier learns nothing from it; check its labels")
+
+
+def majority_class(data: DatasetDict) -> tuple[int, dict[str, float]]:
+    """The training split's most frequent class, and the accuracy of always predicting it on each test split (from
+    the split's own labels): the floor an accuracy is read against."""
+    majority = int(np.bincount(np.asarray(data["train"]["label"])).argmax())
+    tests = [split for split in data if split.startswith("test")]
+    return majority, {split: float(np.mean(np.asarray(data[split]["label"]) == majority)) for split in tests}
 
 
 def train_texts(data: DatasetDict, synthetic: SyntheticConfig | None) -> list[str] | None:
@@ -166,11 +188,17 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
 def evaluate_test_splits(
     trainer: CFMoETrainer, data: DatasetDict, synthetic: SyntheticConfig | None
 ) -> dict[str, dict[str, float]]:
-    """Metrics of every `test*` split; on synthetic data cue reliance too (against a cue-flipped copy)."""
-    results = {}
+    """Metrics of every `test*` split; on synthetic data cue reliance too (against a cue-flipped copy). Each item's
+    prediction is written to `OUTPUT/test_predictions.json` (`{split: {"id": [...], "prediction": [...]}}`), so that
+    any subset of a split can be scored afterwards."""
+    results, predictions = {}, {}
     for split in (name for name in data if name.startswith("test")):
         flipped = flip_cues(data[split], synthetic) if synthetic is not None else None
-        results[split] = evaluate_split(trainer, data[split], flipped)
+        predicted = predict_labels(trainer, data[split])
+        results[split] = evaluate_split(trainer, data[split], flipped, predicted)
+        predictions[split] = {"id": list(map(str, data[split]["id"])), "prediction": predicted.tolist()}
+    if trainer.is_world_process_zero():
+        (Path(trainer.args.output_dir) / PREDICTIONS_FILE).write_text(json.dumps(predictions) + "\n")
     return results
 
 
@@ -185,10 +213,11 @@ def count_skipped(trainer: CFMoETrainer, collator: CFMoECollator) -> int:
 
 
 def data_record(data_args: DataArguments, synthetic: SyntheticConfig | None) -> dict:
-    """What the run trained and evaluated on, for `all_results.json`: the synthetic config, or the data arguments."""
-    return (
-        asdict(synthetic) if synthetic is not None else {f.name: getattr(data_args, f.name) for f in fields(data_args)}
-    )
+    """What the run trained and evaluated on, for `all_results.json`: the synthetic config, or the data arguments
+    that apply to real data (not the synthetic benchmark's sizes, noise and cues)."""
+    if synthetic is not None:
+        return asdict(synthetic)
+    return {f.name: getattr(data_args, f.name) for f in fields(data_args) if f.name not in SYNTHETIC_FIELDS}
 
 
 def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments) -> None:
@@ -202,14 +231,47 @@ def save_model(trainer: CFMoETrainer, processor, model_args: ModelArguments) -> 
             merge_lora_run(output, output / "merged")
 
 
+def kept_step(trainer: CFMoETrainer) -> int | None:
+    """The step of the checkpoint whose weights the run ended with (`--load_best_model_at_end`), None for the last
+    step's."""
+    best = trainer.state.best_model_checkpoint
+    if not trainer.args.load_best_model_at_end or best is None:
+        return None
+    return int(Path(best).name.rpartition("-")[2])
+
+
+def kept_summary(trainer: CFMoETrainer) -> str:
+    """Which weights the run kept, in words: the selected checkpoint (its step, metric and value) or the last."""
+    state, step = trainer.state, kept_step(trainer)
+    if step is None:
+        return f"kept the weights of the last step ({state.global_step:,})"
+    metric = trainer.args.metric_for_best_model
+    return (
+        f"kept checkpoint-{step} (step {step:,} of {state.global_step:,}), the best on the validation split by "
+        f"{metric} ({state.best_metric:.4f}); the model and the test results are those of this checkpoint"
+    )
+
+
+def warmup_in_effect(trainer: CFMoETrainer) -> str:
+    """The bias-only warm-up the run had, as a share of training and in steps (`--debias_warmup_ratio`, or its
+    default: the first pass over the data, at most a quarter of training)."""
+    steps, total = trainer.method.bias_only_warmup_steps(trainer.state), trainer.state.max_steps
+    default = steps and trainer.args.debias_warmup_ratio is None
+    how = "; default: the first pass over the data, at most 0.25" if default else ""
+    return f"{steps / max(total, 1):.4g} ({steps:,} of {total:,} steps{how})"
+
+
 def write_card(
     trainer: CFMoETrainer, model_args: ModelArguments, data_args: DataArguments, eval_results: dict, task: str
 ) -> None:
-    """Our model card (`OUTPUT/README.md`): base, data, method settings, the evaluation table, routing shares."""
+    """Our model card (`OUTPUT/README.md`): base, data, method settings in effect, the kept checkpoint, the
+    evaluation table, routing shares."""
     args = trainer.args
     synthetic = data_args.dataset == "synthetic"
     settings = {**method_settings_from_config(trainer.model.config), **{n: getattr(args, n) for n in LOSS_SETTINGS}}
+    settings["debias_warmup_ratio"] = warmup_in_effect(trainer)
     last_log = next((entry for entry in reversed(trainer.state.log_history) if "loss" in entry), {})
+    image = data_args.image_dir
     write_model_card(
         args.output_dir,
         base_model=model_args.model_name_or_path,
@@ -221,15 +283,38 @@ def write_card(
         repo_id=args.hub_model_id,
         task="sarcasm-detection" if task == "sarcasm" else "sentiment-analysis",
         synthetic=synthetic,
+        kept_checkpoint=kept_summary(trainer),
+        placeholder_image=image if not synthetic and image and Path(image).is_file() else None,
     )
 
 
-def finish_output_folder(trainer: CFMoETrainer, model_args: ModelArguments, push_to_hub: bool) -> None:
-    """`training.png`, and for a full model the remote code, handler and pipeline beside it; pushed when asked."""
+def validation_note(synthetic: SyntheticConfig | None) -> str | None:
+    """What to read the validation metrics with: on the synthetic benchmark, its validation labels are noisy."""
+    if synthetic is None or not synthetic.label_noise:
+        return None
+    return (
+        f"validation labels carry the benchmark's label noise ({synthetic.label_noise:.0%} flipped, as in training): "
+        f"accuracy on them stays near {1 - synthetic.label_noise:.2f} at best; the test splits' labels are clean"
+    )
+
+
+def finish_output_folder(
+    trainer: CFMoETrainer, model_args: ModelArguments, push_to_hub: bool, validation_note: str | None = None
+) -> None:
+    """`training.png` (with the warm-up's end, the kept checkpoint and `validation_note`), and for a full model the
+    remote code, handler and pipeline beside it; every file readable as the umask says; pushed when asked."""
     output = Path(trainer.args.output_dir)
-    plot_training(trainer.state.log_history, output / "training.png", trainer.args.metric_for_best_model)
+    plot_training(
+        trainer.state.log_history,
+        output / "training.png",
+        trainer.args.metric_for_best_model,
+        warmup_end=trainer.method.bias_only_warmup_steps(trainer.state),
+        kept_step=kept_step(trainer),
+        validation_note=validation_note,
+    )
     if not model_args.use_lora:  # a LoRA run's folder is an adapter: its `merged/` is the full model
         complete_hub_folder(output)
+    match_sibling_modes(output)
     if push_to_hub:
         args = trainer.args
         push_folder_to_hub(
@@ -237,9 +322,12 @@ def finish_output_folder(trainer: CFMoETrainer, model_args: ModelArguments, push
         )
 
 
-def split_table(eval_results: dict[str, dict[str, float]], title: str) -> str:
-    """The test splits' accuracy, macro F1, worst-group accuracy and cue reliance as a text table, and
-    `robust accuracy = min(iid, ood)` where both splits exist."""
+def split_table(
+    eval_results: dict[str, dict[str, float]], title: str, majority: tuple[str, dict[str, float]] | None = None
+) -> str:
+    """The test splits' accuracy, macro F1, worst-group accuracy and cue reliance as a text table,
+    `robust accuracy = min(iid, ood)` where both splits exist, and with `majority` (the training split's majority
+    class, each split's accuracy of always predicting it) the line an accuracy is read against."""
     metrics = [name for name in TABLE_METRICS if any(name in values for values in eval_results.values())]
     width = max(len(split) for split in eval_results)
     lines = [title, f"{'split':<{width}}  " + "  ".join(f"{TABLE_METRICS[name]:>12}" for name in metrics)]
@@ -249,4 +337,8 @@ def split_table(eval_results: dict[str, dict[str, float]], title: str) -> str:
     if {"test_iid", "test_ood"} <= eval_results.keys():
         robust = min(eval_results["test_iid"]["accuracy"], eval_results["test_ood"]["accuracy"])
         lines.append(f"robust accuracy min(iid, ood): {robust:.3f}")
+    if majority is not None:
+        name, accuracy = majority
+        floors = ", ".join(f"{split} {value:.3f}" for split, value in accuracy.items())
+        lines.append(f"majority class ({name!r} in training), accuracy of always predicting it: {floors}")
     return "\n".join(lines)

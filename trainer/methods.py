@@ -15,6 +15,7 @@ docs/method.md: `Z(t, v)` the fused head, `Z(t, v*)` text-only, `Z(t*, v)` image
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -86,9 +87,13 @@ class DebiasingMethod:
         reads = self.builds_counterfactual_rows(config) or config.routes_by_evidence
         return reads and (state.epoch is None or state.epoch < 1)
 
+    def bias_only_warmup_steps(self, state: TrainerState) -> int:
+        """How many optimizer steps, from the first, train the bias branches only (`state.max_steps` known)."""
+        return 0
+
     def in_bias_only_warmup(self, state: TrainerState, step: int | None = None) -> bool:
         """Whether optimizer step `step` (default: the current one) trains the bias branches only."""
-        return False
+        return (state.global_step if step is None else step) < self.bias_only_warmup_steps(state)
 
     def forward_mode(self, config: CFMoEConfig, training: bool, state: TrainerState) -> CounterfactualMode | None:
         """What the forward computes for this step, only what its loss or metrics read: by default the branches and
@@ -282,15 +287,17 @@ class CFMoE(DebiasingMethod):
     def builds_counterfactual_rows(self, config):
         return config.counterfactual_fraction > 0
 
-    def in_bias_only_warmup(self, state, step=None):
+    def bias_only_warmup_steps(self, state):
         """The first `debias_warmup_ratio` of training, by default the first pass over the training data or a quarter
-        of training, whichever is shorter (never with `fused_warmup`)."""
-        args, step = self.args, state.global_step if step is None else step
+        of training, whichever is shorter (none with `fused_warmup`)."""
+        args = self.args
+        if args.fused_warmup:
+            return 0
         if args.debias_warmup_ratio is not None:
             warmup_steps = args.debias_warmup_ratio * state.max_steps
         else:
             warmup_steps = min(state.max_steps / max(state.num_train_epochs, 1), 0.25 * state.max_steps)
-        return not args.fused_warmup and step < warmup_steps
+        return math.ceil(warmup_steps)  # step s is in the warm-up while s < warmup_steps
 
     def forward_mode(self, config, training, state):
         """Evaluation: the effects and the context-swapped rows (`counterfactual_accuracy`). Training: the bias-only

@@ -17,17 +17,21 @@ from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
 from .evaluation import build_debiasing_compute_metrics
 from .loading import (
+    check_training_labels,
     count_skipped,
     data_record,
     evaluate_test_splits,
     finish_output_folder,
+    kept_summary,
     labels_of,
     load_data,
     load_model,
+    majority_class,
     resume_checkpoint,
     save_model,
     split_table,
     train_texts,
+    validation_note,
     write_card,
 )
 from .methods import get_method
@@ -37,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 def setup_logging(training_args: CFMoETrainingArguments) -> None:
-    """Logging as transformers' example scripts set it up: info on the main process, the run's settings at debug."""
+    """Logging as transformers' example scripts set it up, but quieter: our own messages at info on the main
+    process; transformers' and datasets' at warning (their info lines repeat configs and steps) unless
+    `--log_level` asks for more; the run's settings at debug. `--disable_tqdm` hides every progress bar."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
@@ -48,11 +54,15 @@ def setup_logging(training_args: CFMoETrainingArguments) -> None:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logging.getLogger("cfmoe").setLevel(log_level)
-    datasets.utils.logging.set_verbosity(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
+    libraries = log_level if training_args.log_level != "passive" else max(log_level, logging.WARNING)
+    datasets.utils.logging.set_verbosity(libraries)
+    transformers.utils.logging.set_verbosity(libraries)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
-    logger.warning(
+    if training_args.disable_tqdm:  # the Trainer's bars, and also those of loading and saving weights
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.logging.disable_progress_bar()
+    logger.info(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, n_gpu: {training_args.n_gpu}, "
         f"distributed training: {training_args.parallel_mode.value == 'distributed'}, bf16: {training_args.bf16}"
     )
@@ -74,6 +84,7 @@ def train_and_evaluate(
     # Model and processor: the tiny offline model (on real data its tokenizer is trained on the training texts), a
     # CF-MoE checkpoint, or a LLaVA-family base wrapped by CF-MoE.
     labels, texts = labels_of(task, data, synthetic), train_texts(data, synthetic)
+    check_training_labels(data, labels)
     model, processor = load_model(
         task, model_args, labels, training_args.seed, method=training_args.method, texts=texts
     )
@@ -113,9 +124,11 @@ def train_and_evaluate(
     for split, split_metrics in eval_results.items():
         trainer.log_metrics(split, split_metrics)
     trainer.save_metrics("eval", eval_results, combined=False)
+    majority, floors = majority_class(data)
     results = {
         "train": metrics,
         "eval": eval_results,
+        "majority_class": {"label": labels[majority], "accuracy": floors},  # what each accuracy is read against
         "method": training_args.method,
         "seed": training_args.seed,
         "skipped_examples": count_skipped(trainer, collator),
@@ -126,9 +139,10 @@ def train_and_evaluate(
     save_model(trainer, processor, model_args)
     if trainer.is_world_process_zero():
         write_card(trainer, model_args, data_args, eval_results, task)
-        finish_output_folder(trainer, model_args, push_to_hub)
+        finish_output_folder(trainer, model_args, push_to_hub, validation_note=validation_note(synthetic))
         data_name = f"synthetic {task} benchmark, cues {data_args.cue_setting}" if synthetic else data_args.dataset
-        print(f"\n{split_table(eval_results, f'method {training_args.method} on {data_name}:')}\n")
+        table = split_table(eval_results, f"method {training_args.method} on {data_name}:", (labels[majority], floors))
+        print(f"\n{table}\n{kept_summary(trainer)}\n")
     return results
 
 

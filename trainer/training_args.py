@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .errors import require
@@ -45,8 +47,8 @@ class CFMoETrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "fraction of training in which only the bias branches learn and the context statistics count "
-            "(cfmoe): the fused head's terms, and the counterfactual rows they read, start after it; default: the "
-            "first pass over the training data, at most a quarter of training"
+            "(cfmoe): the fused head's terms, and the counterfactual rows they read, start after it (default: the "
+            "first pass over the training data, at most a quarter of training)"
         },
     )
     fused_warmup: bool = field(
@@ -72,9 +74,23 @@ class CFMoETrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self._check_arguments()  # before the base class sets up devices: a bad value fails at once
+        self._check_launch()
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             self.metric_for_best_model = get_method(self.method).selection_metric
+        if self.use_cpu or not torch.accelerator.is_available():
+            self.dataloader_pin_memory = False  # torch warns at every DataLoader that there is nothing to pin to
         super().__post_init__()
+
+    def _check_launch(self) -> None:
+        """A launcher that started several processes (`WORLD_SIZE`) needs a distributed run: without an accelerator
+        that is DDP over gloo, which `use_cpu` asks for. Otherwise every process would train alone as process 0, all
+        of them writing one output folder."""
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and not self.use_cpu and not torch.accelerator.is_available():
+            raise ValueError(
+                f"the launcher started {processes} processes (WORLD_SIZE={processes}), but without a GPU they do not "
+                "form one distributed run: pass --use_cpu True (DDP over gloo on the CPUs), or launch one process"
+            )
 
     def _check_arguments(self) -> None:
         """The method's arguments, and the numeric ones that `TrainingArguments` leaves unchecked."""
