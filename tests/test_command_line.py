@@ -18,13 +18,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from cfmoe.trainer import model_source
+from cfmoe.trainer.arguments import SYNTHETIC_FIELDS, DataArguments
 from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
+from cfmoe.trainer.errors import UserInputError
+from cfmoe.trainer.loading import data_record
+from cfmoe.trainer.model_source import check_model_source
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "run_sarcasm.py"
@@ -238,3 +244,30 @@ def test_the_main_job_prints_only_what_a_user_can_act_on(llava_base, tmp_path):
     assert card.data.base_model is None and card.data.pipeline_tag == "other"
     assert f"the local model `{llava_base}` (a folder, not a Hub repo)" in card.text
     assert f"- Weights: kept checkpoint-{kept[1]}" in card.text
+    # the warm-up the run had (2 epochs of 2 steps: the first pass, capped at a quarter), not the flag's None
+    assert "| `debias_warmup_ratio` | `0.25 (1 of 4 steps; default: the first pass over the data, at most" in card.text
+    majority = json.loads((output / "all_results.json").read_text())["majority_class"]
+    assert set(majority["accuracy"]) == {"test_iid", "test_ood", "test_neutral"}
+
+
+def test_a_hub_id_offline_reads_the_cache_or_fails_at_once(monkeypatch):
+    """HF_HUB_OFFLINE set: a repo not in the cache fails without a request; the Hub unreachable and the repo
+    cached: the process goes offline, so that transformers reads the cache instead of retrying for minutes."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserInputError, match=r"someone/gone: no such local folder, and not in the Hub cache \("):
+        check_model_source("someone/gone")
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_source, "try_to_load_from_cache", lambda repo_id, filename: "/cache/config.json")
+    monkeypatch.setattr(model_source.HfApi, "model_info", unreachable)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    check_model_source("someone/cached")
+    assert huggingface_hub.constants.is_offline_mode() and os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_real_data_run_records_the_data_arguments_that_applied():
+    record = data_record(DataArguments(dataset="mmsd2", data_dir="/data/MMSD2.0/data/text_json_final"), None)
+    assert record["data_dir"] == "/data/MMSD2.0/data/text_json_final" and not set(SYNTHETIC_FIELDS) & set(record)

@@ -113,5 +113,29 @@ def test_push_completes_the_folder_and_uploads_our_card(tiny_model, processor, t
 
 def test_push_refuses_a_folder_without_model_or_processor(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"auto_map.*model\.safetensors.*processor files"):
+    folder = r"not a complete CF-MoE model folder; missing: config.json with auto_map"  # what, not "cannot be pushed"
+    with pytest.raises(ValueError, match=rf"{folder}.*model\.safetensors.*processor files"):
         complete_hub_folder(tmp_path)
+
+
+def test_card_of_a_local_base_with_placeholder_images(tmp_path):
+    """A local base stays out of the metadata (Hub ids only) and is named in the text; a setting holding a newline
+    stays in its table cell; a run without real images says so; no generative pipeline tag for a classifier."""
+    base = tmp_path / "outputs" / "tiny-base"
+    base.mkdir(parents=True)
+    settings = {"prompt_template": "{image}\n{text}", "debias_warmup_ratio": "0.125 (125 of 1,000 steps)"}
+    write_model_card(tmp_path / "run", base_model=str(base), dataset_name="mmsd2", method_settings=settings,
+                     eval_results=EVAL, kept_checkpoint="kept checkpoint-250 (step 250 of 1,000)",
+                     placeholder_image=str(tmp_path / "grey.jpg"))  # fmt: skip
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert card.data.base_model is None and card.data.pipeline_tag == "other"
+    assert f"- Base model: the local model `{base}` (a folder, not a Hub repo)" in card.text
+    assert "| `prompt_template` | `{image}\\n{text}` |\n| `debias_warmup_ratio` | `0.125 (125 of" in card.text
+    assert "- Images: **no real image was used**" in card.text and "`grey.jpg`" in card.text
+    assert "> No real image was used" in card.text
+    assert "- Weights: kept checkpoint-250 (step 250 of 1,000)" in card.text
+
+    write_model_card(tmp_path / "hub", base_model="llava-hf/llava-1.5-7b-hf", dataset_name="mmsd2",
+                     method_settings={}, eval_results=EVAL)  # fmt: skip
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.base_model == "llava-hf/llava-1.5-7b-hf" and "No real image" not in card.text

@@ -228,11 +228,21 @@ def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], sta
 def plot_context_report(
     report: dict[str, Any], path: str | Path, pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None
 ) -> Path:
+    """Writes [`context_figure`] to `path` (`context_report.png`)."""
+    fig = context_figure(report, pixel_stats)
+    import matplotlib.pyplot as plt  # set up headless by context_figure
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def context_figure(report: dict[str, Any], pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
     """Left: the strongest context tokens and the tokens kept as core (the report's `core_tokens` where it has
     them, else its `kept_as_core` tokens), their determination and dependence on the image core; the title says
     which of the two exist. Right: a few training items' images in their own colours (un-normalised with the
     processor's `pixel_stats`, mean and std per channel; else drawn over a fixed range), their image context in
-    red, their text (context words in brackets) wrapped below."""
+    red, their text (context words in brackets) wrapped above."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,9 +279,7 @@ def plot_context_report(
         ax.imshow(picture, vmin=0.0, vmax=1.0)
         ax.set_title(textwrap.fill(textwrap.shorten(item["text"], 120, placeholder=" ..."), 34), fontsize=9)
         ax.axis("off")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def _picture(image: torch.Tensor, pixel_stats: tuple[Sequence[float], Sequence[float]] | None) -> np.ndarray:
