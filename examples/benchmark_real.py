@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.debiasing import META_FILE, MethodTable, Run, check_argv, execute, load_json, run_cli, write_json
-from benchmarks.real import TASKS, check_data_root, data_report, data_section, placeholder_image, plan
+from benchmarks.real import TASKS, check_data_root, data_report, data_section, load_all, placeholder_image, plan
 from benchmarks.real_report import aggregate, plot, write_markdown
 
 # ------------------------------------------------------------------------------------------------ the run table
@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     images = args.image_dir.resolve() if args.image_dir else placeholder_image(output_dir)
-    report = data_report(task, root, images)
+    loaded = load_all(task, root, images)
+    report = data_report(task, root, loaded)
     write_json(output_dir / "data_report.json", report)
     if args.data_report_only:
         text = "\n".join(data_section(task, report))
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for run in runs:
         if run.status == "pending":
             run.status = "cached" if run.done else "missing"
-    results = aggregate(task, runs)
+    results = aggregate(task, runs, loaded)
     write_json(output_dir / "results.json", results)
     write_json(output_dir / "runs.json", [run.record() for run in runs])
     text = write_markdown(task, output_dir / "results.md", list(RUNS), results, runs, report, settings)

@@ -45,7 +45,12 @@ def write_repositories(root: Path) -> dict[str, int]:
     final = root / "MMSD2.0" / "data" / "text_json_final"
     final.mkdir(parents=True)
     for split, items in ids.items():
-        entries = [{"image_id": int(item), "text": tweet(i + 1), "label": (i + 1) % 2} for i, item in enumerate(items)]
+        # a third of MMSD2.0's tweets hold the `<num>` placeholder, as the release's do
+        texts = [tweet(i + 1) + (" <num>" if i % 3 == 0 else "") for i in range(len(items))]
+        entries = [
+            {"image_id": int(item), "text": text, "label": (i + 1) % 2}
+            for i, (item, text) in enumerate(zip(items, texts, strict=True))
+        ]
         (final / f"{split}.json").write_text(json.dumps(entries))
     ood = root / "DMSD-CL" / "data" / "clean_data"
     ood.mkdir(parents=True)
@@ -62,8 +67,18 @@ def test_quick_benchmark_on_released_formats(bench, tmp_path, capsys):
 
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"mmsd", "mmsd2"} and set(results["mmsd"]) == {"vanilla", "cfmoe"}
-    assert set(results["mmsd"]["cfmoe"]) == {"mmsd_test", "mmsd2_test", "dmsd_ood"}
-    assert set(results["mmsd2"]["vanilla"]) == {"mmsd2_test", "dmsd_ood"}
+    assert set(results["mmsd"]["cfmoe"]) == {"mmsd_test", "mmsd2_test", "mmsd2_test_no_num", "dmsd_ood"}
+    assert set(results["mmsd2"]["vanilla"]) == {"mmsd2_test", "mmsd2_test_no_num", "dmsd_ood"}
+    # the subset is scored from the run's saved predictions, on the test tweets without the `<num>` leak
+    run = out / "runs/mmsd2/vanilla/seed0"
+    predicted = json.loads((run / "test_predictions.json").read_text())["test"]
+    tweets = json.loads((data / "MMSD2.0/data/text_json_final/test.json").read_text())
+    labels = {str(tweet["image_id"]): tweet["label"] for tweet in tweets if "<num>" not in tweet["text"].split()}
+    right = [p == labels[i] for i, p in zip(predicted["id"], predicted["prediction"], strict=True) if i in labels]
+    assert 0 < len(right) < len(tweets)
+    assert results["mmsd2"]["vanilla"]["mmsd2_test_no_num"]["accuracy"]["mean"] == pytest.approx(
+        sum(right) / len(right)
+    )
     for train_set, splits in bench.TASKS["sarcasm"].train_sets.items():
         for method in ("vanilla", "cfmoe"):
             evals = json.loads((out / f"runs/{train_set}/{method}/seed0/all_results.json").read_text())["eval"]

@@ -73,12 +73,14 @@ def predict_labels(trainer: Trainer, dataset: Dataset) -> np.ndarray:
     return _logits(trainer.predict(dataset).predictions)[0].argmax(-1)
 
 
-def evaluate_split(trainer: Trainer, dataset: Dataset, flipped: Dataset | None = None) -> dict[str, float]:
+def evaluate_split(
+    trainer: Trainer, dataset: Dataset, flipped: Dataset | None = None, predictions: np.ndarray | None = None
+) -> dict[str, float]:
     """Accuracy, macro-F1 (+ binary F1), worst-group accuracy (where `group` exists), accuracy on the items whose
     text holds a sarcasm marker (`core_kept`, where the `marker` column has some) and cue reliance (where a
-    cue-flipped copy of the split is given)."""
+    cue-flipped copy of the split is given), from the model's `predictions` `(items,)` (made here when None)."""
     labels = np.asarray(dataset["label"])
-    predictions = predict_labels(trainer, dataset)
+    predictions = predict_labels(trainer, dataset) if predictions is None else predictions
     metrics = {"accuracy": accuracy(predictions, labels), "macro_f1": macro_f1(predictions, labels)}
     if int(labels.max()) <= 1:
         metrics["binary_f1"] = binary_f1(predictions, labels)

@@ -19,8 +19,10 @@ from cfmoe.trainer.data import count_hashtags, count_text_cues, load_benchmark, 
 from cfmoe.trainer.data.real import HASHTAG, SOCIAL_CUES
 from cfmoe.trainer.data.synthetic import synthetic_vocabulary
 from cfmoe.trainer.data.tiny import tokens_per_word, train_text_tokenizer, train_tiny_tokenizer
+from cfmoe.trainer.loading import PREDICTIONS_FILE
+from cfmoe.trainer.metrics import accuracy, macro_f1
 
-from .debiasing import MethodTable, Run
+from .debiasing import MethodTable, Run, load_json
 from .report import markdown_table
 
 
@@ -59,7 +61,9 @@ Loaded = dict[str, DatasetDict]  # training set -> its splits
 class Task:
     """A task's real data: the repositories to clone under DATA_ROOT (folder -> URL), the files read (under
     DATA_ROOT), the eval sets (key -> title), the training sets, the texts whose tokens per word are measured (probe
-    -> (training set, split)), and the task's own part of the data report (`report`) with its markdown (`section`)."""
+    -> (training set, split)), the task's own part of the data report (`report`) with its markdown (`section`), and
+    subsets of eval sets scored apart (a key of `eval_sets` -> (the eval set it is part of, which texts it keeps);
+    scored from each run's `test_predictions.json`, `subset_scores`)."""
 
     repositories: dict[str, str]
     files: tuple[str, ...]
@@ -68,6 +72,7 @@ class Task:
     probes: dict[str, tuple[str, str]]
     report: Callable[[Path, Loaded], dict[str, Any]]
     section: Callable[[dict[str, Any]], list[str]]
+    subsets: dict[str, tuple[str, Callable[[str], bool]]] = field(default_factory=dict)
 
 
 def check_data_root(task: Task, root: Path) -> None:
@@ -112,12 +117,54 @@ def plan(
 
 
 # ------------------------------------------------------------------------------------------------ the data report
-def data_report(task: str, root: Path, images: Path) -> dict[str, Any]:
+def load_all(task: str, root: Path, images: Path) -> Loaded:
+    """The splits of each of the task's training sets."""
+    return {name: train_set.load(root, images) for name, train_set in TASKS[task].train_sets.items()}
+
+
+def subset_scores(task: str, train_set: str, run_dir: Path, loaded: Loaded) -> dict[str, dict[str, float]]:
+    """{subset: {accuracy, macro_f1}} of a finished run from its `test_predictions.json`: each `Task.subsets` entry
+    whose eval set the run tested, on the items whose text the subset keeps."""
+    path, scores = run_dir / PREDICTIONS_FILE, {}
+    if not path.is_file():
+        return scores
+    predictions = load_json(path)
+    for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
+        for subset, (source, keeps) in TASKS[task].subsets.items():
+            if source == eval_set and split in predictions:
+                data = loaded[train_set][split]
+                kept = np.array([keeps(text) for text in data["text"]])
+                predicted, labels = np.array(predictions[split]["prediction"])[kept], np.array(data["label"])[kept]
+                scores[subset] = {"accuracy": accuracy(predicted, labels), "macro_f1": macro_f1(predicted, labels)}
+    return scores
+
+
+def eval_columns(task: str, train_set: str) -> list[str]:
+    """The eval sets a training set's runs are scored on: those of its test splits, then the task's subsets of
+    them."""
+    tested = list(TASKS[task].train_sets[train_set].eval_sets.values())
+    return tested + [subset for subset, (source, _) in TASKS[task].subsets.items() if source in tested]
+
+
+def subset_classes(task: str, loaded: Loaded) -> dict[str, dict[str, list[int]]]:
+    """{training set: {subset: items per class}} of the task's subsets."""
+    counts: dict[str, dict[str, list[int]]] = {}
+    for train_set, data in loaded.items():
+        for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
+            for subset, (source, keeps) in TASKS[task].subsets.items():
+                if source == eval_set:
+                    labels = [label for text, label in zip(data[split]["text"], data[split]["label"], strict=True)
+                              if keeps(text)]  # fmt: skip
+                    classes = data[split].features["label"].num_classes
+                    counts.setdefault(train_set, {})[subset] = np.bincount(labels, minlength=classes).tolist()
+    return counts
+
+
+def data_report(task: str, root: Path, loaded: Loaded) -> dict[str, Any]:
     """The class names, items loaded per split and class of each training set, the task's own report
     (`Task.report`) and the tiny tokenizers' tokens per whitespace word on the task's probes: the synthetic
     vocabulary's and one trained on each training set's train split."""
     spec = TASKS[task]
-    loaded = {name: train_set.load(root, images) for name, train_set in spec.train_sets.items()}
     classes = next(iter(loaded.values()))["train"].features["label"].names
     sizes = {
         name: {split: np.bincount(data[split]["label"], minlength=len(classes)).tolist() for split in data}
@@ -132,7 +179,13 @@ def data_report(task: str, root: Path, images: Path) -> dict[str, Any]:
         name: {"vocabulary": len(tokenizer), **{probe: tokens_per_word(tokenizer, t) for probe, t in probes.items()}}
         for name, tokenizer in tokenizers.items()
     }
-    return {"classes": classes, "items_per_class": sizes, **spec.report(root, loaded), "tokens_per_word": tokens}
+    return {
+        "classes": classes,
+        "items_per_class": sizes,
+        "subset_items_per_class": subset_classes(task, loaded),
+        **spec.report(root, loaded),
+        "tokens_per_word": tokens,
+    }
 
 
 def per_class(counts: Sequence[int]) -> str:
@@ -274,7 +327,12 @@ TASKS = {
             "DMSD-CL": "https://github.com/xvolcano02/DMSD-CL",
         },
         files=tuple(path for _, path in SARCASM_FILES.values()),
-        eval_sets={"mmsd_test": "MMSD 1.0 test", "mmsd2_test": "MMSD2.0 test", "dmsd_ood": "DMSD-CL OOD"},
+        eval_sets={
+            "mmsd_test": "MMSD 1.0 test",
+            "mmsd2_test": "MMSD2.0 test",
+            "mmsd2_test_no_num": "MMSD2.0 test without <num>",
+            "dmsd_ood": "DMSD-CL OOD",
+        },
         train_sets={
             "mmsd": TrainSet(
                 "mmsd",
@@ -288,6 +346,8 @@ TASKS = {
         probes={"mmsd2_test": ("mmsd2", "test"), "dmsd_ood": ("mmsd2", "test_ood")},
         report=sarcasm_report,
         section=sarcasm_section,
+        # `<num>` occurs in sarcastic tweets only, in MMSD2.0 too (docs/real_data.md): a leak MMSD2.0 kept
+        subsets={"mmsd2_test_no_num": ("mmsd2_test", lambda text: "<num>" not in text.split())},
     ),
     "sentiment": Task(
         repositories={"CLMLF": "https://github.com/Link-Li/CLMLF"},

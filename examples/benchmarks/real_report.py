@@ -11,23 +11,29 @@ from typing import Any
 import numpy as np
 
 from .debiasing import RESULTS_FILE, Run, load_json, summarize
-from .real import TASKS, data_section
+from .real import TASKS, Loaded, data_section, eval_columns, subset_scores
 from .report import fmt, markdown_table, mean_time
 
 METRICS = {"accuracy": "acc", "macro_f1": "macro-F1"}
 Results = dict[str, dict[str, dict[str, dict[str, Any]]]]  # {training set: {method: {eval set: {metric: summary}}}}
 
 
-def aggregate(task: str, runs: Sequence[Run]) -> Results:
-    """{training set: {method: {eval set: {metric: mean, std, n over the finished seeds}}}}."""
+def aggregate(task: str, runs: Sequence[Run], loaded: Loaded) -> Results:
+    """{training set: {method: {eval set: {metric: mean, std, n over the finished seeds}}}}, the task's subsets
+    (`subset_scores`) among the eval sets."""
     results: dict[str, dict[str, dict[str, dict[str, list]]]] = {}
     for run in runs:
         if run.done:
             evals = load_json(run.run_dir / RESULTS_FILE)["eval"]
+            scores = {
+                eval_set: evals.get(split, {})
+                for split, eval_set in TASKS[task].train_sets[run.setting].eval_sets.items()
+            }
+            scores |= subset_scores(task, run.setting, run.run_dir, loaded)
             per_set = results.setdefault(run.setting, {}).setdefault(run.method, {})
-            for split, eval_set in TASKS[task].train_sets[run.setting].eval_sets.items():
+            for eval_set, values in scores.items():
                 for metric in METRICS:
-                    per_set.setdefault(eval_set, {}).setdefault(metric, []).append(evals.get(split, {}).get(metric))
+                    per_set.setdefault(eval_set, {}).setdefault(metric, []).append(values.get(metric))
     return {
         train_set: {
             method: {s: {m: summarize(v) for m, v in metrics.items()} for s, metrics in per_set.items()}
@@ -42,8 +48,9 @@ def majority_scores(task: str, report: dict[str, Any]) -> dict[str, dict[str, di
     (accuracy p, macro-F1 2p / (1 + p) / K: p the largest class's share, K the classes)."""
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for train_set, splits in report["items_per_class"].items():
-        for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
-            p, k = max(splits[split]) / sum(splits[split]), len(splits[split])
+        sets = {eval_set: splits[split] for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items()}
+        for eval_set, counts in (sets | report.get("subset_items_per_class", {}).get(train_set, {})).items():
+            p, k = max(counts) / sum(counts), len(counts)
             scores.setdefault(train_set, {})[eval_set] = {"accuracy": p, "macro_f1": 2 * p / (1 + p) / k}
     return scores
 
@@ -74,7 +81,7 @@ def write_markdown(
     ]
     majority, titles = majority_scores(task, report), TASKS[task].eval_sets
     for train_set, by_method in results.items():
-        eval_sets = list(TASKS[task].train_sets[train_set].eval_sets.values())
+        eval_sets = eval_columns(task, train_set)
         header = ["method"] + [f"{titles[s]} {METRICS[m]}" for s in eval_sets for m in METRICS]
         rows = [
             [method] + [fmt(by_method[method].get(s, {}).get(m)) for s in eval_sets for m in METRICS]
@@ -126,7 +133,7 @@ def plot(task: str, path: Path, methods: Sequence[str], results: Results, report
     majority = majority_scores(task, report)
     for ax, (train_set, by_method) in zip(axes[0], results.items(), strict=True):
         order = [method for method in methods if method in by_method]
-        eval_sets = list(TASKS[task].train_sets[train_set].eval_sets.values())
+        eval_sets = eval_columns(task, train_set)
         width, x = 0.8 / len(eval_sets), np.arange(len(order))
         for offset, eval_set in enumerate(eval_sets):
             summaries = [by_method[m].get(eval_set, {}).get("accuracy") or {} for m in order]
