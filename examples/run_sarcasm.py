@@ -3,8 +3,8 @@
 
     accelerate launch examples/run_sarcasm.py --output_dir out                 # tiny model, synthetic data
     accelerate launch examples/run_sarcasm.py --model_name_or_path llava-hf/llava-1.5-7b-hf \
-        --dataset mmsd2 --data_dir /data/MMSD2.0 --ood_file /data/dmsd_ood.txt --output_dir out
-    python examples/run_sarcasm.py --help                                      # every argument and its default
+        --dataset mmsd2 --data_dir /data/MMSD2.0/data/text_json_final --ood_file /data/dmsd_ood.txt --output_dir out
+    python examples/run_sarcasm.py --help         # the common arguments and their defaults (--help_all: all)
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
 (docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").

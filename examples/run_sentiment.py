@@ -5,7 +5,7 @@
     accelerate launch examples/run_sentiment.py --model_name_or_path llava-hf/llava-1.5-7b-hf \
         --dataset mvsa_single --data_dir /data/CLMLF/dataset/data/MVSA-single/10-flod-1 \
         --extra_test mvsa_multiple=/data/CLMLF/dataset/data/MVSA-multiple/10-flod-1 --output_dir out
-    python examples/run_sentiment.py --help                                    # every argument and its default
+    python examples/run_sentiment.py --help         # the common arguments and their defaults (--help_all: all)
 
 `--dataset mvsa_single` / `mvsa_multiple` read CLMLF's released splits (`DATA_DIR/{train,dev,test}.json`, CLMLF's
 labels 0 positive / 2 negative mapped to ours, 0 negative / 2 positive) or MVSA's raw layout; images from

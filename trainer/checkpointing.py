@@ -99,9 +99,9 @@ def _fsync(path: str) -> None:
 
 
 def match_sibling_modes(folder: str | Path) -> None:
-    """Gives each `*.safetensors` file under `folder` the permissions of a file beside it. safetensors >= 0.8
-    writes through a temporary file created with mode 0600 and renames it into place (safetensors/safetensors
-    issue 782), while every other file of a save gets the umask's mode (0644 under the usual umask 022)."""
+    """Gives each `*.safetensors` file under `folder` the permissions of a file beside it. safetensors 0.8 writes
+    through a temporary file created with mode 0600 and renames it into place (safetensors/safetensors issue 782),
+    while every other file of a save gets the umask's mode (0644 under the usual umask 022)."""
     for directory in {path.parent for path in Path(folder).rglob("*.safetensors")}:
         sibling = next((p for p in directory.iterdir() if p.is_file() and p.suffix != ".safetensors"), None)
         if sibling is not None:
