@@ -144,7 +144,7 @@ def bad_inputs(tmp: Path) -> dict[str, tuple[list[str], dict[str, str], str]]:
         "training split of one class": (
             ["--dataset", "mmsd2", "--data_dir", str(one_class)],
             {},
-            r"the training split holds a single class \(all 4 items are 'not_sarcastic'\): .*check its labels",
+            r"the training split holds a single class \(4 items, all 'not_sarcastic'\): .*check its labels",
         ),
         "no image folder": (
             ["--dataset", "mmsd2", "--data_dir", str(no_images)],

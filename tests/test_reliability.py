@@ -269,7 +269,8 @@ def test_bad_files_fail_early_by_name_or_are_skipped_and_counted(tmp_path, caplo
     assert "skipping bad example (1 skipped so far): item 3: image" in caplog.text  # the truncated JPEG
     assert results["skipped_examples"] == 1
     assert json.loads((tmp_path / "skip" / "all_results.json").read_text())["skipped_examples"] == 1
-    (root / "train.json").write_text(json.dumps([{"image_id": 3, "text": "x", "label": 1}]))
+    (root / "train.json").write_text(json.dumps([{"image_id": 3, "text": "x", "label": 1},
+                                                 {"image_id": 0, "text": "y", "label": 0}]))  # fmt: skip
     with pytest.raises(BadExampleError, match=r"item 3: image .*3\.jpg cannot be decoded .*replace the file"):
         run_sarcasm([*run, "--output_dir", str(tmp_path / "strict")])
 

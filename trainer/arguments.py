@@ -30,7 +30,6 @@ from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES
 
 from .data.synthetic import SyntheticConfig
 from .errors import UserValueError, name_flags, require, user_input
-from .model_source import check_model_source
 from .training_args import CFMoETrainingArguments
 
 TINY, CHECKPOINT, LORA = 0, 1, 2
@@ -454,9 +453,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     """(model, data, training) arguments of a run script's command line (`sys.argv[1:]` when None), with the
     defaults of what it trains (`--recipe`): the tiny model, or a checkpoint given by `--model_name_or_path` (with
     `--use_lora`). `--help` lists the common options with the defaults of the command line it comes with,
-    `--help_all` every option. A value the run cannot use (an unknown or abbreviated flag, a bad value, a model
-    that is neither a local folder nor on the Hub) raises a [`~cfmoe.trainer.errors.UserInputError`] naming its
-    flag."""
+    `--help_all` every option. A value the run cannot use (an unknown or abbreviated flag, a bad value) raises a
+    [`~cfmoe.trainer.errors.UserInputError`] naming its flag. Where `--model_name_or_path` points is checked when
+    the run starts ([`~cfmoe.trainer.model_source.check_model_source`]): a benchmark plans runs on bases it has not
+    built yet."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with user_input():
         peek = RunArgumentParser(ModelArguments, add_help=False)
@@ -467,7 +467,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if unknown:
             parser.error(unknown_arguments(parser, unknown))
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        check_model_source(model_args.model_name_or_path)
     return model_args, data_args, training_args
 
 

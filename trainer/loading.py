@@ -42,7 +42,8 @@ LOSS_SETTINGS = tuple(
     if field.name not in TrainingArguments.__dataclass_fields__ and field.name != "nan_policy"
 )
 TABLE_METRICS = {"accuracy": "accuracy", "macro_f1": "macro F1", "worst_group_accuracy": "worst group",
-                 "cue_reliance": "cue reliance", "core_kept": "core kept"}  # fmt: skip
+                 "cue_reliance": "cue reliance", "core_kept": "core kept",
+                 "clean_accuracy": "no-cue items"}  # fmt: skip
 
 
 def load_data(task: str, data_args: DataArguments, seed: int) -> tuple[DatasetDict, SyntheticConfig | None]:
@@ -81,8 +82,8 @@ def check_training_labels(data: DatasetDict, labels: dict[int, str]) -> None:
     classifier learns nothing from it, and scores every test item of that class as right."""
     present = set(data["train"]["label"])
     if len(present) < 2:
-        size = len(data["train"])
-        held = f"a single class (all {size} items are {labels[present.pop()]!r})" if present else "no item"
+        items = f"{len(data['train']):,} item" + "s" * (len(data["train"]) != 1)
+        held = f"a single class ({items}, all {labels[present.pop()]!r})" if present else "no item"
         raise UserValueError(f"the training split holds {held}: a classifier learns nothing from it; check its labels")
 
 

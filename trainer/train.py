@@ -35,6 +35,7 @@ from .loading import (
     write_card,
 )
 from .methods import get_method
+from .model_source import check_model_source
 from .training_args import CFMoETrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def train_and_evaluate(
 ) -> dict:
     """Train one run of `task` ("sarcasm" or "sentiment"), evaluate every test split, save the model, its card and
     `all_results.json` in `training_args.output_dir`; returns what `all_results.json` holds."""
+    check_model_source(model_args.model_name_or_path)  # a missing folder or an unknown Hub id fails now, not later
     # Set seed before initializing model.
     set_seed(training_args.seed)
 
