@@ -234,7 +234,7 @@ def small_setting(name: str, num_test: int = 200):
 
 @pytest.mark.parametrize("name", [n for n in CUE_SETTINGS if n != "all_forms"])
 def test_every_cue_setting_plants_cues_at_its_rate_and_flips_them(name):
-    config, data = small_setting(name)
+    config, data = small_setting(name, num_test=600 if name == "sparse" else 200)  # sparse: 30% carry cues
     for split in ("train", "test_ood", "test_neutral"):
         label = col(data[split], "label")
         for cue in ("text_cue", "image_cue"):
@@ -293,6 +293,19 @@ def test_mixed_items_carry_one_cue_decided_by_their_source():
     np.testing.assert_array_equal(col(train, "text_cue") == NO_CUE, source == "image")
     np.testing.assert_array_equal(col(train, "image_cue") == NO_CUE, source == "text")
     assert all(not cue_words(t) for t in train.select(np.flatnonzero(source == "image"))["text"])
+
+
+def test_sparse_items_mostly_carry_no_cue():
+    """`sparse`: 30% of the items carry a cue (half in the text, half in the image), the rest none; the no-cue items
+    are what `clean_accuracy` scores."""
+    _, data = small_setting("sparse")
+    source = col(data["train"], "source")
+    assert abs(np.mean(source == "none") - 0.7) < 0.01 and abs(np.mean(source == "text") - 0.15) < 0.01
+    none = source == "none"
+    assert (col(data["train"], "text_cue")[none] == NO_CUE).all() and (
+        col(data["train"], "image_cue")[none] == NO_CUE
+    ).all()
+    assert all(not cue_words(t) for t in data["train"].select(np.flatnonzero(none))["text"])
 
 
 def test_all_forms_draws_every_form_and_reports_it():

@@ -8,6 +8,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import EvalPrediction, Trainer
 
+from .data.synthetic import NO_CUE
 from .metrics import accuracy, binary_f1, cue_reliance, macro_f1, worst_group_accuracy
 
 MIN_GROUP_SIZE = 10  # worst-group accuracy ignores groups smaller than this (too noisy to rank)
@@ -77,7 +78,8 @@ def evaluate_split(
     trainer: Trainer, dataset: Dataset, flipped: Dataset | None = None, predictions: np.ndarray | None = None
 ) -> dict[str, float]:
     """Accuracy, macro-F1 (+ binary F1), worst-group accuracy (where `group` exists), accuracy on the items whose
-    text holds a sarcasm marker (`core_kept`, where the `marker` column has some) and cue reliance (where a
+    text holds a sarcasm marker (`core_kept`, where the `marker` column has some), on the items that carry no cue
+    (`clean_accuracy`, synthetic splits with such items) and cue reliance (where a
     cue-flipped copy of the split is given), from the model's `predictions` `(items,)` (made here when None)."""
     labels = np.asarray(dataset["label"])
     predictions = predict_labels(trainer, dataset) if predictions is None else predictions
@@ -91,6 +93,10 @@ def evaluate_split(
     if "marker" in dataset.column_names and any(dataset["marker"]):  # items whose core predicts alone
         markers = np.asarray(dataset["marker"]) == 1
         metrics["core_kept"] = accuracy(predictions[markers], labels[markers])
+    if {"text_cue", "image_cue"} <= set(dataset.column_names):  # synthetic: items carrying no cue at all
+        clean = (np.asarray(dataset["text_cue"]) == NO_CUE) & (np.asarray(dataset["image_cue"]) == NO_CUE)
+        if clean.any():
+            metrics["clean_accuracy"] = accuracy(predictions[clean], labels[clean])
     if flipped is not None:
         metrics["cue_reliance"] = cue_reliance(predictions, predict_labels(trainer, flipped))
     return metrics

@@ -192,7 +192,7 @@ def routing_section(setting: str, routing: dict[str, Any], table: MethodTable) -
         for site in ("visual", "text"):
             row += [fmt(summary[key].get(site), 2) for key in ROUTING_SUMMARIES]
         rows.append([*row, shares_text(train.get("visual")), shares_text(train.get("text"))])
-    names = ("balance", "separation", "text cue value", "image cue value", "source")
+    names = ("balance", "separation", "text cue value", "image cue value", "source", "text AUROC", "image AUROC")
     header = [f"{site}: {name}" for site in ("visual", "text") for name in names]
     lines = ["", f"### {setting}", ""]
     lines += markdown_table(["method", *header, "train shares visual (first seed)", "train shares text"], rows)

@@ -61,7 +61,10 @@ def cue_category(label: int, text_cue: int, image_cue: int) -> str:
 
 
 CATEGORIES = ("aligned", "text_conflicting", "image_conflicting", "both_conflicting")
-ROUTING_SUMMARIES = ("balance", "separation", "text_cue_sensitivity", "image_cue_sensitivity", "source_separation")
+ROUTING_SUMMARIES = (
+    "balance", "separation", "text_cue_sensitivity", "image_cue_sensitivity", "source_separation",
+    "text_gate_auroc", "image_gate_auroc",
+)  # fmt: skip
 
 
 def mean_gates(gates: dict[str, np.ndarray], members: np.ndarray) -> dict[str, Any]:
@@ -126,10 +129,27 @@ def study_routing(run_dir: Path, batch_size: int = 128) -> dict[str, Any]:
     for split, parts in collected.items():
         gates = {site: np.concatenate(parts["gates"][site]) for site in sites}
         result["splits"][split] = routing_by_group(gates, parts["groups"], num_labels, parts["sources"])
+        result["splits"][split]["modality_auroc"] = modality_auroc(gates, parts["sources"])
     pooled = {site: np.concatenate([np.concatenate(c["gates"][site]) for c in collected.values()]) for site in sites}
     groups = np.concatenate([c["groups"] for c in collected.values()])
     sources = np.concatenate([c["sources"] for c in collected.values()])
     result["pooled"] = routing_by_group(pooled, groups, num_labels, sources)
+    return result
+
+
+def modality_auroc(gates: dict[str, np.ndarray], sources: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per site, how well the gates detect which modality carries an item's cue (`source`: "text", "image", or
+    "none"/"both"): for each modality the best expert's ROC AUC of its gate against "the cue is in this modality"
+    (order-invariant: no expert is assumed to have a job). Empty where a modality never or always carries it."""
+    from sklearn.metrics import roc_auc_score
+
+    result: dict[str, dict[str, float]] = {}
+    for modality in ("text", "image"):
+        truth = sources == modality
+        if truth.any() and not truth.all():
+            for site, values in gates.items():
+                best = max(roc_auc_score(truth, values[:, e]) for e in range(values.shape[1]))
+                result.setdefault(site, {})[modality] = round(float(best), 4)
     return result
 
 
@@ -218,6 +238,7 @@ def routing_report(runs: Sequence[Run]) -> dict[str, Any]:
             study = load_json(routing)
             entry["test"] = study["pooled"]
             entry["test_per_split"] = {split: value["overall"] for split, value in study["splits"].items()}
+            entry["modality_auroc"] = study["splits"].get("test_iid", {}).get("modality_auroc", {})
         report.setdefault(run.method, {"seeds": {}})["seeds"][str(run.seed)] = entry
     for summary in report.values():
         studied = [s["test"] for s in summary["seeds"].values() if "test" in s]
@@ -230,4 +251,9 @@ def routing_report(runs: Sequence[Run]) -> dict[str, Any]:
             }
         separations = {site: [source_separation(s, site) for s in studied] for site in sites}
         summary["source_separation"] = {site: summarize(values) for site, values in separations.items()}
+        for modality in ("text", "image"):
+            aurocs = [seed.get("modality_auroc", {}) for seed in summary["seeds"].values()]
+            summary[f"{modality}_gate_auroc"] = {
+                site: summarize([auroc.get(site, {}).get(modality) for auroc in aurocs]) for site in sites
+            }
     return report

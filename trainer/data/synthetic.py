@@ -84,14 +84,17 @@ class CueSetting:
     ``shared_draw``: one draw per item decides whether *both* cues agree with the label (else each is drawn on
     its own). ``mixed``: each item comes from one of two sources, and only that source's modality carries a cue
     (the other modality's cue column is ``NO_CUE``); the ``source`` column says which ("text" or "image").
-    ``marker_rate`` (sarcasm only): the fraction of items whose text holds a sarcasm marker (``MARKER_PHRASES``)
-    that makes them sarcastic on their own, a core that predicts the label alone; the others follow the
-    incongruity rule. The ``marker`` column says which items hold one."""
+    ``cue_rate`` (with ``mixed``): the share of items that carry a cue, half of them in each modality; the others
+    carry none (source "none"), as most items of a real collection do. ``marker_rate`` (sarcasm only): the
+    fraction of items whose text holds a sarcasm marker (``MARKER_PHRASES``) that makes them sarcastic on their
+    own, a core that predicts the label alone; the others follow the incongruity rule. The ``marker`` column says
+    which items hold one."""
 
     text: tuple[TextCue, ...]
     image: tuple[VisualCue, ...]
     shared_draw: bool = False
     mixed: bool = False
+    cue_rate: float = 1.0
     marker_rate: float = 0.0
 
 
@@ -116,6 +119,11 @@ CUE_SETTINGS: dict[str, CueSetting] = {
     ),
     # half the items carry a text cue only, half a visual cue only (a corner mark)
     "mixed": CueSetting(text=(TextCue("class", "end", 1),), image=(VisualCue("mark", "class", "corner"),), mixed=True),
+    # sparse shortcuts, as in real collections: 30% of the items carry a cue (half a text cue, half a corner mark),
+    # the others none
+    "sparse": CueSetting(
+        text=(TextCue("class", "end", 1),), image=(VisualCue("mark", "class", "corner"),), mixed=True, cue_rate=0.3
+    ),
     # the original cues, and a core that predicts alone: a quarter of the items hold a sarcasm marker (sarcasm only)
     "core_markers": CueSetting(
         text=(TextCue("class", "end", 1),), image=(VisualCue("tint", "class"),), marker_rate=0.25
@@ -347,7 +355,11 @@ def _sample_cues(
     image_cue = np.where(agree_image, label, _other_class(label, k, rng))
     source = np.full(size, "both")
     if setting.mixed:
-        source = np.where(_stratified(size, [0.5, 0.5], rng) == 0, "text", "image")
+        if setting.cue_rate < 1:  # only then: the other settings' draws stay as they were
+            half = setting.cue_rate / 2
+            source = np.array(["text", "image", "none"])[_stratified(size, [half, half, 1 - half * 2], rng)]
+        else:
+            source = np.where(_stratified(size, [0.5, 0.5], rng) == 0, "text", "image")
         text_cue = np.where(source == "text", text_cue, NO_CUE)
         image_cue = np.where(source == "image", image_cue, NO_CUE)
     return text_cue, image_cue, source
