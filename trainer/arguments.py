@@ -526,9 +526,10 @@ def run_argument_parser(classes: tuple[type, type, type], full_help: bool = Fals
             groups[title] = parser.add_argument_group(title)
         groups[title].description = description
     config_fields = {name for name, _, _ in config_override_fields()}
+    kept = (*SHORT_HELP["training"], *METHOD_FIELDS)
+    rest = {action.dest for action in groups["training"]._group_actions if action.dest not in kept}
     moves = {"method": ("training", METHOD_FIELDS), "model config": ("model", config_fields)}
-    moves["more training"] = ("training", [a.dest for a in groups["training"]._group_actions if a.dest not in
-                                           (*SHORT_HELP["training"], *METHOD_FIELDS)])  # fmt: skip
+    moves["more training"] = ("training", rest)
     for title, (source, names) in moves.items():
         for action in [action for action in groups[source]._group_actions if action.dest in names]:
             groups[source]._group_actions.remove(action)
