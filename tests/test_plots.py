@@ -77,7 +77,7 @@ def test_marks_the_warmup_end_and_the_kept_checkpoint_with_legends_off_the_curve
 
 
 def _report(core_tokens: bool) -> tuple[dict, tuple]:
-    """A context report of one context token, no token kept as core (or `core_tokens` given), and one item whose
+    """A context report of one context token, no token kept as core (or one, with `core_tokens`), and one item whose
     image is a grey placeholder, normalised as CLIP's processor does."""
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     grey = torch.stack([(torch.full((8, 8), 0.5) - m) / s for m, s in zip(mean, std, strict=True)])
@@ -85,7 +85,7 @@ def _report(core_tokens: bool) -> tuple[dict, tuple]:
     item = {"text": "a long caption " * 8, "image": grey, "image_context": torch.zeros(8, 8, dtype=torch.bool)}
     report = {"stage": "end", "tokens": {"context": [token], "kept_as_core": []}, "shown": [item]}
     if core_tokens:
-        report["core_tokens"] = [{**token, "token": "rain", "text": "rain", "dependence": 0.6}]
+        report["tokens"]["kept_as_core"] = [{**token, "token": "rain", "text": "rain", "dependence": 0.6}]
     return report, (mean, std)
 
 

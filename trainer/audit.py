@@ -238,9 +238,8 @@ def plot_context_report(
 
 
 def context_figure(report: dict[str, Any], pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
-    """Left: the strongest context tokens and the tokens kept as core (the report's `core_tokens` where it has
-    them, else its `kept_as_core` tokens), their determination and dependence on the image core; the title says
-    which of the two exist. Right: a few training items' images in their own colours (un-normalised with the
+    """Left: the strongest context tokens and the strong tokens kept as core, their determination and dependence on
+    the image core; the title says which of the two exist and whether the image core could test tokens. Right: a few training items' images in their own colours (un-normalised with the
     processor's `pixel_stats`, mean and std per channel; else drawn over a fixed range), their image context in
     red, their text (context words in brackets) wrapped above."""
     import matplotlib
@@ -255,7 +254,7 @@ def context_figure(report: dict[str, Any], pixel_stats: tuple[Sequence[float], S
     grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[2] + [1] * columns)
     bars = fig.add_subplot(grid[:, 0])
     context = report["tokens"]["context"][:15]
-    core = (report.get("core_tokens") or report["tokens"]["kept_as_core"])[:10]
+    core = report["tokens"]["kept_as_core"][:10]
     entries = [("context", e) for e in context] + [("core", e) for e in core]
     if entries:
         labels = [f"{e['text'].strip() or e['token']} ({status})" for status, e in entries]
@@ -270,7 +269,9 @@ def context_figure(report: dict[str, Any], pixel_stats: tuple[Sequence[float], S
         bars.set_axis_off()
     parts = [f"{len(context)} strongest context" if context else "no context token"]
     parts.append(f"{len(core)} strongest kept as core" if core else "no strong token kept as core")
-    bars.set_title(f"tokens ({report['stage']}): " + ", ".join(parts), fontsize=11)
+    if "core_test" in report:
+        parts.append("image core tested them" if report["core_test"]["has_power"] else "no image-core evidence")
+    bars.set_title(textwrap.fill(f"tokens ({report['stage']}): " + ", ".join(parts), 80), fontsize=11)
     for index, item in enumerate(shown):
         ax = fig.add_subplot(grid[index // columns, 1 + index % columns])
         picture = _picture(item["image"], pixel_stats)

@@ -237,6 +237,7 @@ def _audit_section(audit: Mapping[str, Any]) -> str:
                          for e in entries) or "none"  # fmt: skip
 
     pixels = audit.get("pixels_as_context")
+    image = audit["image_context"]
     lines = [
         "## Context audit",
         "",
@@ -244,14 +245,20 @@ def _audit_section(audit: Mapping[str, Any]) -> str:
         "statistics (`context_report.json` and `context_report.png` in the training output folder). A token is "
         "context when its training items lean toward one class (`text_context_threshold`) and, within each class, "
         "its items' images show what the others' show (a shortcut caused by the label, blind to the image); a "
-        "strong token whose items' images differ is kept as core. Declared context and protected words override "
-        "both. Check this list before trusting the model: a word that carries the meaning should not be in it.",
+        "strong token whose items' images differ is kept as core. Where the images cannot tell the classes apart "
+        "(text-only data, a placeholder image), only leak-prone forms (hashtags, mentions, URLs, emoji, "
+        "placeholders, double spaces) can be context and plain words are kept. Declared context and protected words "
+        "override all of this. Check this list before trusting the model: a word that carries the meaning should "
+        "not be in it.",
         "",
+        f"- Decided by: {audit['core_test']['decides']}",
         f"- Context tokens, strongest first (training items per class): {tokens('context')}",
-        f"- Strong tokens kept as core (they move with the image): {tokens('kept_as_core')}",
+        f"- Strong tokens kept as core: {tokens('kept_as_core')}",
         f"- Declared context: {tokens('declared')}; protected: {tokens('protected')}",
         f"- Share of training rows with text context: {audit['rows_with_text_context']:.2f}; of text tokens: "
         f"{audit['text_tokens_as_context']:.3f}" + (f"; of image pixels: {pixels:.3f}" if pixels is not None else ""),
+        f"- Image context: the colour {'was' if image['colour'] else 'was not'}, local pixels "
+        f"{'were' if image['pixels'] else 'were not'} treated as context",
     ]
     return "\n".join(lines)
 
