@@ -7,7 +7,7 @@
     python examples/run_sarcasm.py --help         # the common arguments and their defaults (--help_all: all)
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
-(docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").
+(docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (docs/training.md: "Defaults").
 The body is `cfmoe.trainer.train.train_and_evaluate` (read it there; the other task's script calls it too). From Python:
 `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds. From the command
 line, bad arguments or data end the script with a one-line `error: ...` and exit code 2 (`CFMOE_TRACEBACK=1`

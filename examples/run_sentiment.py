@@ -12,7 +12,7 @@ labels 0 positive / 2 negative mapped to ours, 0 negative / 2 positive) or MVSA'
 `DATA_DIR/../dataset_image` or `--image_dir` (one image file: a placeholder for every item; docs/real_data.md).
 
 Without `--model_name_or_path` it trains the tiny offline model on the synthetic planted-cue benchmark
-(docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (README: "Defaults").
+(docs/benchmark.md); with one, the defaults are those of LLaVA-1.5's fine-tuning recipe (docs/training.md: "Defaults").
 The body is `cfmoe.trainer.train.train_and_evaluate` (read it there; the other task's script calls it too). From Python:
 `main(["--output_dir", "out", ...])` returns what `OUTPUT/all_results.json` holds. From the command
 line, bad arguments or data end the script with a one-line `error: ...` and exit code 2 (`CFMOE_TRACEBACK=1`
