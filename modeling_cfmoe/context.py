@@ -60,7 +60,7 @@ SIGNIFICANCE = 0.01
 # the image core can test a token only where it tells the classes apart significantly and by at least this many
 # within-class standard deviations (`ContextStatistics.core_separation`; the size of the dependence that makes a token
 # core). Measured: 0.87 on the synthetic AND-sarcasm with the perception-pretrained tiny base (where the image alone
-# decides a quarter of the items), 0.000 with one placeholder image for every item
+# decides a quarter of the items), 0.00-0.03 with one placeholder image for every item (rounding)
 MIN_CORE_SEPARATION = 0.15
 # covariances get a ridge of at least this share of the features' mean square: identical images (one placeholder for
 # every item) differ only by rounding, which must not read as evidence

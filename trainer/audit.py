@@ -239,9 +239,10 @@ def plot_context_report(
 
 def context_figure(report: dict[str, Any], pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None):
     """Left: the strongest context tokens and the strong tokens kept as core, their determination and dependence on
-    the image core; the title says which of the two exist and whether the image core could test tokens. Right: a few training items' images in their own colours (un-normalised with the
-    processor's `pixel_stats`, mean and std per channel; else drawn over a fixed range), their image context in
-    red, their text (context words in brackets) wrapped above."""
+    the image core; the title says which of the two exist and whether the image core could test tokens. Right: a
+    few training items' images in their own colours (un-normalised with the processor's `pixel_stats`, mean and std
+    per channel; else drawn over a fixed range), their image context in red, their text (context words in brackets)
+    wrapped above."""
     import matplotlib
 
     matplotlib.use("Agg")
