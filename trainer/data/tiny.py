@@ -140,13 +140,15 @@ def tiny_base_config(
     image_token_id: int = 4,
     pad_token_id: int = 0,
     num_layers: int = 2,
+    hidden_size: int = HIDDEN,
 ) -> PretrainedConfig:
-    """A tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision config: hidden 64, `num_layers` layers, 32x32 images."""
+    """A tiny LLaVA / LLaVA-NeXT / LLaVA-OneVision config: `hidden_size` (64) in the language model, `num_layers`
+    layers, 4 heads, a 64-wide vision tower of `num_layers` layers, 32x32 images."""
     text = dict(
         model_type="llama",
         vocab_size=vocab_size,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=4,
