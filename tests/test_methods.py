@@ -77,7 +77,7 @@ def _train_one_step(tmp_path: Path, data, method: str) -> CFMoETrainer:
 def test_the_registry_holds_every_built_in_method_in_order():
     assert METHODS == ("vanilla", "text_poe", "image_poe", "poe", "rubi", "cfvqa", "group_dro", "cfmoe")
     assert method_names()[: len(METHODS)] == METHODS and "toy_label_smoothed" in method_names()
-    assert get_method("cfmoe").selection_metric == "counterfactual_accuracy"
+    assert get_method("cfmoe").selection_metric == "counterfactual_macro_f1"
     assert get_method("cfvqa").model_config == {"inference_mode": "tie"} and get_method("group_dro").uses_group_labels
 
     class Impostor(DebiasingMethod):

@@ -73,7 +73,7 @@ def test_tiny_default_keeps_the_tiny_recipe(tmp_path):
     )  # fmt: skip
     assert args.per_device_eval_batch_size == 128 and args.lr_scheduler_type == "cosine"
     assert (args.eval_strategy, args.save_strategy, args.load_best_model_at_end) == ("epoch", "epoch", True)
-    assert args.metric_for_best_model == "counterfactual_accuracy" and args.output_dir == "outputs/cfmoe"  # cfmoe's
+    assert args.metric_for_best_model == "counterfactual_macro_f1" and args.output_dir == "outputs/cfmoe"  # cfmoe's
     vanilla = parse_args(["--method", "vanilla"])[2]
     assert vanilla.metric_for_best_model == "inferred_worst_group_accuracy"  # the label-free default of the others
     assert (model_args.lora_r, model_args.lora_alpha, model_args.freeze_vision_tower) == (16, 32, False)

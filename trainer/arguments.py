@@ -374,8 +374,8 @@ class RunTrainingArguments(CFMoETrainingArguments):
     metric_for_best_model: str | None = field(
         default=None,
         metadata={
-            "help": "the validation metric that selects the best checkpoint; default: counterfactual_accuracy for "
-            "cfmoe (accuracy on context-swapped validation rows), inferred_worst_group_accuracy for the others"
+            "help": "the validation metric that selects the best checkpoint; default: counterfactual_macro_f1 for "
+            "cfmoe (macro-F1 on context-swapped validation rows), inferred_worst_group_accuracy for the others"
         },
     )
     report_to: None | str | list[str] = _training_field("report_to", "none")

@@ -49,7 +49,8 @@ def bias_split_accuracies(
 
 def build_debiasing_compute_metrics(num_labels: int) -> Callable[[EvalPrediction], dict[str, float]]:
     """`compute_metrics` for [`CFMoETrainer`]: accuracy, F1, the bias-split accuracies and, for cfmoe, the accuracy
-    on context-swapped rows (`counterfactual_accuracy`: the items' cores with other items' contexts)."""
+    and macro-F1 on context-swapped rows (`counterfactual_accuracy`, `counterfactual_macro_f1`: the items' cores with
+    other items' contexts)."""
 
     def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
         logits, text_logits, image_logits = _logits(prediction.predictions)[:3]
@@ -63,7 +64,9 @@ def build_debiasing_compute_metrics(num_labels: int) -> Callable[[EvalPrediction
             swapped = _logits(prediction.predictions)[3]
             kept = ~np.isnan(swapped).any(-1)
             if kept.any():
-                metrics["counterfactual_accuracy"] = accuracy(swapped[kept].argmax(-1), labels[kept])
+                predicted, references = swapped[kept].argmax(-1), labels[kept]
+                metrics["counterfactual_accuracy"] = accuracy(predicted, references)
+                metrics["counterfactual_macro_f1"] = macro_f1(predicted, references)
         return metrics
 
     return compute_metrics
