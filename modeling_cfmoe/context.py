@@ -14,11 +14,12 @@ Nothing here assumes a cue's form. Context is read from non-contextual statistic
   with the image. Words that rule a class out without pointing at one (a sentiment word among three classes) are
   never context; words that point at one class but move with the image are core, however strong.
 * where the image cannot tell (no image core that separates the classes: text-only data, one placeholder image, an
-  image the base cannot read: `ContextStatistics.core_test_has_power`), no statistic of (word, label, rest)
+  image the base cannot read: `ContextStatistics.core_test_power`), no statistic of (word, label, rest)
   separates a word that expresses the label (`love`) from a collection's label-giving tag (`#Happy`). Strength
-  alone does not decide then: only tokens used mostly in *leak-prone forms* (`LEAK_PRONE_FORMS`: hashtags,
-  mentions, URLs, emoji, placeholders such as `<num>`, whitespace artefacts; the forms collections leak and
-  MMSD2.0's cleaning deleted) can be context; plain words are kept as core (`context_without_core_evidence`).
+  alone does not decide then: a token is context only where it occurs in a *leak-prone form*
+  (`leak_occurrences`: hashtags, mentions, URLs, emoji, placeholders such as `<num>`, whitespace artefacts; the
+  forms collections leak and MMSD2.0's cleaning deleted); plain words are kept as core
+  (`context_without_core_evidence`).
 * image context is the image's mean colour plus the pixels whose linear discriminant of their neighbourhood
   (`local_descriptors`: the 3x3 pixels around it, each minus the mean of its 7x7 surround) is strong against the
   batch's strongest, grown to the marks they outline;
@@ -48,8 +49,8 @@ DECLARED_CONTEXT_PATTERNS = {
     "emoji": r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]|^emoji_?|^<0xF[0-4]>$",
 }
 # The forms that collections leak labels through (the field's practice: MMSD2.0 deleted hashtags and emoji), matched
-# like `DECLARED_CONTEXT_PATTERNS`: where the image cannot test a token, only a token used mostly inside a word of
-# one of these forms can be context.
+# like `DECLARED_CONTEXT_PATTERNS`: where the image cannot test a token, it can be context only inside a word of one
+# of these forms.
 LEAK_PRONE_FORMS = {
     **DECLARED_CONTEXT_PATTERNS,
     "placeholder": r"^<[A-Za-z_]+>$",  # an anonymisation placeholder: <num>, <user>, <url>
