@@ -122,20 +122,28 @@ def load_all(task: str, root: Path, images: Path) -> Loaded:
     return {name: train_set.load(root, images) for name, train_set in TASKS[task].train_sets.items()}
 
 
+def subset_items(task: str, train_set: str, loaded: Loaded) -> list[tuple[str, str, np.ndarray]]:
+    """(split, subset, `(items,)` bool mask of the items it keeps) of each `Task.subsets` entry whose eval set a
+    training set's runs test."""
+    found = []
+    for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
+        for subset, (source, keeps) in TASKS[task].subsets.items():
+            if source == eval_set:
+                found.append((split, subset, np.array([keeps(text) for text in loaded[train_set][split]["text"]])))
+    return found
+
+
 def subset_scores(task: str, train_set: str, run_dir: Path, loaded: Loaded) -> dict[str, dict[str, float]]:
-    """{subset: {accuracy, macro_f1}} of a finished run from its `test_predictions.json`: each `Task.subsets` entry
-    whose eval set the run tested, on the items whose text the subset keeps."""
+    """{subset: {accuracy, macro_f1}} of a finished run from its `test_predictions.json` (`subset_items`)."""
     path, scores = run_dir / PREDICTIONS_FILE, {}
     if not path.is_file():
         return scores
     predictions = load_json(path)
-    for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
-        for subset, (source, keeps) in TASKS[task].subsets.items():
-            if source == eval_set and split in predictions:
-                data = loaded[train_set][split]
-                kept = np.array([keeps(text) for text in data["text"]])
-                predicted, labels = np.array(predictions[split]["prediction"])[kept], np.array(data["label"])[kept]
-                scores[subset] = {"accuracy": accuracy(predicted, labels), "macro_f1": macro_f1(predicted, labels)}
+    for split, subset, kept in subset_items(task, train_set, loaded):
+        if split in predictions:
+            labels = np.array(loaded[train_set][split]["label"])[kept]
+            predicted = np.array(predictions[split]["prediction"])[kept]
+            scores[subset] = {"accuracy": accuracy(predicted, labels), "macro_f1": macro_f1(predicted, labels)}
     return scores
 
 
@@ -147,16 +155,13 @@ def eval_columns(task: str, train_set: str) -> list[str]:
 
 
 def subset_classes(task: str, loaded: Loaded) -> dict[str, dict[str, list[int]]]:
-    """{training set: {subset: items per class}} of the task's subsets."""
+    """{training set: {subset: items per class}} of the task's subsets (`subset_items`)."""
     counts: dict[str, dict[str, list[int]]] = {}
     for train_set, data in loaded.items():
-        for split, eval_set in TASKS[task].train_sets[train_set].eval_sets.items():
-            for subset, (source, keeps) in TASKS[task].subsets.items():
-                if source == eval_set:
-                    labels = [label for text, label in zip(data[split]["text"], data[split]["label"], strict=True)
-                              if keeps(text)]  # fmt: skip
-                    classes = data[split].features["label"].num_classes
-                    counts.setdefault(train_set, {})[subset] = np.bincount(labels, minlength=classes).tolist()
+        for split, subset, kept in subset_items(task, train_set, loaded):
+            classes = data[split].features["label"].num_classes
+            labels = np.array(data[split]["label"])[kept]
+            counts.setdefault(train_set, {})[subset] = np.bincount(labels, minlength=classes).tolist()
     return counts
 
 
