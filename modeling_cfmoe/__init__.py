@@ -3,8 +3,9 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .base_families import BASE_FAMILIES, SUPPORTED_BASE_MODEL_TYPES, BaseFamily, base_family
-from .configuration_cfmoe import CFMoEConfig
+from .configuration_cfmoe import CFMoEConfig, ContextConfig, CounterfactualType, InferenceMode, Pooling, RouterInput
 from .counterfactual import CausalEffects, CounterfactualMode, causal_effects, drop_image_tokens
+from .counterfactual_rows import CounterfactualRowBuilder
 from .modeling_body import CFMoEModel, CFMoEModelOutput
 from .modeling_cfmoe import CFMoEForMultimodalClassification, CFMoEOutput
 from .modeling_pretrained import CFMoEPreTrainedModel
@@ -26,6 +27,12 @@ __all__ = [
     "CFMoEOutput",
     "CFMoEPreTrainedModel",
     "CausalEffects",
+    "ContextConfig",
+    "CounterfactualRowBuilder",
+    "CounterfactualType",
+    "InferenceMode",
+    "Pooling",
+    "RouterInput",
     "CounterfactualMode",
     "DebiasingMoE",
     "ExpertBank",

@@ -12,7 +12,7 @@ class BaseFamily:
     """One LLaVA-family base.
 
     image_inputs: the processor outputs besides `pixel_values` that `get_image_features` reads (anyres tiling).
-    vision_tower / projector / language_model: the submodules of the wrapped base (`model.mllm`).
+    vision_tower / projector / language_model: the submodules of the wrapped base (`model.mllm` of the classifier).
     language_lora_targets / vision_lora_targets: regexes, relative to the language model / vision tower, of the
         attention and MLP projections that LoRA adapts.
     """
@@ -31,12 +31,12 @@ BASE_FAMILIES = {
     "llava_onevision": BaseFamily(image_inputs=("image_sizes", "batch_num_images")),
 }
 SUPPORTED_BASE_MODEL_TYPES = tuple(BASE_FAMILIES)
-# Stock llava-hf checkpoints, into the wrapper's `mllm`: the legacy layout (`language_model.model.*`) and v5's
+# Stock llava-hf checkpoints, into the classifier's `model.mllm`: the legacy layout (`language_model.model.*`) and v5's
 # (`model.*`), for every family above.
 CHECKPOINT_KEY_MAPPING = {
-    r"^language_model\.model\.": "mllm.language_model.",
-    r"^model\.": "mllm.",
-    r"^(vision_tower|multi_modal_projector|image_newline)": r"mllm.\1",
+    r"^language_model\.model\.": "model.mllm.language_model.",
+    r"^model\.(?!mllm\.)": "model.mllm.",
+    r"^(vision_tower|multi_modal_projector|image_newline)": r"model.mllm.\1",
 }
 
 

@@ -40,14 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Named word patterns for `declared_text_context`, matched against each vocabulary piece (its text, word marker
-# removed): a word holding a matching piece is context.
-DECLARED_CONTEXT_PATTERNS = {
-    "hashtag": r"^#",
-    "mention": r"^@",
-    "url": r"^(https?\b|www\.)",
-    "emoji": r"[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F]|^emoji_?|^<0xF[0-4]>$",
-}
+from .configuration_cfmoe import DECLARED_CONTEXT_PATTERNS, WithoutCoreEvidence
+
 # The forms that collections leak labels through (the field's practice: MMSD2.0 deleted hashtags and emoji), matched
 # like `DECLARED_CONTEXT_PATTERNS`: where the image cannot test a token, it can be context only inside a word of one
 # of these forms.
@@ -320,23 +314,23 @@ class ContextStatistics(nn.Module):
         self,
         token_ids: torch.Tensor,
         dependence_threshold: float | None,
-        without_core_evidence: str = "leak_forms",
+        without_core_evidence: WithoutCoreEvidence = WithoutCoreEvidence.LEAK_FORMS,
         leak_occurrences: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`(...)` in [0, 1]: the shortcut each token carries: its `token_determination`, 0 when it moves with the
         image core (`token_dependence`: an effect of at least `dependence_threshold`, significant at
         `SIGNIFICANCE`; None: no such test) or is protected, 1 when it is declared context.
 
-        Where the core test has no power (`core_test_power`), `without_core_evidence` decides: "leak_forms" keeps the
+        Where the core test has no power (`core_test_power`), `without_core_evidence` decides: `LEAK_FORMS` keeps the
         strength only where a token is used in a leak-prone form (`leak_occurrences`, bool like `token_ids`: these
         occurrences, e.g. `ContextStatistics.leak_occurrences` of a batch; None: tokens used so in at least
-        `LEAK_SHARE` of their items), so that a plain word is kept as core; "strength" keeps every token's."""
+        `LEAK_SHARE` of their items), so that a plain word is kept as core; `STRENGTH` keeps every token's."""
         strength = self.token_determination(token_ids)
         if dependence_threshold is not None:
             effect, p_value = self.token_dependence(token_ids)
             dependent = (effect >= dependence_threshold) & (p_value < SIGNIFICANCE)
             strength = torch.where(dependent, 0.0, strength)
-            if without_core_evidence == "leak_forms":
+            if without_core_evidence == WithoutCoreEvidence.LEAK_FORMS:
                 if leak_occurrences is None:
                     leak_occurrences = self.leak_share(token_ids) >= LEAK_SHARE
                 strength = torch.where(~self.core_test_power() & ~leak_occurrences, 0.0, strength)

@@ -17,16 +17,17 @@ import torch
 from torch import nn
 from transformers.utils import ExplicitEnum
 
+from .configuration_cfmoe import CounterfactualType, Pooling
 from .context import window_sums
 
-CONTEXT_SWAPPED, CORE_MASKED = 0, 1
-COUNTERFACTUAL_KINDS = {"context_swapped": CONTEXT_SWAPPED, "core_masked": CORE_MASKED}
+CONTEXT_SWAPPED, CORE_MASKED = CounterfactualType.CONTEXT_SWAPPED.kind, CounterfactualType.CORE_MASKED.kind
 
 
 class CounterfactualMode(ExplicitEnum):
-    """What `forward(counterfactuals=...)` computes besides the prediction (None: the prediction only, and with
-    `inference_mode="tie"` the branches it needs):
+    """What `forward(counterfactuals=...)` computes besides the prediction, the one value the body and the heads read:
 
+    - `PREDICTION` ("prediction", or None): the prediction only (and with `inference_mode="tie"` the branches it
+      needs);
     - `EFFECTS` ("effects"): the text-only, image-only and prior branches and the causal effects;
     - `IMAGE_CORE` ("image_core"): those, and the image-core readings of `config.counterfactual_fraction` of the items
       (their images with the image context swapped out, through the vision tower and projector without gradient,
@@ -39,15 +40,31 @@ class CounterfactualMode(ExplicitEnum):
       only): `logits`, `fused_logits`, `pooled`, the effects and the factual text routing are then None.
     """
 
+    PREDICTION = "prediction"
     EFFECTS = "effects"
     IMAGE_CORE = "image_core"
     FACTUAL_AND_COUNTERFACTUAL_ROWS = "factual_and_counterfactual_rows"
     COUNTERFACTUAL_ROWS_ONLY = "counterfactual_rows_only"
 
     @property
+    def computes_branches(self) -> bool:
+        """Whether the forward computes the bias branches and the effects."""
+        return self is not CounterfactualMode.PREDICTION
+
+    @property
+    def edits_images(self) -> bool:
+        """Whether the forward edits images: the image-core readings, or the counterfactual rows."""
+        return self is CounterfactualMode.IMAGE_CORE or self.builds_rows
+
+    @property
     def builds_rows(self) -> bool:
         """Whether the forward builds the fine-grained counterfactual rows."""
         return self in (CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS, CounterfactualMode.COUNTERFACTUAL_ROWS_ONLY)
+
+    @property
+    def keeps_factual_rows(self) -> bool:
+        """Whether the factual rows run through the language model (beside any counterfactual rows)."""
+        return self is not CounterfactualMode.COUNTERFACTUAL_ROWS_ONLY
 
 
 @dataclass
@@ -100,13 +117,13 @@ def causal_effects(
     return CausalEffects(direct_text + direct_image + indirect, direct_text, direct_image, indirect)
 
 
-def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor, mode: Pooling) -> torch.Tensor:
     """hidden `(rows, length, dim)`, mask `(rows, length)` bool -> `(rows, dim)`: mean or last attended token.
 
     Uses `where` rather than a product so that values at unattended positions never leak (even NaN).
     """
     mask = mask.bool()
-    if mode == "last":
+    if mode == Pooling.LAST:
         last = (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     summed = torch.where(mask.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))

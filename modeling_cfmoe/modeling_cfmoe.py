@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.utils import ModelOutput, torch_compilable_check
+from transformers.utils import ModelOutput, can_return_tuple, torch_compilable_check
 
-from .configuration_cfmoe import CFMoEConfig
-from .counterfactual import BiasBranches, CausalEffects, CounterfactualMode, causal_effects, pool_by_row
+from .configuration_cfmoe import CFMoEConfig, InferenceMode
+from .counterfactual import BiasBranches, CausalEffects, CounterfactualMode, causal_effects
+from .counterfactual_rows import CounterfactualRowBuilder
 from .modeling_body import CFMoEModel, CFMoEModelOutput
+from .modeling_pretrained import CFMoEPreTrainedModel
 
 AUTO_MAP = {
     "AutoConfig": "configuration_cfmoe.CFMoEConfig",
@@ -41,7 +43,8 @@ AUTO_MAP = {
 @dataclass
 class CFMoEOutput(ModelOutput):
     r"""
-    Output of [`CFMoEForMultimodalClassification`].
+    Output of [`CFMoEForMultimodalClassification`]: the heads' logits and effects, then every field of the body's
+    [`CFMoEModelOutput`] (representations and routing).
 
     loss: cross-entropy of `logits` against `labels` plus `config.router_aux_loss_coef * aux_loss`, as Mixtral's
         (when labels are given); trainers compute their own terms.
@@ -51,24 +54,9 @@ class CFMoEOutput(ModelOutput):
     text_only_logits / image_only_logits: `(batch, num_labels)` bias branches `Z(t,v*)` and `Z(t*,v)`.
     prior_logits: `(batch, num_labels)` the learned constant `Z(t*,v*)`, broadcast.
     total_effect / direct_effect_text / direct_effect_image / indirect_effect: `(batch, num_labels)`.
-    pooled: `(batch, hidden)` the factual representation after the language MoE.
-    counterfactual_logits / counterfactual_pooled: `(rows, num_labels)` / `(rows, hidden)` fine-grained
-        counterfactual rows; `counterfactual_source` `(rows,)` the item each row comes from and
-        `counterfactual_kind` `(rows,)` 0 = context-swapped, 1 = core-masked.
-    image_core_features: `(n, hidden)` the projected image features, pooled, of the images of `image_core_source`
-        `(n,)` with their own image context swapped out (stop-gradient, float32): what the context statistics read
-        the image core from (`update_core_readings`), to tell a token that moves with it from one blind to it.
-    visual_gates / visual_router_logits: `(batch, num_visual_experts)` the visual MoE's routing of the factual
-        images (None without images).
-    text_gates / text_router_logits: `(batch, num_text_experts)` the language MoE's routing of the factual rows
-        (None with `counterfactual_rows_only`); `counterfactual_text_gates` `(rows, num_text_experts)` that of the
-        counterfactual rows.
-    aux_loss: the load-balancing loss of every routing above, summed, unweighted (as Mixtral's `aux_loss`).
+    counterfactual_logits: `(rows, num_labels)` the fused head on the fine-grained counterfactual rows.
     weighted_aux_loss: `config.router_aux_loss_coef * aux_loss`, the term `loss` adds (None with a coefficient 0).
-    hidden_states: (`output_hidden_states=True`) the language model's embeddings and every layer's output for the
-        factual rows, each `(batch, length, hidden)`.
-    attentions: (`output_attentions=True`) the language model's attention weights for the factual rows, each
-        `(batch, heads, length, length)`.
+    The other fields: see [`CFMoEModelOutput`].
     """
 
     loss: torch.Tensor | None = None
@@ -81,8 +69,11 @@ class CFMoEOutput(ModelOutput):
     direct_effect_text: torch.Tensor | None = None
     direct_effect_image: torch.Tensor | None = None
     indirect_effect: torch.Tensor | None = None
-    pooled: torch.Tensor | None = None
     counterfactual_logits: torch.Tensor | None = None
+    weighted_aux_loss: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    text_only_pooled: torch.Tensor | None = None
+    image_only_pooled: torch.Tensor | None = None
     counterfactual_pooled: torch.Tensor | None = None
     counterfactual_source: torch.Tensor | None = None
     counterfactual_kind: torch.Tensor | None = None
@@ -94,17 +85,17 @@ class CFMoEOutput(ModelOutput):
     text_router_logits: torch.Tensor | None = None
     counterfactual_text_gates: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
-    weighted_aux_loss: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class CFMoEForMultimodalClassification(CFMoEModel):
-    """The body [`CFMoEModel`] with a fused head `Z(t, v)`, text-only and image-only bias heads `Z(t, v*)`,
+class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
+    """The body [`CFMoEModel`] (`model`) with a fused head `Z(t, v)`, text-only and image-only bias heads `Z(t, v*)`,
     `Z(t*, v)`, a learned prior `Z(t*, v*)`, the causal effects and the loss."""
 
     def __init__(self, config: CFMoEConfig):
         super().__init__(config)
+        self.model = CFMoEModel(config)
         hidden, num_labels = config.hidden_size, config.num_labels
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.fused_head = nn.Linear(hidden, num_labels)
@@ -114,12 +105,37 @@ class CFMoEForMultimodalClassification(CFMoEModel):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         self.post_init()
 
+    @property
+    def mllm(self) -> nn.Module:
+        """The wrapped LLaVA-family base."""
+        return self.model.mllm
+
+    @property
+    def rows(self) -> CounterfactualRowBuilder:
+        """Context discovery and the counterfactual rows, with the label statistics the trainer counts into."""
+        return self.model.rows
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, CFMoEForMultimodalClassification):
             init.zeros_(module.prior_logits)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -132,8 +148,7 @@ class CFMoEForMultimodalClassification(CFMoEModel):
         inputs_embeds: torch.FloatTensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> CFMoEOutput | tuple:
+    ) -> CFMoEOutput:
         r"""
         input_ids / attention_mask: `(batch, length)` with the base's image placeholder tokens.
         pixel_values: the base processor's pixel values (with `image_sizes` / `batch_num_images` for
@@ -147,9 +162,7 @@ class CFMoEForMultimodalClassification(CFMoEModel):
             of the factual rows (default: the config's).
         return_dict: a [`CFMoEOutput`] (default: `config.return_dict`) or the tuple of its non-None fields.
         """
-        config = self.config
-        return_dict = config.return_dict if return_dict is None else return_dict
-        states = super().forward(
+        states = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             pixel_values=pixel_values,
@@ -161,45 +174,31 @@ class CFMoEForMultimodalClassification(CFMoEModel):
             output_hidden_states=output_hidden_states,
         )
         fused_logits, counterfactual_logits = self._fused_logits(states)
-        branches, effects = BiasBranches(), CausalEffects()
-        if counterfactuals is not None or config.inference_mode == "tie":
-            branches = self._bias_branches(states)
-            if fused_logits is not None:
-                effects = causal_effects(fused_logits, branches.text_only, branches.image_only, branches.prior)
+        branches, effects = self._bias_branches(states), CausalEffects()
+        if fused_logits is not None and branches.text_only is not None:
+            effects = causal_effects(fused_logits, branches.text_only, branches.image_only, branches.prior)
         logits = fused_logits
-        if config.inference_mode == "tie" and not self.training and effects.indirect_effect is not None:
+        if (
+            self.config.inference_mode == InferenceMode.TIE
+            and not self.training
+            and effects.indirect_effect is not None
+        ):
             logits = branches.prior + effects.indirect_effect
-        coefficient = config.router_aux_loss_coef
+        coefficient = self.config.router_aux_loss_coef
         weighted_aux_loss = coefficient * states.aux_loss if coefficient else None
-        out = CFMoEOutput(
-            loss=self._loss(logits, labels, weighted_aux_loss, states.inputs_embeds.shape[0]),
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        return CFMoEOutput(
+            loss=self._loss(logits, labels, weighted_aux_loss, batch),
             logits=logits,
             fused_logits=fused_logits,
             text_only_logits=branches.text_only,
             image_only_logits=branches.image_only,
             prior_logits=branches.prior,
-            total_effect=effects.total_effect,
-            direct_effect_text=effects.direct_effect_text,
-            direct_effect_image=effects.direct_effect_image,
-            indirect_effect=effects.indirect_effect,
-            pooled=states.pooled,
+            **vars(effects),
             counterfactual_logits=counterfactual_logits,
-            counterfactual_pooled=states.counterfactual_pooled,
-            counterfactual_source=states.counterfactual_source,
-            counterfactual_kind=states.counterfactual_kind,
-            image_core_features=states.image_core_features,
-            image_core_source=states.image_core_source,
-            visual_gates=states.visual_gates,
-            visual_router_logits=states.visual_router_logits,
-            text_gates=states.text_gates,
-            text_router_logits=states.text_router_logits,
-            counterfactual_text_gates=states.counterfactual_text_gates,
-            aux_loss=states.aux_loss,
             weighted_aux_loss=weighted_aux_loss,
-            hidden_states=states.hidden_states,
-            attentions=states.attentions,
+            **states,
         )
-        return out if return_dict else out.to_tuple()
 
     def _fused_logits(self, states: CFMoEModelOutput) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The fused head `Z(t, v)` on every row of the language-model call, factual rows `(batch, num_labels)` and
@@ -211,19 +210,17 @@ class CFMoEForMultimodalClassification(CFMoEModel):
         return fused, None if states.counterfactual_pooled is None else rows_logits[n_factual:]
 
     def _bias_branches(self, states: CFMoEModelOutput) -> BiasBranches:
-        """The text-only branch (the short text-only rows, `CFMoEModel.encode_text_only`), the image-only branch (the
-        items' image features after the visual MoE, pooled) and the prior; stop-gradient states with
-        `detach_bias_branches`."""
-        detach = self.config.detach_bias_branches
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-            text_pooled = self.encode_text_only(states)
-        text_only = self.text_head(self.dropout(text_pooled))
+        """The text-only head on the text-only rows, the image-only head on the pooled image features (the prior
+        without images) and the prior; empty when the body computed no branch rows."""
+        if states.text_only_pooled is None:
+            return BiasBranches()
+        text_only = self.text_head(self.dropout(states.text_only_pooled))
         prior = self.prior_logits.to(text_only.dtype).expand_as(text_only)
-        if states.image_features is None:
+        if states.image_only_pooled is None:
             return BiasBranches(text_only=text_only, image_only=prior, prior=prior)
-        image_pooled = pool_by_row(states.image_features, states.image_rows, text_only.shape[0])
-        image_only = self.image_head(self.dropout(image_pooled.detach() if detach else image_pooled))
-        return BiasBranches(text_only=text_only, image_only=image_only, prior=prior)
+        return BiasBranches(
+            text_only=text_only, image_only=self.image_head(self.dropout(states.image_only_pooled)), prior=prior
+        )
 
     def _loss(self, logits, labels, weighted_aux_loss, batch: int) -> torch.Tensor | None:
         """Cross-entropy of `logits` against `labels` plus the weighted load-balancing loss (None without either)."""

@@ -18,13 +18,20 @@ from .context import ContextStatistics, core_projection
 from .moe import AttentionRouter, BiasRouter, ExpertBank
 
 logger = logging.get_logger(__name__)
+WRAPPED_BASE = "model.mllm"  # where the classifier holds the LLaVA-family base
+# checkpoints saved before the classifier held its body as `model` (version 0.1 of cfmoe): the body's modules sat at
+# the top, the label statistics were `context_statistics`
+LEGACY_KEY_MAPPING = {
+    r"^(mllm|visual_moe|text_moe)\.": r"model.\1.",
+    r"^context_statistics\.": "model.rows.statistics.",
+}
 BIAS_ROUTER_GAIN = 4.0  # initial score per unit of bias evidence (log(1 + spread)) on the expert of that kind
 
 
 class CFMoEPreTrainedModel(PreTrainedModel):
     config_class = CFMoEConfig
     config: CFMoEConfig
-    base_model_prefix = "mllm"  # `model.base_model` is the wrapped LLaVA-family model
+    base_model_prefix = "model"  # the classifier's body, as LLaVA's
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -32,13 +39,15 @@ class CFMoEPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _skip_keys_device_placement = ["past_key_values"]
     # routing and the context statistics stay float32 when a checkpoint loads in half precision
-    _keep_in_fp32_modules_strict = ["router", "context_statistics"]
+    _keep_in_fp32_modules_strict = ["router", "statistics"]
 
     @classmethod
-    def from_pretrained(cls, *args, use_safetensors: bool | None = True, **kwargs):
-        """`PreTrainedModel.from_pretrained` that reads safetensors only: pickle weight files (`*.bin`) can run
-        code when loaded, so they are refused unless the caller opts in with `use_safetensors=False`."""
-        return super().from_pretrained(*args, use_safetensors=use_safetensors, **kwargs)
+    def from_pretrained(cls, *args, use_safetensors: bool | None = True, key_mapping: dict | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained` that reads safetensors only (pickle weight files, `*.bin`, can run code
+        when loaded, so they are refused unless the caller opts in with `use_safetensors=False`) and checkpoints
+        saved before the classifier held its body (`LEGACY_KEY_MAPPING`)."""
+        key_mapping = LEGACY_KEY_MAPPING if key_mapping is None else key_mapping
+        return super().from_pretrained(*args, use_safetensors=use_safetensors, key_mapping=key_mapping, **kwargs)
 
     def save_pretrained(self, save_directory, *args, save_original_format: bool = False, **kwargs):
         """Saves the in-memory key layout (v5 would otherwise write the llava-hf legacy layout for the base),
@@ -48,6 +57,17 @@ class CFMoEPreTrainedModel(PreTrainedModel):
 
         self.config.custom_pipelines = add_pipeline_entry(getattr(self.config, "custom_pipelines", None))
         return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Resizes the base's token embeddings (and its text config's `vocab_size`) and the token statistics: new
+        tokens start unseen."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        for module in self.modules():
+            if isinstance(module, ContextStatistics):
+                module.resize_vocabulary(self.config.get_text_config().vocab_size)
+        return embeddings
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -103,7 +123,10 @@ class CFMoEPreTrainedModel(PreTrainedModel):
         # transformers' load report would list every new module as MISSING and the base's unused lm_head as
         # UNEXPECTED: both are ignored for this load, so that the report shows only what the base really lacks
         saved = cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected
-        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = [r"^(?!mllm\.)"], ["lm_head"]
+        cls._keys_to_ignore_on_load_missing, cls._keys_to_ignore_on_load_unexpected = (
+            [r"^(?!model\.mllm\.)"],
+            ["lm_head"],
+        )
         try:
             model, info = cls.from_pretrained(
                 base_model_name_or_path,
@@ -119,6 +142,8 @@ class CFMoEPreTrainedModel(PreTrainedModel):
                 f"{base_model_name_or_path} does not match its config: missing base weights "
                 f"{sorted(info['missing_keys'])[:5]}, unexpected weights {sorted(info['unexpected_keys'])[:5]}"
             )
-        new = sorted({key.split(".")[0] for key in model.state_dict() if not key.startswith("mllm.")})
+        new = sorted(
+            {key.removeprefix("model.").split(".")[0] for key in model.state_dict() if ".mllm." not in f".{key}"}
+        )
         logger.info("%s: every base weight loaded; initialised %s", base_model_name_or_path, ", ".join(new))
         return model

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .configuration_cfmoe import RouterInput
+
 
 @dataclass
 class RoutingResult:
@@ -113,7 +115,7 @@ class ExpertBank(nn.Module):
 class DebiasingMoE(nn.Module):
     """Residual MoE site: `h + sum_e g_e E_e(h)` with per-item gates.
 
-    router_input: "bias" ([`BiasRouter`] on the bias evidence) or "content" ([`AttentionRouter`] on the pooled
+    router_input: `BIAS` ([`BiasRouter`] on the bias evidence) or `CONTENT` ([`AttentionRouter`] on the pooled
     item state). uniform_gates: every expert weighted 1/E whatever the router says (an ablation).
     """
 
@@ -125,13 +127,13 @@ class DebiasingMoE(nn.Module):
         top_k: int,
         jitter: float,
         temperature: float,
-        router_input: str = "bias",
+        router_input: RouterInput = RouterInput.BIAS,
         num_evidence: int = 3,
         uniform_gates: bool = False,
     ):
         super().__init__()
         self.router_input = router_input
-        if router_input == "bias":
+        if router_input == RouterInput.BIAS:
             self.router = BiasRouter(num_evidence, num_experts, top_k, jitter, temperature)
         else:
             self.router = AttentionRouter(hidden_size, num_experts, top_k, jitter, temperature)
@@ -141,7 +143,7 @@ class DebiasingMoE(nn.Module):
     def route(self, content: torch.Tensor, evidence: torch.Tensor | None) -> RoutingResult:
         """content: `(batch, hidden)` pooled item states; evidence: `(batch, num_evidence)` bias evidence, or None
         where it would not change the gates (one expert, uniform gates)."""
-        if self.router_input == "content":
+        if self.router_input == RouterInput.CONTENT:
             routing = self.router(content)
         else:
             routing = self.router(

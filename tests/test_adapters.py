@@ -29,7 +29,14 @@ from cfmoe.trainer.adapters import (
 )
 from cfmoe.trainer.data.tiny import tiny_base_config
 
-NOT_QUANTISED = ("visual_moe", "text_moe", "fused_head", "text_head", "image_head", "mllm.multi_modal_projector")
+NOT_QUANTISED = (
+    "model.visual_moe",
+    "model.text_moe",
+    "fused_head",
+    "text_head",
+    "image_head",
+    "model.mllm.multi_modal_projector",
+)
 
 
 @pytest.fixture
@@ -47,9 +54,9 @@ def _loss(out, labels):
 def test_lora_targets_only_base_projections(fresh_model):
     names = [name for name, _ in fresh_model.named_modules()]
     language = [n for n in names if re.fullmatch(default_lora_target_modules(fresh_model), n)]
-    assert len(language) == 2 * 7 and all(n.startswith("mllm.language_model.layers.") for n in language)
+    assert len(language) == 2 * 7 and all(n.startswith("model.mllm.language_model.layers.") for n in language)
     both = [n for n in names if re.fullmatch(default_lora_target_modules(fresh_model, include_vision=True), n)]
-    assert set(both) - set(language) == {n for n in both if n.startswith("mllm.vision_tower.")}
+    assert set(both) - set(language) == {n for n in both if n.startswith("model.mllm.vision_tower.")}
     assert len(both) == len(language) + 2 * 6  # q, k, v, out, fc1, fc2 per vision layer
 
 
@@ -70,7 +77,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
     optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     torch.manual_seed(0)
     for _ in range(3):
-        peft_model.update_context_statistics(tiny_batch["input_ids"], tiny_batch["labels"])
+        peft_model.rows.update(tiny_batch["input_ids"], tiny_batch["labels"])
         _loss(
             peft_model(**tiny_batch, counterfactuals="factual_and_counterfactual_rows"), tiny_batch["labels"]
         ).backward()
@@ -80,7 +87,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
     inputs = {k: v for k, v in tiny_batch.items() if k != "labels"}
     with torch.no_grad():
         trained = peft_model(**inputs).logits
-    assert not torch.equal(fresh_model.prior_logits, prior_before) and fresh_model.context_statistics.token_counts.any()
+    assert not torch.equal(fresh_model.prior_logits, prior_before) and fresh_model.rows.statistics.token_counts.any()
 
     run = save_lora_run(peft_model, processor, tmp_path / "run")
     assert {"adapter_model.safetensors", "adapter_config.json", "base"} <= {p.name for p in run.iterdir()}
@@ -88,7 +95,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
         assert set(base_file.keys()) == set(CFMoEForMultimodalClassification(fresh_model.config).state_dict())
 
     reloaded = load_lora_run(run).eval()
-    for name in ("prior_logits", "context_statistics.token_counts"):  # not in the adapter: carried by base/
+    for name in ("prior_logits", "model.rows.statistics.token_counts"):  # not in the adapter: carried by base/
         torch.testing.assert_close(reloaded.get_base_model().state_dict()[name], fresh_model.state_dict()[name])
     base_only = AutoModel.from_pretrained(run / "base").eval()
     with torch.no_grad():
@@ -113,7 +120,7 @@ def test_lora_train_save_reload_and_merge(fresh_model, processor, tiny_batch, tm
 
 def _check_quantised(model, linear_class) -> None:
     for name, module in model.named_modules():
-        if name.startswith("mllm.language_model.layers.") and isinstance(module, nn.Linear):
+        if name.startswith("model.mllm.language_model.layers.") and isinstance(module, nn.Linear):
             assert isinstance(module, linear_class), name
         if name.startswith(NOT_QUANTISED):
             assert not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)), name

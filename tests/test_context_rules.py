@@ -66,8 +66,8 @@ def test_a_readable_image_core_tests_every_token_whatever_its_form():
 def test_the_audit_names_the_rule_that_kept_or_removed_each_token():
     model, _ = build_tiny_model("sarcasm", seed=0, texts=TEXTS)
     tokenizer = train_text_tokenizer(TEXTS)
-    model.set_vocabulary(tokenizer)
-    _counted(model.context_statistics, tokenizer)
+    model.rows.set_vocabulary(tokenizer)
+    _counted(model.rows.statistics, tokenizer)
     audit = token_audit(model, tokenizer)
     kept = {entry["text"].strip(): entry["rule"] for entry in audit["kept_as_core"]}
     context = {entry["text"].strip(): entry["rule"] for entry in audit["context"]}

@@ -99,7 +99,7 @@ def test_a_strong_token_that_moves_with_the_image_core_is_core():
 
 def test_context_is_taken_a_whole_word_at_a_time():
     model, processor = build_tiny_model("sarcasm", seed=0)
-    statistics = model.context_statistics
+    statistics = model.rows.statistics
     tokenizer = processor.tokenizer
     statistics.set_vocabulary(tokenizer)
     # a word spelled in pieces right after a newline byte, as tokenizers without a word marker there give it
@@ -117,8 +117,8 @@ def test_context_is_taken_a_whole_word_at_a_time():
 
 def test_declared_and_protected_words_override_the_statistics():
     model, processor = build_tiny_model("sarcasm", seed=0, declared_text_context=["hashtag"], protected_words=["great"])
-    model.set_vocabulary(processor.tokenizer)
-    statistics, tokenizer = model.context_statistics, processor.tokenizer
+    model.rows.set_vocabulary(processor.tokenizer)
+    statistics, tokenizer = model.rows.statistics, processor.tokenizer
     ids = tokenizer(["lovely #news day great"], return_tensors="pt")["input_ids"]
     pieces = tokenizer.convert_ids_to_tokens(ids[0])
     great, news = ids[0, pieces.index("\u2581great")], ids[0, pieces.index("\u2581#news")]
@@ -271,14 +271,15 @@ def _model_and_batch():
     images = torch.randn(4, 3, 32, 32) + torch.where(labels == 1, 0.5, -0.5).view(-1, 1, 1, 1)  # and a class tint
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": images}
     for _ in range(20):  # the cue token in class-1 items only
-        model.update_context_statistics(ids, labels, batch["attention_mask"], batch["pixel_values"])
+        model.rows.update(ids, labels, batch["attention_mask"], batch["pixel_values"])
     return model.train(), batch
 
 
 def _counterfactual_rows(model, ids, embeds, mask, pixel_values):
     image_mask = ids == model.mllm.config.image_token_id
-    strength = model._context_strength(ids, pixel_values, warn=False)
-    return model._counterfactual_rows(RowBatch(ids, embeds, mask, image_mask, pixel_values, strength), {})
+    strength = model.rows.strength(ids, pixel_values, warn=False)
+    batch = RowBatch(ids, embeds, mask, image_mask, pixel_values, strength)
+    return model.rows.build(batch, lambda edit, rows: model.model._insert_images(edit, {}))
 
 
 def test_context_swapped_rows_exchange_the_cue_token_and_keep_the_core():
@@ -360,7 +361,7 @@ def test_counterfactual_rows_carry_bias_evidence_only_where_a_router_reads_it():
         experts_top_k=2,
         context_without_core_evidence="strength",
     )
-    routed.context_statistics.load_state_dict(model.context_statistics.state_dict())
+    routed.rows.statistics.load_state_dict(model.rows.statistics.state_dict())
     cf = _counterfactual_rows(routed.train(), ids, embeds, mask, batch["pixel_values"])
     assert cf.evidence.shape == (len(cf.source), 3)
     takes_cue = (cf.source + 1) % 4 < 2  # a context-swapped row takes its partner's text context (the cue token)

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,10 +16,10 @@ import pytest
 import torch
 from conftest import BLOCK_OUR_PACKAGES
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
 
-from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification, Pooling
 from cfmoe.modeling_cfmoe.context import spread
 from cfmoe.modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
 from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
@@ -40,6 +41,37 @@ def test_save_load_round_trip_and_folder_contents(tiny_model, tiny_batch, tmp_pa
     assert type(reloaded) is CFMoEForMultimodalClassification
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**tiny_batch).logits, tiny_model(**tiny_batch).logits, rtol=0, atol=0)
+
+
+# cfmoe 0.1's checkpoint layout (up to a255aa7): the body's modules at the top, the label statistics as
+# `context_statistics`, the context knobs flat in config.json
+OLD_LAYOUT = [(r"^model\.rows\.statistics\.", "context_statistics."), (r"^model\.", "")]
+
+
+def test_a_checkpoint_of_the_old_layout_loads(make_tiny_model, tiny_batch, tmp_path):
+    model = make_tiny_model(text_context_threshold=0.6, protected_words=["love"], counterfactual_types=["core_masked"])
+    model.rows.statistics.token_counts[5, 1] = 7  # a counted buffer must come back too
+    model.save_pretrained(tmp_path)
+    old = {}
+    for key, value in load_file(tmp_path / "model.safetensors").items():
+        for pattern, replacement in OLD_LAYOUT:
+            key = re.sub(pattern, replacement, key, count=1)
+        old[key] = value
+    assert {"mllm.language_model.norm.weight", "visual_moe.experts.up", "context_statistics.token_counts"} <= set(old)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(config.pop("context_config"))  # flat, as 0.1 wrote them
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    reloaded, info = CFMoEForMultimodalClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # no key missing, unexpected or mismatched
+    context = reloaded.config.context_config
+    assert (context.text_context_threshold, context.protected_words) == (0.6, ["love"])
+    assert reloaded.config.counterfactual_types == ["core_masked"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**tiny_batch).logits, model.eval()(**tiny_batch).logits)
 
 
 # this Python has no pillow: `import PIL` raises ModuleNotFoundError, `importlib.util.find_spec("PIL")` is None
@@ -98,16 +130,16 @@ def test_batched_counterfactual_forward_equals_separate_branches(tiny_model, tin
             tiny_batch["input_ids"], tiny_batch["attention_mask"], model.mllm.config.image_token_id, 0
         )
         hidden = model.mllm.language_model(input_ids=text_ids, attention_mask=text_mask).last_hidden_state
-        statistics = model.context_statistics
+        statistics = model.rows.statistics
         text_strength = (spread(statistics.token_scores(text_ids)) * text_mask).amax(1)
-        pooled, _ = model._language_moe(
-            pool_tokens(hidden, text_mask, "mean"), statistics.bias_evidence(text_strength, None, None)
+        pooled, _ = model.model._language_moe(
+            pool_tokens(hidden, text_mask, Pooling.MEAN), statistics.bias_evidence(text_strength, None, None)
         )
         torch.testing.assert_close(out.text_only_logits, model.text_head(pooled), rtol=1e-5, atol=1e-6)
         # image-only branch: vision tower -> projector -> visual MoE (same gates) -> pooled -> head
         feats = torch.cat(model.mllm.get_image_features(pixel_values=tiny_batch["pixel_values"]).pooler_output)
         rows = torch.arange(4).repeat_interleave(16)
-        feats = model.visual_moe(feats, out.visual_gates[rows])
+        feats = model.model.visual_moe(feats, out.visual_gates[rows])
         torch.testing.assert_close(
             out.image_only_logits, model.image_head(pool_by_row(feats, rows, 4)), rtol=1e-5, atol=1e-6
         )
@@ -188,9 +220,9 @@ def test_base_families_forward_and_backward(model_type):
         "fused_head.weight",
         "text_head.weight",
         "image_head.weight",
-        "visual_moe.experts.down",
-        "text_moe.experts.down",
-        "mllm.vision_tower",
+        "model.visual_moe.experts.down",
+        "model.text_moe.experts.down",
+        "model.mllm.vision_tower",
     ):
         assert any(k.startswith(name) and g is not None and g.abs().sum() > 0 for k, g in grads.items()), name
 
@@ -234,8 +266,8 @@ def test_from_base_pretrained_loads_every_stock_weight(tmp_path, load_logs):
     # no load report listing the new modules as MISSING and lm_head as UNEXPECTED: one line names them
     assert not [r for r in load_logs.records if r.levelno >= logging.WARNING and "LOAD REPORT" in r.getMessage()]
     (line,) = [r.getMessage() for r in load_logs.records if r.name == "cfmoe.modeling_cfmoe.modeling_pretrained"]
-    assert line.endswith("every base weight loaded; initialised context_statistics, fused_head, image_head, "
-                         "prior_logits, text_head, text_moe, visual_moe")  # fmt: skip
+    assert line.endswith("every base weight loaded; initialised fused_head, image_head, prior_logits, rows, "
+                         "text_head, text_moe, visual_moe")  # fmt: skip
     assert CFMoEForMultimodalClassification._keys_to_ignore_on_load_missing is None  # a later load reports all
 
 
@@ -324,26 +356,24 @@ def test_half_precision_training_step(tiny_model, tiny_batch, tmp_path, dtype):
     tiny_model.save_pretrained(tmp_path)
     loaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path, dtype=dtype)
     assert loaded.fused_head.weight.dtype == dtype
-    statistics = loaded.context_statistics
+    statistics = loaded.rows.statistics
     assert statistics.local_moments.dtype == statistics.colour_moments.dtype == torch.float32
-    assert loaded.text_moe.router.weight.dtype == torch.float32
+    assert loaded.model.text_moe.router.weight.dtype == torch.float32
     batch = dict(tiny_batch, pixel_values=tiny_batch["pixel_values"].to(dtype))
     for model in (loaded, copy.deepcopy(loaded).to(dtype)):  # as loaded, and cast whole (the table in `dtype` too)
         model.train()
-        model.update_context_statistics(
-            batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
-        )
+        model.rows.update(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"])
         out = model(**batch, counterfactuals="factual_and_counterfactual_rows")
         (out.loss + out.aux_loss + out.text_only_logits.float().sum()).backward()
-        assert torch.isfinite(out.loss) and model.context_statistics.local_moments.isfinite().all()
+        assert torch.isfinite(out.loss) and model.rows.statistics.local_moments.isfinite().all()
         assert model.fused_head.weight.grad is not None
 
 
 OFFLOAD_MAP = {
-    "mllm": "cpu",
+    "model.mllm": "cpu",
     "prior_logits": "cpu",
-    "context_statistics": "cpu",
-    **dict.fromkeys(["visual_moe", "text_moe", "fused_head", "text_head", "image_head"], "disk"),
+    "model.rows": "cpu",
+    **dict.fromkeys(["model.visual_moe", "model.text_moe", "fused_head", "text_head", "image_head"], "disk"),
 }
 
 
@@ -352,7 +382,7 @@ def test_disk_offloaded_experts_and_heads_match_the_reference(tiny_model, tiny_b
     offloaded = CFMoEForMultimodalClassification.from_pretrained(
         tmp_path / "ckpt", device_map=OFFLOAD_MAP, offload_folder=tmp_path / "offload"
     ).eval()
-    assert offloaded.visual_moe.router.weight.device.type == "meta"  # really offloaded
+    assert offloaded.model.visual_moe.router.weight.device.type == "meta"  # really offloaded
     with torch.no_grad():
         want, got = (
             tiny_model(**tiny_batch, counterfactuals="effects"),
@@ -398,7 +428,7 @@ def test_embeddings_are_routed_by_bias_evidence_as_their_token_ids_are(make_tiny
     model, unseen = make_tiny_model(**routed).eval(), make_tiny_model(**routed).eval()
     labels, ids = tiny_batch["labels"], tiny_batch["input_ids"]
     for _ in range(3):  # label statistics, so that tokens and pixels carry evidence
-        model.update_context_statistics(ids, labels, tiny_batch["attention_mask"], tiny_batch["pixel_values"])
+        model.rows.update(ids, labels, tiny_batch["attention_mask"], tiny_batch["pixel_values"])
     batch = {k: v for k, v in tiny_batch.items() if k != "input_ids"}
     with torch.no_grad():
         by_ids = model(**tiny_batch)
@@ -423,16 +453,16 @@ def test_resized_vocabulary_saves_loads_and_trains(tiny_model_and_processor, tin
     old = model.config.base_config.text_config.vocab_size
     model.resize_token_embeddings(old + 3)
     assert model.config.get_text_config().vocab_size == model.mllm.config.text_config.vocab_size == old + 3
-    assert model.context_statistics.token_counts.shape == (old + 3, model.config.num_labels)
+    assert model.rows.statistics.token_counts.shape == (old + 3, model.config.num_labels)
     model.save_pretrained(tmp_path)
     reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).train()
     assert reloaded.get_input_embeddings().num_embeddings == old + 3
     ids = tiny_batch["input_ids"].clone()
     ids[:, -1] = torch.where(tiny_batch["attention_mask"][:, -1].bool(), old + 2, ids[:, -1])  # the new token
-    reloaded.update_context_statistics(ids, tiny_batch["labels"], tiny_batch["attention_mask"])
+    reloaded.rows.update(ids, tiny_batch["labels"], tiny_batch["attention_mask"])
     out = reloaded(**dict(tiny_batch, input_ids=ids), counterfactuals="factual_and_counterfactual_rows")
     out.loss.backward()
-    assert reloaded.context_statistics.token_counts[old + 2].any()
+    assert reloaded.rows.statistics.token_counts[old + 2].any()
 
 
 def test_torch_export_of_fused_inference(tiny_model, tiny_batch):
@@ -446,7 +476,7 @@ def test_torch_export_of_fused_inference(tiny_model, tiny_batch):
 # ------------------------------------------------------------------------ routing
 def test_bias_router_starts_by_routing_each_kind_of_evidence_to_its_own_expert():
     config = CFMoEConfig(base_config=tiny_base_config(), num_text_experts=4, num_visual_experts=4, experts_top_k=2)
-    router = CFMoEForMultimodalClassification(config).text_moe.router
+    router = CFMoEForMultimodalClassification(config).model.text_moe.router
     evidence = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
     routing = router.eval()(evidence)
     assert routing.gates.argmax(-1).tolist() == [0, 1, 2, 3]  # none, text, local pixels, colour
@@ -458,7 +488,11 @@ def test_uniform_gates_are_saved_with_the_model(tiny_batch, tmp_path):
     model = build_tiny_model("sarcasm", seed=0, uniform_gates=True, **experts)[0].eval()
     model.save_pretrained(tmp_path)
     reloaded = CFMoEForMultimodalClassification.from_pretrained(tmp_path).eval()
-    assert reloaded.config.uniform_gates and reloaded.visual_moe.uniform_gates and reloaded.text_moe.uniform_gates
+    assert (
+        reloaded.config.uniform_gates
+        and reloaded.model.visual_moe.uniform_gates
+        and reloaded.model.text_moe.uniform_gates
+    )
     with torch.no_grad():
         want, got = model(**tiny_batch), reloaded(**tiny_batch)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)

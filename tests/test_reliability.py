@@ -155,7 +155,7 @@ def test_experts_without_tokens_still_get_gradients(make_tiny_model, tiny_batch)
     picked = (outputs.visual_gates > 0).any(0)
     assert not picked.all()  # with top-1 routing of 4 items, some expert receives no token
     for name in ("up", "up_bias", "down", "down_bias"):
-        grad = getattr(model.visual_moe.experts, name).grad
+        grad = getattr(model.model.visual_moe.experts, name).grad
         assert grad is not None and (grad[~picked] == 0).all(), name
 
 

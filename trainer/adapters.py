@@ -21,15 +21,16 @@ from huggingface_hub import save_torch_state_dict
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModel, AutoProcessor, BitsAndBytesConfig, PreTrainedModel
 
-from cfmoe.modeling_cfmoe import BASE_FAMILIES, CFMoEPreTrainedModel, base_family
+from cfmoe.modeling_cfmoe import BASE_FAMILIES, base_family
+from cfmoe.modeling_cfmoe.modeling_pretrained import WRAPPED_BASE
 from cfmoe.modeling_cfmoe.pipeline_cfmoe import save_pipeline
 
-DEBIASING_MODULES = ["visual_moe", "text_moe", "fused_head", "text_head", "image_head"]
-BASE = CFMoEPreTrainedModel.base_model_prefix  # where the CF-MoE model holds the wrapped base
+DEBIASING_MODULES = ["model.visual_moe", "model.text_moe", "fused_head", "text_head", "image_head"]
+BASE = WRAPPED_BASE.replace(".", r"\.")  # where the CF-MoE model holds the wrapped base, as a regex
 # bnb matches these from the start of a module's full name (or as a suffix of it): the projector needs its path
 QUANTIZATION_SKIP_MODULES = [
     *DEBIASING_MODULES,
-    *sorted({f"{BASE}.{family.projector}" for family in BASE_FAMILIES.values()}),
+    *sorted({f"{WRAPPED_BASE}.{family.projector}" for family in BASE_FAMILIES.values()}),
     "lm_head",
 ]
 EXTRA_TRAINABLE = ("prior_logits",)  # bare parameters of the CF-MoE model itself
@@ -73,7 +74,7 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules or default_lora_target_modules(model, include_vision),
-        modules_to_save=DEBIASING_MODULES + ([f"{BASE}.{family.projector}"] if train_projector else []),
+        modules_to_save=DEBIASING_MODULES + ([f"{WRAPPED_BASE}.{family.projector}"] if train_projector else []),
     )
     peft_model = get_peft_model(model, config)
     _set_extra_trainable(peft_model)

@@ -26,7 +26,7 @@ from transformers.trainer_utils import IntervalStrategy, SaveStrategy, Scheduler
 from transformers.utils import is_torch_bf16_gpu_available
 
 from cfmoe.modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
-from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES
+from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES, CONTEXT_FIELDS, ContextConfig
 
 from .data.synthetic import SyntheticConfig
 from .errors import UserValueError, name_flags, require, user_input
@@ -105,7 +105,7 @@ def _default(name: str, which: int, base_help: str | None = None):
 
 # `CFMoEConfig` arguments that are no `ModelArguments` field as they are: the base comes from
 # --model_name_or_path, the modalities from --text_counterfactuals / --image_counterfactuals
-NOT_CONFIG_FLAGS = ("base_config", "counterfactual_modalities")
+NOT_CONFIG_FLAGS = ("base_config", "counterfactual_modalities", "context_config")
 # config values given on the command line in another form than the config's (`ModelArguments.config_kwargs`)
 CONFIG_FLAG_FORMS: dict[str, tuple[Any, str]] = {
     "counterfactual_types": (str, "comma separated"),
@@ -118,7 +118,7 @@ def config_argument_help() -> dict[str, str]:
     `a / b (`type`): text` for two), whitespace normalised and escaped for argparse."""
     entries = re.finditer(
         r"^ {4}(?P<names>\w+(?: / \w+)*) \([^\n]*?\):(?P<text>.*(?:\n {8}.*)*)",
-        inspect.cleandoc(CFMoEConfig.__doc__),
+        inspect.cleandoc(CFMoEConfig.__doc__) + "\n" + inspect.cleandoc(ContextConfig.__doc__),
         flags=re.MULTILINE,
     )
     helps = {}
@@ -138,15 +138,16 @@ def config_override_fields() -> list[tuple[str, Any, Any]]:
     """One (name, type, field) per `CFMoEConfig` argument (but `NOT_CONFIG_FLAGS`): its type made optional (None, the
     field's default, keeps the config's or the checkpoint's value; string settings limited to `CHOICES`), its help
     the config's docstring with the config's default as the one default shown."""
-    hints = get_type_hints(CFMoEConfig.__init__)
+    hints = {**get_type_hints(CFMoEConfig.__init__), **get_type_hints(ContextConfig)}
     helps = config_argument_help()
     overrides = []
-    for name, parameter in inspect.signature(CFMoEConfig.__init__).parameters.items():
+    parameters = {**inspect.signature(CFMoEConfig.__init__).parameters, **inspect.signature(ContextConfig).parameters}
+    for name, parameter in parameters.items():
         if name in ("self", "kwargs", *NOT_CONFIG_FLAGS):
             continue
         kind, form = CONFIG_FLAG_FORMS.get(name, (Literal[CHOICES[name]] if name in CHOICES else hints[name], ""))
         text = f"{form}: {helps[name]}" if form else helps[name]
-        default = repr(parameter.default) if isinstance(parameter.default, str) else str(parameter.default)
+        default = repr(str(parameter.default)) if isinstance(parameter.default, str) else str(parameter.default)
         help_text = f"{text} (default: {default.replace('%', '%%')}; a CF-MoE checkpoint: its own)"
         overrides.append((name, kind | None, field(default=None, metadata={"help": help_text})))
     return overrides
@@ -235,7 +236,11 @@ class ModelLoadingArguments:
     def config_kwargs(self) -> dict:
         """The CF-MoE config values given on the command line (every field named as a `CFMoEConfig` argument, and
         the counterfactual modalities)."""
-        names = [name for name in inspect.signature(CFMoEConfig.__init__).parameters if hasattr(self, name)]
+        names = [
+            name
+            for name in [*inspect.signature(CFMoEConfig.__init__).parameters, *CONTEXT_FIELDS]
+            if hasattr(self, name)
+        ]
         kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         if "counterfactual_types" in kwargs:
             kwargs["counterfactual_types"] = [t.strip() for t in kwargs["counterfactual_types"].split(",") if t.strip()]

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from cfmoe.modeling_cfmoe.configuration_cfmoe import ContextConfig, WithoutCoreEvidence
 from cfmoe.modeling_cfmoe.context import LEAK_SHARE, MIN_CORE_SEPARATION, SIGNIFICANCE
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,13 @@ RULES = {
 }
 
 
-def token_rules(config, statistics, ids: torch.Tensor, values: dict[str, torch.Tensor]) -> list[str]:
+def token_rules(context: ContextConfig, statistics, ids: torch.Tensor, values: dict[str, torch.Tensor]) -> list[str]:
     """The `RULES` key that decides each token of `ids` (strong or not): declared, protected, the image-core test's
     verdict where it has power, else the form prior (`context_without_core_evidence="leak_forms"`) or strength."""
-    tested = config.core_dependence_threshold is not None
+    tested = context.core_dependence_threshold is not None
     power = bool(statistics.core_test_power()) and tested
-    prior = tested and config.context_without_core_evidence == "leak_forms"
-    dependent = (values["dependence"] >= (config.core_dependence_threshold or 0)) & (
+    prior = tested and context.context_without_core_evidence == WithoutCoreEvidence.LEAK_FORMS
+    dependent = (values["dependence"] >= (context.core_dependence_threshold or 0)) & (
         values["dependence_p_value"] < SIGNIFICANCE
     )
     leak = values["leak_share"] >= LEAK_SHARE
@@ -89,7 +90,7 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
     class but kept, because they move with the image core or, where the image cannot tell, because they are plain
     words; `declared`, `protected`) the `top` tokens by determination, each with its items per class,
     determination, dependence, share of leak-prone uses, strength and the rule that decided it (`RULES`)."""
-    config, statistics = model.config, model.context_statistics
+    context, statistics = model.config.context_config, model.rows.statistics
     seen = statistics.token_counts.sum(-1) > 0
     ids = torch.arange(statistics.token_counts.shape[0], device=seen.device)
     declared, protected = statistics.flag("declared_token", ids), statistics.flag("protected_token", ids)
@@ -100,24 +101,24 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
         "dependence_p_value": p_value,
         "leak_share": statistics.leak_share(ids),
         "strength": statistics.token_strength(
-            ids, config.core_dependence_threshold, config.context_without_core_evidence
+            ids, context.core_dependence_threshold, context.context_without_core_evidence
         ),
     }
-    strong = values["determination"] >= config.text_context_threshold
-    discovered = strong if config.discover_text_context else torch.zeros_like(strong)
+    strong = values["determination"] >= context.text_context_threshold
+    discovered = strong if context.discover_text_context else torch.zeros_like(strong)
     masks = {
-        "context": seen & (values["strength"] >= config.text_context_threshold) & ~declared,
-        "kept_as_core": seen & discovered & (values["strength"] < config.text_context_threshold) & ~protected,
+        "context": seen & (values["strength"] >= context.text_context_threshold) & ~declared,
+        "kept_as_core": seen & discovered & (values["strength"] < context.text_context_threshold) & ~protected,
         "declared": seen & declared,
         "protected": seen & protected,
     }
-    if not config.discover_text_context:
+    if not context.discover_text_context:
         masks["context"] = torch.zeros_like(seen)
     result = {}
     for status, mask in masks.items():
         chosen = ids[mask]
         chosen = chosen[values["determination"][chosen].argsort(descending=True)[:top]]
-        rules = token_rules(config, statistics, chosen, {k: v[chosen] for k, v in values.items()})
+        rules = token_rules(context, statistics, chosen, {k: v[chosen] for k, v in values.items()})
         entries = zip(chosen.tolist(), rules, strict=True)
         result[status] = [_token_entry(tokenizer, statistics, i, values, RULES[rule]) for i, rule in entries]
     return result
@@ -126,13 +127,13 @@ def token_audit(model, tokenizer, top: int = TOP_TOKENS) -> dict[str, list[dict[
 def core_test(model) -> dict[str, Any]:
     """Whether the image core could test tokens (`ContextStatistics.core_test_power`), its numbers, and in words
     what decided instead where it could not."""
-    config, statistics = model.config, model.context_statistics
-    power = config.core_dependence_threshold is not None and bool(statistics.core_test_power())
+    context, statistics = model.config.context_config, model.rows.statistics
+    power = context.core_dependence_threshold is not None and bool(statistics.core_test_power())
     if power:
         decides = "the image core: a strong token that moves with it is core, one blind to it is context"
-    elif config.core_dependence_threshold is None:
+    elif context.core_dependence_threshold is None:
         decides = "strength alone (core_dependence_threshold is None): every token that points at one class"
-    elif config.context_without_core_evidence == "leak_forms":
+    elif context.context_without_core_evidence == WithoutCoreEvidence.LEAK_FORMS:
         decides = (
             "no image evidence (the images do not tell the classes apart, e.g. one placeholder image): only tokens "
             "of leak-prone forms (hashtags, mentions, URLs, emoji, placeholders, whitespace artefacts) that point at "
@@ -155,10 +156,10 @@ def sample_audit(model, batches: list[dict[str, torch.Tensor]], tokenizer) -> di
     pixels treated as context, and a few items (`SHOWN_ITEMS`) with their text (context words in brackets) and
     their image context mask."""
     rows_with, text_tokens, context_tokens, pixel_shares, shown = 0, 0, 0, [], []
-    image_token = model.image_token_id
+    image_token = model.config.base_config.image_token_id
     for batch in batches:
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-        text, pixels = model.find_context(ids, mask, batch.get("pixel_values"))
+        text, pixels = model.rows.find_context(ids, mask, batch.get("pixel_values"))
         words = mask & (ids != image_token)
         rows_with += int(text.any(1).sum())
         text_tokens += int(words.sum())
@@ -191,7 +192,7 @@ def sample_audit(model, batches: list[dict[str, torch.Tensor]], tokenizer) -> di
 def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], stage: str) -> dict[str, Any]:
     """The audit of `model` now (`stage`: when it was taken) on training `batches`: the JSON-ready report, and
     under `"shown"` a few items with their tensors (for the figure; not written to JSON)."""
-    config, statistics = model.config, model.context_statistics
+    context, statistics = model.config.context_config, model.rows.statistics
     return {
         "stage": stage,
         "items_counted": int(statistics.class_counts.sum()),
@@ -201,25 +202,11 @@ def context_report(model, tokenizer, batches: list[dict[str, torch.Tensor]], sta
         "colour_evidence_p_value": float(statistics.colour_p_value()),
         "core_test": core_test(model),
         "image_context": {
-            "colour": config.discover_image_context and bool(statistics.colour_p_value() < SIGNIFICANCE),
-            "pixels": config.discover_image_context and bool(statistics.local_p_value() < SIGNIFICANCE),
-            "declared_regions": len(config.declared_image_context),
+            "colour": context.discover_image_context and bool(statistics.colour_p_value() < SIGNIFICANCE),
+            "pixels": context.discover_image_context and bool(statistics.local_p_value() < SIGNIFICANCE),
+            "declared_regions": len(context.declared_image_context),
         },
-        "settings": {
-            name: getattr(config, name)
-            for name in (
-                "text_context_threshold",
-                "context_support",
-                "core_dependence_threshold",
-                "context_without_core_evidence",
-                "declared_text_context",
-                "protected_words",
-                "discover_text_context",
-                "discover_image_context",
-                "declared_image_context",
-                "image_context_threshold",
-            )
-        },
+        "settings": {name: value for name, value in context.to_dict().items() if name != "context_covariance_pixels"},
         "tokens": token_audit(model, tokenizer),
         **sample_audit(model, batches, tokenizer),
     }

@@ -50,13 +50,13 @@ class CFMoETrainer(NonFiniteGuardMixin, StagedCheckpointsMixin, Trainer):
         config = self.model.config
         counting = model.training and self.method.counts_statistics(config, self.state)
         if counting:  # the statistics that pick each item's context and route the experts, before the forward
-            self.accelerator.unwrap_model(model).update_context_statistics(
+            self.accelerator.unwrap_model(model).rows.update(
                 inputs["input_ids"], labels, inputs.get("attention_mask"), inputs.get("pixel_values")
             )
         outputs = model(**inputs, counterfactuals=self.method.forward_mode(config, model.training, self.state))
         if counting and outputs.image_core_features is not None:
             # what each item's image core says, against its tokens: it tells core tokens from shortcuts
-            self.accelerator.unwrap_model(model).update_core_readings(
+            self.accelerator.unwrap_model(model).rows.update_core_readings(
                 inputs["input_ids"],
                 labels,
                 outputs.image_core_features,

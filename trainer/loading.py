@@ -115,7 +115,7 @@ def load_model(
     frozen when asked."""
     overrides = {**get_method(method).model_config, **model_args.config_kwargs()}
     model, processor = _load_base_model(task, model_args, overrides, labels, seed, texts)
-    model.set_vocabulary(processor.tokenizer)  # word pieces, declared context and protected words
+    model.rows.set_vocabulary(processor.tokenizer)  # word pieces, declared context and protected words
     if model_args.use_lora:
         if model_args.load_in_4bit or model_args.load_in_8bit:
             model = prepare_for_kbit_training(model)

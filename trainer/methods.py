@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from cfmoe.modeling_cfmoe import CFMoEConfig, CounterfactualMode
+from cfmoe.modeling_cfmoe import CFMoEConfig, CounterfactualMode, CounterfactualType, InferenceMode
 from cfmoe.modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
 
 from .losses import (
@@ -95,7 +95,7 @@ class DebiasingMethod:
         """Whether optimizer step `step` (default: the current one) trains the bias branches only."""
         return (state.global_step if step is None else step) < self.bias_only_warmup_steps(state)
 
-    def forward_mode(self, config: CFMoEConfig, training: bool, state: TrainerState) -> CounterfactualMode | None:
+    def forward_mode(self, config: CFMoEConfig, training: bool, state: TrainerState) -> CounterfactualMode:
         """What the forward computes for this step, only what its loss or metrics read: by default the branches and
         effects (the bias-branch metrics of evaluation read them)."""
         return CounterfactualMode.EFFECTS
@@ -151,7 +151,7 @@ class Vanilla(DebiasingMethod):
     name = "vanilla"
 
     def forward_mode(self, config, training, state):
-        return None if training else CounterfactualMode.EFFECTS
+        return CounterfactualMode.PREDICTION if training else CounterfactualMode.EFFECTS
 
     def loss_terms(self, outputs, labels, groups, state):
         return LossTerms({"task": weighted_cross_entropy(outputs.fused_logits, labels)})
@@ -220,7 +220,7 @@ class CFVQA(BiasBranchMethod):
     model_config = MappingProxyType({"inference_mode": "tie"})
 
     def check_config(self, config):
-        if config.inference_mode != "tie":
+        if config.inference_mode != InferenceMode.TIE:
             raise ValueError(
                 "method cfvqa predicts with the total indirect effect: build the model with inference_mode='tie'"
             )
@@ -278,7 +278,8 @@ class CFMoE(DebiasingMethod):
 
     def check_config(self, config):
         args = self.args
-        cf_rows = config.counterfactual_fraction > 0 and "context_swapped" in config.counterfactual_types
+        swapped = CounterfactualType.CONTEXT_SWAPPED in config.counterfactual_types
+        cf_rows = config.counterfactual_fraction > 0 and swapped
         if not (args.factual_task_weight or (cf_rows and args.counterfactual_task_weight)):
             raise ValueError(
                 "method cfmoe with factual_task_weight 0 trains the fused head on context-swapped rows only, but "
@@ -310,10 +311,10 @@ class CFMoE(DebiasingMethod):
         if not training:
             return CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS if builds_rows else CounterfactualMode.EFFECTS
         if self.in_bias_only_warmup(state):
-            reads_core = builds_rows and config.core_dependence_threshold is not None
+            reads_core = builds_rows and config.context_config.core_dependence_threshold is not None
             counting = self.counts_statistics(config, state)
             return CounterfactualMode.IMAGE_CORE if reads_core and counting else CounterfactualMode.EFFECTS
-        contrast = self.args.contrast_loss_weight > 0 and "core_masked" in config.counterfactual_types
+        contrast = self.args.contrast_loss_weight > 0 and CounterfactualType.CORE_MASKED in config.counterfactual_types
         if self.args.factual_task_weight > 0 or contrast:
             return CounterfactualMode.FACTUAL_AND_COUNTERFACTUAL_ROWS
         return CounterfactualMode.COUNTERFACTUAL_ROWS_ONLY

@@ -85,7 +85,7 @@ class Work:
 @contextmanager
 def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
     """Count the vision tower's images and the language model's calls with forward pre-hooks (removed on exit)."""
-    work, image_token = Work(), model.image_token_id
+    work, image_token = Work(), model.config.base_config.image_token_id
 
     def on_vision(module, args, kwargs):
         work.vision_calls.append((args[0] if args else kwargs["pixel_values"]).shape[0])
@@ -107,15 +107,15 @@ def count_work(model: CFMoEForMultimodalClassification) -> Iterator[Work]:
             handle.remove()
 
 
-# the model's own methods behind the no-gradient token- and pixel-space work of a step: the statistics update the
-# trainer makes before each training forward, and the context strength the forward computes
-CONTEXT_CALLS = {"context_statistics": "update_context_statistics", "context_strength": "_context_strength"}
+# the methods of the model's row builder (`model.rows`) behind the no-gradient token- and pixel-space work of a step:
+# the statistics update the trainer makes before each training forward, and the context strength the forward computes
+CONTEXT_CALLS = {"context_statistics": "update", "context_strength": "strength"}
 
 
 @contextmanager
 def read_calls(core: CFMoEForMultimodalClassification, read: Callable[[], float]) -> Iterator[dict[str, float]]:
     """While open, how much `read()` (a clock, a FLOP count) grows during the calls of each `CONTEXT_CALLS` method
-    of `core` (the CF-MoE model, not its PEFT wrapper), by part name."""
+    of `core.rows` (`core`: the CF-MoE model, not its PEFT wrapper), by part name."""
     spent = dict.fromkeys(CONTEXT_CALLS, 0.0)
 
     def wrap(part: str, method: Callable) -> Callable:
@@ -129,12 +129,12 @@ def read_calls(core: CFMoEForMultimodalClassification, read: Callable[[], float]
         return wrapper
 
     for part, name in CONTEXT_CALLS.items():
-        setattr(core, name, wrap(part, getattr(core, name)))  # an instance attribute shadows the method
+        setattr(core.rows, name, wrap(part, getattr(core.rows, name)))  # an instance attribute shadows the method
     try:
         yield spent
     finally:
         for name in CONTEXT_CALLS.values():
-            delattr(core, name)
+            delattr(core.rows, name)
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -289,7 +289,7 @@ class Runner:
     def fill_context_statistics(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """The label statistics the bias-only warm-up leaves behind (the trainer counts every training batch)."""
         for batch in batches:
-            self.model.update_context_statistics(
+            self.model.rows.update(
                 batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
             )
 
