@@ -24,6 +24,7 @@ from .base_families import BaseFamily, base_family
 from .configuration_cfmoe import CFMoEConfig, InferenceMode, Pooling
 from .counterfactual import (
     CounterfactualMode,
+    CounterfactualRows,
     language_rows,
     left_align,
     pool_by_row,
@@ -156,14 +157,11 @@ class CFMoEModel(CFMoEPreTrainedModel):
     ) -> CFMoEModelOutput:
         r"""The representations of the factual rows and, as `counterfactuals` asks, of the bias branches and the
         counterfactual rows (the arguments of [`CFMoEForMultimodalClassification.forward`])."""
-        config = self.config
-        mode = CounterfactualMode(counterfactuals or CounterfactualMode.PREDICTION)
+        config, mode = self.config, CounterfactualMode(counterfactuals or CounterfactualMode.PREDICTION)
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         factual = self._embed(input_ids, attention_mask, inputs_embeds)
         edits_images = mode.edits_images and pixel_values is not None
-        if mode.builds_rows and pixel_values is not None and input_ids is None:
-            raise ValueError("counterfactual rows pick text context by token id: pass input_ids, not inputs_embeds")
 
         # 0. how strongly each token and pixel carries a shortcut: it picks the context and routes the experts
         strength, evidence = self._strength_and_evidence(input_ids, factual, pixel_values, edits_images)
@@ -178,18 +176,11 @@ class CFMoEModel(CFMoEPreTrainedModel):
 
         # 2. the counterfactual rows (or only the image-core readings) of a `counterfactual_fraction` of the items
         cf = core = None
-        if edits_images and image_features is not None and mode.builds_rows:
-            batch = RowBatch(
-                input_ids, factual.inputs_embeds, factual.attention_mask, factual.image_mask, pixel_values, strength
-            )
-            cf = self.rows.build(batch, lambda edit, rows: self._insert_images(edit, _rows_of(image_inputs, rows)))
-            core = None if cf is None else cf.image_core
-        elif edits_images and image_features is not None and strength.pixels is not None:
-            core = self._image_core_readings(pixel_values, factual.image_mask, image_inputs, strength)
+        if edits_images and image_features is not None:
+            cf, core = self._counterfactual_rows(mode, input_ids, factual, pixel_values, image_inputs, strength)
 
         # 3. factual and/or counterfactual rows through the language model in one call -> pool -> language MoE
         keep_factual = cf is None or mode.keeps_factual_rows
-        n_factual = factual.inputs_embeds.shape[0] if keep_factual else 0
         pooled, text_routing, language_out = self._encode_rows(
             factual, evidence, cf, keep_factual, output_attentions, output_hidden_states
         )
@@ -199,21 +190,15 @@ class CFMoEModel(CFMoEPreTrainedModel):
         if mode.computes_branches or config.inference_mode == InferenceMode.TIE:
             text_only, image_only = self._bias_branch_rows(factual, evidence, image_features, image_rows)
         routings = [routing for routing in (visual_routing, text_routing) if routing is not None]
-        length = factual.attention_mask.shape[1]
+        n_factual, length = factual.inputs_embeds.shape[0] if keep_factual else 0, factual.attention_mask.shape[1]
         return CFMoEModelOutput(
-            pooled=pooled[:n_factual] if n_factual else None,
+            **_split_rows(pooled, text_routing, cf, n_factual),
             text_only_pooled=text_only,
             image_only_pooled=image_only,
-            counterfactual_pooled=None if cf is None else pooled[n_factual:],
-            counterfactual_source=None if cf is None else cf.source,
-            counterfactual_kind=None if cf is None else cf.kind,
             image_core_features=None if core is None else core[0],
             image_core_source=None if core is None else core[1],
             visual_gates=None if visual_routing is None else visual_routing.gates,
             visual_router_logits=None if visual_routing is None else visual_routing.router_logits,
-            text_gates=text_routing.gates[:n_factual] if n_factual else None,
-            text_router_logits=text_routing.router_logits[:n_factual] if n_factual else None,
-            counterfactual_text_gates=None if cf is None else text_routing.gates[n_factual:],
             aux_loss=sum(load_balancing_loss(routing.gates, routing.router_logits) for routing in routings),
             hidden_states=_factual_rows(language_out.hidden_states, n_factual, length),
             attentions=_factual_rows(language_out.attentions, n_factual, length),
@@ -355,6 +340,22 @@ class CFMoEModel(CFMoEPreTrainedModel):
         table = self.get_input_embeddings().weight
         return (inputs_embeds @ table.T - 0.5 * (table * table).sum(-1)).argmax(-1)
 
+    def _counterfactual_rows(self, mode, input_ids, factual: FactualBatch, pixel_values, image_inputs, strength):
+        """(the counterfactual rows, or None; the image-core readings `((n, hidden), (n,))`, or None): the rows when
+        `mode` builds them (their context-swapped images give the readings), else the readings alone (with pixel
+        strength, one image per item)."""
+        if mode.builds_rows:
+            if input_ids is None:
+                raise ValueError("counterfactual rows pick text context by token id: pass input_ids, not inputs_embeds")
+            batch = RowBatch(
+                input_ids, factual.inputs_embeds, factual.attention_mask, factual.image_mask, pixel_values, strength
+            )
+            cf = self.rows.build(batch, lambda edit, rows: self._insert_images(edit, _rows_of(image_inputs, rows)))
+            return cf, None if cf is None else cf.image_core
+        if strength.pixels is None:
+            return None, None
+        return None, self._image_core_readings(pixel_values, factual.image_mask, image_inputs, strength)
+
     def _insert_images(self, edit: RowEdit, image_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(the edit's embeddings `(n, width, hidden)` with its image positions holding the features of its images:
         vision tower, projector and visual MoE, routed by the row's own content or bias evidence (never by the factual
@@ -378,6 +379,21 @@ class CFMoEModel(CFMoEPreTrainedModel):
         images, draw = readings
         features, feature_rows = self._image_features(images, image_mask[draw.rows], _rows_of(image_inputs, draw.rows))
         return pool_by_row(features, feature_rows, len(draw.rows)).float(), draw.rows
+
+
+def _split_rows(pooled, routing: RoutingResult, cf: CounterfactualRows | None, n_factual: int) -> dict:
+    """The output fields of one language-model call's rows `(n_factual + rows, ...)`: the factual rows' pooled states
+    and text routing (None without factual rows) and the counterfactual rows' (None without them)."""
+    factual = n_factual > 0
+    return {
+        "pooled": pooled[:n_factual] if factual else None,
+        "text_gates": routing.gates[:n_factual] if factual else None,
+        "text_router_logits": routing.router_logits[:n_factual] if factual else None,
+        "counterfactual_pooled": None if cf is None else pooled[n_factual:],
+        "counterfactual_text_gates": None if cf is None else routing.gates[n_factual:],
+        "counterfactual_source": None if cf is None else cf.source,
+        "counterfactual_kind": None if cf is None else cf.kind,
+    }
 
 
 def _rows_of(image_inputs: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ Data flow of one forward (docs/method.md):
     learned prior                                                                               Z(t*, v*)
 
 [`CFMoEModel`] is the body: it computes the representations (vision tower -> projector -> visual MoE -> merge ->
-language model -> pooled -> language MoE) of the factual rows and of the fine-grained counterfactual rows
-(`counterfactual_rows.py`). [`CFMoEForMultimodalClassification`] adds the heads, the causal effects and the loss.
+language model -> pooled -> language MoE) of the factual rows, of the fine-grained counterfactual rows
+(`counterfactual_rows.py`) and of the bias branches. [`CFMoEForMultimodalClassification`] holds it as `model`, as
+LLaVA's head holds `LlavaModel`, and adds the heads, the causal effects and the loss.
 The vision tower runs once per image. Factual rows and counterfactual rows (core-masked, context-swapped; training
 only) share one language-model call; the text-only rows run in a second call on their own short sequence (no image
 tokens), so they cost text tokens only.
@@ -150,17 +151,14 @@ class CFMoEForMultimodalClassification(CFMoEPreTrainedModel):
         output_hidden_states: bool | None = None,
     ) -> CFMoEOutput:
         r"""
-        input_ids / attention_mask: `(batch, length)` with the base's image placeholder tokens.
-        pixel_values: the base processor's pixel values (with `image_sizes` / `batch_num_images` for
-            LLaVA-NeXT and OneVision).
-        labels: `(batch,)` class ids in `[0, num_labels)`.
-        counterfactuals: what to compute besides the prediction, a [`CounterfactualMode`] or its value: None (the
-            prediction), "effects", "image_core", "factual_and_counterfactual_rows" or "counterfactual_rows_only".
-        inputs_embeds: `(batch, length, hidden)` instead of `input_ids`; image placeholders are the positions
-            holding the image token's embedding.
+        input_ids / attention_mask: `(batch, length)` with the base's image placeholder tokens; or `inputs_embeds`
+            `(batch, length, hidden)` (image placeholders: the positions holding the image token's embedding).
+        pixel_values: the base processor's pixel values (with `image_sizes` / `batch_num_images` for LLaVA-NeXT and
+            OneVision). labels: `(batch,)` class ids in `[0, num_labels)`.
+        counterfactuals: what to compute besides the prediction, a [`CounterfactualMode`] or its value.
         output_attentions / output_hidden_states: also return the language model's attentions / hidden states
-            of the factual rows (default: the config's).
-        return_dict: a [`CFMoEOutput`] (default: `config.return_dict`) or the tuple of its non-None fields.
+            of the factual rows (default: the config's). return_dict: a [`CFMoEOutput`] (default:
+            `config.return_dict`) or the tuple of its non-None fields.
         """
         states = self.model(
             input_ids=input_ids,
