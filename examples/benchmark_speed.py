@@ -33,7 +33,7 @@ context statistics' update and the context strength, the rest; and the tower : L
 Writes `speed.json` (`{"default": {"BxN": {"train_step_ratio", "inference_ratio", "peak_memory_ratio", ...,
 "vanilla": {..., "flop_shares", "gflops"}, "default": {...}}}, "trained_tower": {...}, "setup": {...}}`; with
 `--shape llava` the section `llava_shape`, with `--shape llava-7b` `llava_7b_full` and `llava_7b_lora`) and
-`speed.md`, and prints the tables.
+`speed.md` (both laid out by `benchmarks.speed_report`), and prints the tables.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ import argparse
 import datetime
 import gc
 import json
-import statistics
 from pathlib import Path
 
 import torch
 
 from benchmarks.shapes import LLAVA_SIZE, SHAPES, Size, parse_sizes
-from benchmarks.speed import CONTEXT_CALLS, Runner, compare, lm_to_tower_forward, make_batch, time_interleaved
+from benchmarks.speed import Runner, lm_to_tower_forward, make_batch, parameters, probe, time_interleaved
+from benchmarks.speed_report import markdown, size_result
 
 # per --shape, speed.json's sections: title, Runner options. The headline first: the vision tower frozen, as the
 # llava recipe and the README's main job train; then the tiny from-scratch recipe, which trains the tower
@@ -96,23 +96,6 @@ RUNS = {  # per --shape: the full run, the --tiny smoke run (the tests')
     "llava-7b": ({"sizes": "4x576", "steps": 10, "warmup": 2}, {"sizes": "4x576", "steps": 2, "warmup": 1}),
 }
 STATISTICS_BATCHES, TINY_STATISTICS_BATCHES = 16, 2  # batches counted into the context statistics before timing
-PARTS = ("vision_tower", "language_model", *CONTEXT_CALLS, "rest")  # the FLOP shares of a step
-
-
-def probe(runner: Runner, batch: dict[str, torch.Tensor]) -> dict:
-    """The counts of `runner`'s steps on `batch`: work and context seconds of a training step and of an inference,
-    profiler FLOPs and memory, FLOPs by part (training step and inference), host syncs on CUDA."""
-    train, context_seconds = runner.count("train_step", batch)
-    inference, _ = runner.count("infer", batch)
-    return {
-        "train": train,
-        "context_seconds": context_seconds,
-        "inference": inference,
-        **runner.profile_train_step(batch),
-        "train_flops": runner.flops("train_step", batch),
-        "inference_flops": runner.flops("infer", batch),
-        "host_syncs": runner.count_host_syncs(batch) if runner.device.type == "cuda" else None,
-    }
 
 
 def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool = True, lora: bool = False) -> dict:
@@ -133,131 +116,10 @@ def measure(size: Size, cli: argparse.Namespace, freeze_tower: bool = True, lora
         runner.fill_context_statistics(statistics_batches)
         for batch in warmup:
             runner.train_step(batch)
-    raw = {runner.name: probe(runner, timed[0]) for runner in runners}
+    counts = {runner.name: probe(runner, timed[0]) for runner in runners}
     train = time_interleaved(runners, "train_step", timed)
     inference = time_interleaved(runners, "infer", timed)
-    result = {
-        "text_tokens": size.text_tokens,
-        "parameters_m": parameters(runners[1]),
-        "train_step": compare(train, "default", "vanilla"),
-        "inference": compare(inference, "default", "vanilla"),
-    }
-    for name, counts in raw.items():
-        flops, inference_flops = counts["train_flops"], counts["inference_flops"]
-        result[name] = {
-            "train_step_ms": 1e3 * statistics.median(train[name]),
-            "inference_ms": 1e3 * statistics.median(inference[name]),
-            "peak_memory_mb": counts["peak_bytes"] / 2**20,
-            "step_memory_mb": counts["step_bytes"] / 2**20,
-            "train_step_gflops": counts["flops"] / 1e9,
-            "flop_shares": {part: flops[part] / flops["total"] for part in PARTS},
-            "gflops": {part: flops[part] / 1e9 for part in (*PARTS, "total")},
-            "inference_gflops": {part: inference_flops[part] / 1e9 for part in (*PARTS, "total")},
-            "context_ms": {part: 1e3 * seconds for part, seconds in counts["context_seconds"].items()},
-            "lm_calls": [(call.rows, call.length) for call in counts["train"].lm_calls],
-            "lm_tokens": counts["train"].lm_tokens,
-            "images": counts["train"].images,
-            "inference_lm_tokens": counts["inference"].lm_tokens,
-            "inference_images": counts["inference"].images,
-            "host_syncs": counts["host_syncs"],
-        }
-    default, vanilla = raw["default"], raw["vanilla"]
-    forward = vanilla["inference_flops"]
-    return {
-        "train_step_ratio": result["train_step"]["ratio"],
-        "inference_ratio": result["inference"]["ratio"],
-        "peak_memory_ratio": default["peak_bytes"] / vanilla["peak_bytes"],
-        "step_memory_ratio": default["step_bytes"] / vanilla["step_bytes"],
-        "train_flop_ratio": default["flops"] / vanilla["flops"],
-        "lm_token_ratio": default["train"].lm_tokens / vanilla["train"].lm_tokens,
-        "image_ratio": default["train"].images / vanilla["train"].images,
-        "lm_to_tower_forward": forward["language_model"] / forward["vision_tower"],
-        **result,
-    }
-
-
-def parameters(runner: Runner) -> dict[str, float]:
-    """Millions of parameters: the vision tower's, the language model's, all, and those trained."""
-    core, model = runner.core, runner.model
-    return {
-        "vision_tower": sum(p.numel() for p in core.vision_tower.parameters()) / 1e6,
-        "language_model": sum(p.numel() for p in core.language_model.parameters()) / 1e6,
-        "total": sum(p.numel() for p in model.parameters()) / 1e6,
-        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-    }
-
-
-def markdown(report: dict) -> str:
-    """Per section (the headline first): default / vanilla at each size, with the counts behind it, and the FLOPs
-    of a step by part next to the measured times."""
-    setup = report["setup"]
-    targets, lines = setup["targets"], []
-    for name, (title, _) in SECTIONS[setup["shape"]].items():
-        lines += [
-            f"{title} ({setup['date']}, {setup['device']}, {setup['clock']}, median of {setup['steps']} steps; "
-            f"targets: train step <= {targets['train_step_ratio']}, inference <= {targets['inference_ratio']}, "
-            f"peak memory <= {targets['peak_memory_ratio']})",
-            "",
-            *size_table(report[name]),
-            "",
-            "FLOPs of one training step by part (torch's FLOP formulas: matmuls, convolutions, attention; forward + "
-            "backward), the clock over the context calls of one step, and the language model's forward FLOPs per "
-            "vision-tower forward FLOP in an inference (LLaVA-1.5-7B's dimensions: "
-            f"{setup['llava_7b_lm_to_tower_forward']:.1f})",
-            "",
-            *flop_table(report[name]),
-            "",
-        ]
-        if setup["device"] != "CPU":
-            syncs = ", ".join(
-                f"{n}: {r['vanilla']['host_syncs']} -> {r['default']['host_syncs']}" for n, r in report[name].items()
-            )
-            lines += [f"Host syncs per training step (vanilla -> default): {syncs}", ""]
-    return "\n".join(lines)
-
-
-def memory(mib: float) -> str:
-    return f"{mib / 1024:.1f} GiB" if mib >= 1024 else f"{mib:.0f} MiB"
-
-
-def size_table(results: dict) -> list[str]:
-    lines = [
-        "| batch x (image + text tokens) | vanilla step ms | default step ms | **train step** | **inference** "
-        "| **peak memory** | peak memory (vanilla -> default) | step memory | FLOPs | LM tokens per step "
-        "| vision-tower images per step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        batch, tokens = name.split("x")
-        v, d = r["vanilla"], r["default"]
-        lines.append(
-            f"| {batch} x ({tokens} + {r['text_tokens']}) | {v['train_step_ms']:.0f} | {d['train_step_ms']:.0f} "
-            f"| **{r['train_step_ratio']:.2f}** | **{r['inference_ratio']:.2f}** | **{r['peak_memory_ratio']:.2f}** "
-            f"| {memory(v['peak_memory_mb'])} -> {memory(d['peak_memory_mb'])} "
-            f"| {r['step_memory_ratio']:.2f} | {r['train_flop_ratio']:.2f} "
-            f"| {v['lm_tokens']} -> {d['lm_tokens']} ({r['lm_token_ratio']:.2f}x) "
-            f"| {v['images']} -> {d['images']} ({r['image_ratio']:.2f}x) |"
-        )
-    return lines
-
-
-def flop_table(results: dict) -> list[str]:
-    lines = [
-        "| batch x (image + text tokens) | configuration | step ms | GFLOPs | vision tower | language model "
-        "| context statistics | context strength | rest | statistics ms | strength ms | LM : tower forward |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        batch, tokens = name.split("x")
-        for configuration in ("vanilla", "default"):
-            c = r[configuration]
-            shares = " | ".join(f"{c['flop_shares'][part]:.3f}" for part in PARTS)
-            lines.append(
-                f"| {batch} x ({tokens} + {r['text_tokens']}) | {configuration} | {c['train_step_ms']:.0f} "
-                f"| {c['gflops']['total']:.3g} | {shares} | {c['context_ms']['context_statistics']:.1f} "
-                f"| {c['context_ms']['context_strength']:.1f} | {r['lm_to_tower_forward']:.1f} |"
-            )
-    return lines
+    return size_result(counts, train, inference, size.text_tokens, parameters(runners[1]))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -312,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             if cli.device == "cuda":
                 torch.cuda.empty_cache()
             (output / "speed.json").write_text(json.dumps(report, indent=2) + "\n")  # what is done so far
-    table = markdown(report)
+    table = markdown(report, {name: title for name, (title, _) in SECTIONS[cli.shape].items()})
     (output / "speed.md").write_text(table)
     print(table)
     return report

@@ -47,6 +47,17 @@ BIBTEX = """@inproceedings{wu2025beyond,
   eprint        = {2509.15361},
   archivePrefix = {arXiv}
 }"""
+LIMITATIONS = (
+    "## Limitations\n\n"
+    "- Sarcasm and sentiment data sets (MMSD, MMSD2.0, MVSA) are small, English, Twitter-derived and full "
+    "of spurious cues (hashtags, emoji, image styles); a model trained on them inherits their gaps.\n"
+    "- Debiasing removes what a single modality predicts on its own. It does not fix label noise, biases "
+    "that only appear in the combination of text and image, cues absent from training, or annotator "
+    "disagreement about what counts as sarcastic; out-of-distribution accuracy can still drop.\n"
+    "- Results on the synthetic planted-cue benchmark show the mechanism at work on a tiny model; they are "
+    "not MMSD2.0 (or any real data set) figures.\n"
+    "- Not meant for decisions about people (moderation, profiling) without human review."
+)
 
 
 def method_settings_from_config(config) -> dict[str, Any]:
@@ -85,16 +96,56 @@ def write_model_card(
     placeholder_image: the one image every item was given (no real image used); the card says so.
     """
     output_dir = Path(output_dir)
-    if base_model is not None and Path(base_model).expanduser().exists():  # a local folder: no Hub metadata
-        base_text, base_model = f"the local model `{base_model}` (a folder, not a Hub repo)", None
-    else:
-        base_text = f"`{base_model}`" if base_model else TINY_BASE
+    base_text, base_model = _describe_base(base_model)
     model_name = model_name or (repo_id or str(output_dir.resolve())).rpartition("/")[2]
-    dataset_id = dataset_id or re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-")
     task_name = f"Multimodal {task.replace('-', ' ')}"
-    results = [
+    data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag=pipeline_tag,
+        license=license,
+        tags=[*TAGS, task],
+        eval_results=_model_index(eval_results, pipeline_tag, task_name, dataset_name, dataset_id) or None,
+    )
+    sections = [
+        _intro_section(model_name, base_text, task_name),
+        _training_section(base_text, dataset_name, method_settings, placeholder_image, kept_checkpoint),
+        _results_section(eval_results, dataset_name, synthetic, placeholder_image is not None),
+        *([_routing_section(routing_shares)] if routing_shares else []),
+        _intended_use_section(task_name),
+        LIMITATIONS,
+        *([_audit_section(context_audit)] if context_audit else []),
+        _usage_section(repo_id or "REPO_ID"),
+        f"## Citation\n\n```bibtex\n{BIBTEX}\n```",
+    ]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    card.save(output_dir / "README.md")
+    return card
+
+
+def _describe_base(base_model: str | None) -> tuple[str, str | None]:
+    """(the base model in the card's words, its Hub id for the metadata): a local folder is named in the text only,
+    None is the tiny offline default."""
+    if base_model is not None and Path(base_model).expanduser().exists():
+        return f"the local model `{base_model}` (a folder, not a Hub repo)", None
+    return (f"`{base_model}`" if base_model else TINY_BASE), base_model
+
+
+def _model_index(
+    eval_results: Mapping[str, Mapping[str, float]],
+    task_type: str,
+    task_name: str,
+    dataset_name: str,
+    dataset_id: str | None,
+) -> list[EvalResult]:
+    """One `EvalResult` per finite `{split: {metric: value}}` entry (the Hub rejects NaN in model-index, e.g.
+    worst-group with too few items); `dataset_id` defaults to a slug of `dataset_name`."""
+    dataset_id = dataset_id or re.sub(r"[^a-z0-9]+", "-", dataset_name.lower()).strip("-")
+    return [
         EvalResult(
-            task_type=pipeline_tag,
+            task_type=task_type,
             task_name=task_name,
             dataset_type=dataset_id,
             dataset_name=dataset_name,
@@ -105,77 +156,56 @@ def write_model_card(
         )
         for split, metrics in eval_results.items()
         for metric, value in metrics.items()
-        if math.isfinite(value)  # the Hub rejects NaN in model-index (e.g. worst-group with too few items)
+        if math.isfinite(value)
     ]
-    data = ModelCardData(
-        model_name=model_name,
-        base_model=base_model,
-        library_name="transformers",
-        pipeline_tag=pipeline_tag,
-        license=license,
-        tags=[*TAGS, task],
-        eval_results=results or None,
-    )
-    training = [f"- Base model: {base_text}", f"- Data set: {dataset_name}"]
-    if placeholder_image:
-        training.append(
-            f"- Images: **no real image was used**: every item, in training and evaluation, was given the same "
-            f"placeholder image (`{Path(placeholder_image).name}`), so the model learned from the texts alone"
-        )
-    if kept_checkpoint:
-        training.append(f"- Weights: {kept_checkpoint}")
-    body = _card_body(
-        model_name, base_text, training, task_name, method_settings, eval_results, routing_shares, synthetic,
-        dataset_name, placeholder_image is not None,
-    )  # fmt: skip
-    if context_audit:
-        body += _audit_section(context_audit) + "\n\n"
-    body += f"{_usage_section(repo_id or 'REPO_ID')}\n\n## Citation\n\n```bibtex\n{BIBTEX}\n```\n"
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    card.save(output_dir / "README.md")
-    return card
 
 
 def _pretty(metric: str) -> str:
     return metric.replace("_", " ").capitalize().replace("f1", "F1")
 
 
-def _card_body(
-    model_name, base, training, task_name, settings, eval_results, routing, synthetic, dataset_name, placeholder
-) -> str:
-    sections = [
+def _intro_section(model_name: str, base_text: str, task_name: str) -> str:
+    """The title and what the model is: the base wrapped by CF-MoE, and whose method it implements."""
+    return (
         f"# {model_name}\n\n"
-        f"A {task_name.lower()} classifier: {base} wrapped by CF-MoE, counterfactual debiasing with "
+        f"A {task_name.lower()} classifier: {base_text} wrapped by CF-MoE, counterfactual debiasing with "
         "debiasing experts. Visual debiasing experts sit after the vision projector and language debiasing experts "
         "after the language model; text-only, image-only and prior branches estimate the direct effect of each "
         "modality. In training the fused head learns from context-swapped counterfactual rows: each item keeps its "
         "core and takes another item's context (the tokens and pixels that carry a shortcut), so that the context "
         "no longer follows the label. Inference is one forward pass.\n\n"
         "This is an independent implementation of the method of Wu, Huang and Wu (Findings of EMNLP 2025, "
-        "arXiv 2509.15361), built from its abstract; it is not the authors' code.",
-        "\n".join(["## Training\n", *training, "", ""])
-        + _table(["Setting", "Value"], [[f"`{k}`", _code_cell(v)] for k, v in settings.items()]),
-        _results_section(eval_results, dataset_name, synthetic, placeholder),
-    ]
-    if routing:
-        sections.append(_routing_section(routing))
-    sections += [
+        "arXiv 2509.15361), built from its abstract; it is not the authors' code."
+    )
+
+
+def _training_section(
+    base_text: str,
+    dataset_name: str,
+    settings: Mapping[str, Any],
+    placeholder_image: str | None,
+    kept_checkpoint: str | None,
+) -> str:
+    """The base, the data, the images when only a placeholder was used, the weights kept, and the settings table."""
+    lines = ["## Training\n", f"- Base model: {base_text}", f"- Data set: {dataset_name}"]
+    if placeholder_image:
+        lines.append(
+            f"- Images: **no real image was used**: every item, in training and evaluation, was given the same "
+            f"placeholder image (`{Path(placeholder_image).name}`), so the model learned from the texts alone"
+        )
+    if kept_checkpoint:
+        lines.append(f"- Weights: {kept_checkpoint}")
+    table = _table(["Setting", "Value"], [[f"`{k}`", _code_cell(v)] for k, v in settings.items()])
+    return "\n".join([*lines, "", table])
+
+
+def _intended_use_section(task_name: str) -> str:
+    return (
         "## Intended use\n\n"
         f"Research on robust multimodal classification ({task_name.lower()}) of image-text posts, and a "
         "baseline for debiasing studies: score an (image, text) pair, and inspect with `return_effects=True` how "
-        "much of a prediction each modality contributes directly (NDE) versus jointly (TIE).",
-        "## Limitations\n\n"
-        "- Sarcasm and sentiment data sets (MMSD, MMSD2.0, MVSA) are small, English, Twitter-derived and full "
-        "of spurious cues (hashtags, emoji, image styles); a model trained on them inherits their gaps.\n"
-        "- Debiasing removes what a single modality predicts on its own. It does not fix label noise, biases "
-        "that only appear in the combination of text and image, cues absent from training, or annotator "
-        "disagreement about what counts as sarcastic; out-of-distribution accuracy can still drop.\n"
-        "- Results on the synthetic planted-cue benchmark show the mechanism at work on a tiny model; they are "
-        "not MMSD2.0 (or any real data set) figures.\n"
-        "- Not meant for decisions about people (moderation, profiling) without human review.",
-    ]
-    return "\n\n".join(sections) + "\n\n"
+        "much of a prediction each modality contributes directly (NDE) versus jointly (TIE)."
+    )
 
 
 def _usage_section(repo: str) -> str:

@@ -10,11 +10,13 @@ import time
 
 import datasets
 import transformers
-from transformers import set_seed
+from datasets import DatasetDict
+from transformers import PreTrainedModel, ProcessorMixin, set_seed
 
 from .arguments import DataArguments, ModelArguments, parse_args
 from .cfmoe_trainer import CFMoETrainer
 from .collator import CFMoECollator
+from .data.synthetic import SyntheticConfig
 from .evaluation import build_debiasing_compute_metrics
 from .loading import (
     check_training_labels,
@@ -90,42 +92,12 @@ def train_and_evaluate(
     model, processor = load_model(
         task, model_args, labels, training_args.seed, method=training_args.method, texts=texts
     )
-    collator = CFMoECollator(
-        processor,
-        num_labels=model.config.num_labels,
-        prompt_template=model.config.prompt_template,
-        max_length=data_args.max_length,
-        skip_bad_examples=data_args.skip_bad_examples,
-        return_groups=get_method(training_args.method).uses_group_labels,
-    )
 
     # Initialize our Trainer. It does not push: the finished folder is pushed once, with our model card.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
-    trainer = CFMoETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        data_collator=collator,
-        processing_class=processor,
-        compute_metrics=build_debiasing_compute_metrics(model.config.num_labels),
-    )
-
-    # Training
-    train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
-    metrics = train_result.metrics
-    metrics["train_samples"] = len(data["train"])
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics, combined=False)
-    trainer.save_state()
-
-    # Evaluation of every test split (the validation split served model selection)
-    logger.info("*** Evaluate ***")
-    collator.return_groups = False
-    eval_results = evaluate_test_splits(trainer, data, synthetic)
-    for split, split_metrics in eval_results.items():
-        trainer.log_metrics(split, split_metrics)
-    trainer.save_metrics("eval", eval_results, combined=False)
+    trainer = build_trainer(model, processor, data, data_args, training_args)
+    metrics = train(trainer)
+    eval_results = evaluate(trainer, data, synthetic)
     majority, floors = majority_class(data)
     results = {
         "train": metrics,
@@ -133,7 +105,7 @@ def train_and_evaluate(
         "majority_class": {"label": labels[majority], "accuracy": floors},  # what each accuracy is read against
         "method": training_args.method,
         "seed": training_args.seed,
-        "skipped_examples": count_skipped(trainer, collator),
+        "skipped_examples": count_skipped(trainer, trainer.data_collator),
         "data": data_record(data_args, synthetic),
     }
     trainer.save_metrics("all", results, combined=False)  # all_results.json: the run's record
@@ -146,6 +118,60 @@ def train_and_evaluate(
         table = split_table(eval_results, f"method {training_args.method} on {data_name}:", (labels[majority], floors))
         print(f"\n{table}\n{kept_summary(trainer)}\n")
     return results
+
+
+def build_trainer(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    data: DatasetDict,
+    data_args: DataArguments,
+    training_args: CFMoETrainingArguments,
+) -> CFMoETrainer:
+    """The collator (group labels when the method uses them) and the Trainer on the train and validation splits,
+    with the debiasing metrics."""
+    collator = CFMoECollator(
+        processor,
+        num_labels=model.config.num_labels,
+        prompt_template=model.config.prompt_template,
+        max_length=data_args.max_length,
+        skip_bad_examples=data_args.skip_bad_examples,
+        return_groups=get_method(training_args.method).uses_group_labels,
+    )
+    return CFMoETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator,
+        processing_class=processor,
+        compute_metrics=build_debiasing_compute_metrics(model.config.num_labels),
+    )
+
+
+def train(trainer: CFMoETrainer) -> dict[str, float]:
+    """Train (resuming where `--resume_from_checkpoint` says), log and save the training metrics
+    (`train_results.json`) and the trainer state; returns the metrics."""
+    train_result = trainer.train(resume_from_checkpoint=resume_checkpoint(trainer.args))
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(trainer.train_dataset)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics, combined=False)
+    trainer.save_state()
+    return metrics
+
+
+def evaluate(
+    trainer: CFMoETrainer, data: DatasetDict, synthetic: SyntheticConfig | None
+) -> dict[str, dict[str, float]]:
+    """Evaluate every test split (the validation split served model selection), log and save the metrics
+    (`eval_results.json`); returns them, `{split: {metric: value}}`."""
+    logger.info("*** Evaluate ***")
+    trainer.data_collator.return_groups = False
+    eval_results = evaluate_test_splits(trainer, data, synthetic)
+    for split, split_metrics in eval_results.items():
+        trainer.log_metrics(split, split_metrics)
+    trainer.save_metrics("eval", eval_results, combined=False)
+    return eval_results
 
 
 def main(task: str, argv: list[str] | None = None) -> dict:

@@ -331,6 +331,31 @@ def execute(
     launch: Callable[[Run, int], tuple[int, str]] = run_cli,
 ) -> None:
     """Run every pending run (skipping finished and rejected ones), `jobs` at a time, printing one line per run."""
+    todo = pending_runs(runs, check)
+    cached = sum(run.status == "cached" for run in runs)
+    print(f"{len(todo)} run(s) to do, {cached} already trained, {jobs} at a time x {threads} thread(s)", flush=True)
+
+    lock, start, finished = threading.Lock(), time.perf_counter(), [0]
+
+    def one(run: Run) -> None:
+        begin = time.perf_counter()
+        code, tail = launch(run, threads)
+        wall = time.perf_counter() - begin
+        record_outcome(run, code, tail, wall)
+        with lock:
+            finished[0] += 1
+            print(f"[{finished[0]}/{len(todo)}] {progress_line(run, wall, start)}", flush=True)
+            if run.status == "failed":
+                print(tail, flush=True)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+
+
+def pending_runs(runs: Sequence[Run], check: Callable[[Sequence[str]], str | None]) -> list[Run]:
+    """The runs to launch: those not trained yet whose argv `check` accepts, and trained ones whose routing study is
+    missing. Marks the trained ones `cached` (`read_cached`) and the rejected ones `skipped`, printing each
+    rejection once per setting and method."""
     reasons: dict[tuple[str, str], str | None] = {}
 
     def rejected(run: Run) -> str | None:  # argv of one setting and method differ between seeds in folder and seed
@@ -344,52 +369,51 @@ def execute(
     todo: list[Run] = []
     for run in runs:
         if run.done:
-            run.status = "cached"
-            meta_path = run.run_dir / META_FILE
-            if meta_path.is_file():
-                meta = load_json(meta_path)
-                run.wall_s, run.cpu_s = meta.get("wall_s"), meta.get("cpu_s")
-                if meta.get("argv") != run.argv:
-                    run.reason = "argv changed since this run; delete its folder to run it again"
-                    print(f"warning: {run.setting} {run.method} seed {run.seed}: {run.reason}", flush=True)
+            read_cached(run)
             if not (run.run_dir / ROUTING_FILE).is_file() and rejected(run) is None:
                 todo.append(run)  # only the routing study is left to do
         elif (reason := rejected(run)) is not None:
             run.status, run.reason = "skipped", f"argv rejected by the parser: {reason}"
         else:
             todo.append(run)
-    cached = sum(run.status == "cached" for run in runs)
-    print(f"{len(todo)} run(s) to do, {cached} already trained, {jobs} at a time x {threads} thread(s)", flush=True)
+    return todo
 
-    lock, start, finished = threading.Lock(), time.perf_counter(), [0]
 
-    def one(run: Run) -> None:
-        begin = time.perf_counter()
-        code, tail = launch(run, threads)
-        wall = time.perf_counter() - begin
-        timing = run.run_dir / TIMING_FILE
-        if run.done:
-            if run.status != "cached":  # trained now (a cached run only had its routing study redone)
-                run.status, run.wall_s = "ok", wall
-                run.cpu_s = load_json(timing).get("cpu_s") if timing.is_file() else None
-                write_json(run.run_dir / META_FILE, {"argv": run.argv, "wall_s": run.wall_s, "cpu_s": run.cpu_s})
-            if code == ROUTING_FAILED:
-                run.reason = f"routing study failed (see {run.run_dir / LOG_FILE})"
-        else:
-            run.status, run.wall_s = "failed", wall
-            last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
-            run.reason = f"exit code {code}: {last} (log: {run.run_dir / LOG_FILE})"
-        with lock:
-            finished[0] += 1
-            score = run_metrics(load_json(run.run_dir / RESULTS_FILE)["eval"])[HEADLINE] if run.done else math.nan
-            score = f", {HEADLINE} {score:.3f}" if math.isfinite(score) else ""
-            print(
-                f"[{finished[0]}/{len(todo)}] {run.setting} {run.method} seed {run.seed}: {run.status} in {wall:.0f} s"
-                f"{score} (elapsed {(time.perf_counter() - start) / 60:.1f} min)",
-                flush=True,
-            )
-            if run.status == "failed":
-                print(tail, flush=True)
+def read_cached(run: Run) -> None:
+    """Mark a trained run `cached` with the wall and CPU time of its `META_FILE`, warning when its argv changed."""
+    run.status = "cached"
+    meta_path = run.run_dir / META_FILE
+    if meta_path.is_file():
+        meta = load_json(meta_path)
+        run.wall_s, run.cpu_s = meta.get("wall_s"), meta.get("cpu_s")
+        if meta.get("argv") != run.argv:
+            run.reason = "argv changed since this run; delete its folder to run it again"
+            print(f"warning: {run.setting} {run.method} seed {run.seed}: {run.reason}", flush=True)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
+
+def record_outcome(run: Run, code: int, tail: str, wall: float) -> None:
+    """The run's status after its launch (exit `code`, last log lines `tail`, `wall` seconds): `ok` with its times
+    in `META_FILE` when trained now, `failed` with the last log line; a routing study that failed is noted."""
+    timing = run.run_dir / TIMING_FILE
+    if run.done:
+        if run.status != "cached":  # trained now (a cached run only had its routing study redone)
+            run.status, run.wall_s = "ok", wall
+            run.cpu_s = load_json(timing).get("cpu_s") if timing.is_file() else None
+            write_json(run.run_dir / META_FILE, {"argv": run.argv, "wall_s": run.wall_s, "cpu_s": run.cpu_s})
+        if code == ROUTING_FAILED:
+            run.reason = f"routing study failed (see {run.run_dir / LOG_FILE})"
+    else:
+        run.status, run.wall_s = "failed", wall
+        last = next((line.strip() for line in reversed(tail.splitlines()) if line.strip()), "")
+        run.reason = f"exit code {code}: {last} (log: {run.run_dir / LOG_FILE})"
+
+
+def progress_line(run: Run, wall: float, start: float) -> str:
+    """`<setting> <method> seed <k>: <status> in <wall> s`, the headline score when trained, and the minutes since
+    `start` (a `time.perf_counter()` reading)."""
+    score = run_metrics(load_json(run.run_dir / RESULTS_FILE)["eval"])[HEADLINE] if run.done else math.nan
+    score = f", {HEADLINE} {score:.3f}" if math.isfinite(score) else ""
+    return (
+        f"{run.setting} {run.method} seed {run.seed}: {run.status} in {wall:.0f} s{score} "
+        f"(elapsed {(time.perf_counter() - start) / 60:.1f} min)"
+    )

@@ -358,6 +358,33 @@ class Runner:
         return sum("synchroniz" in str(warning.message) for warning in caught)
 
 
+def probe(runner: Runner, batch: dict[str, torch.Tensor]) -> dict:
+    """The counts of `runner`'s steps on `batch`: work and context seconds of a training step and of an inference,
+    profiler FLOPs and memory, FLOPs by part (training step and inference), host syncs on CUDA."""
+    train, context_seconds = runner.count("train_step", batch)
+    inference, _ = runner.count("infer", batch)
+    return {
+        "train": train,
+        "context_seconds": context_seconds,
+        "inference": inference,
+        **runner.profile_train_step(batch),
+        "train_flops": runner.flops("train_step", batch),
+        "inference_flops": runner.flops("infer", batch),
+        "host_syncs": runner.count_host_syncs(batch) if runner.device.type == "cuda" else None,
+    }
+
+
+def parameters(runner: Runner) -> dict[str, float]:
+    """Millions of parameters: the vision tower's, the language model's, all, and those trained."""
+    core, model = runner.core, runner.model
+    return {
+        "vision_tower": sum(p.numel() for p in core.vision_tower.parameters()) / 1e6,
+        "language_model": sum(p.numel() for p in core.language_model.parameters()) / 1e6,
+        "total": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trained": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+    }
+
+
 def clock(device: torch.device) -> Callable[[], float]:
     """The headline clock: process CPU time on CPU (one thread: steady on a shared machine, where wall time swings
     with the other jobs), wall time on CUDA (after a synchronize)."""

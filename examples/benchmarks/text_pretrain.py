@@ -150,6 +150,37 @@ def pretrain_text_base(
     start, cpu = time.perf_counter(), time.process_time()
     tokenizer = train_text_tokenizer(train, config.vocab_size)
     processor = tiny_processor(tokenizer)
+    model = init_text_model(tokenizer, config)
+    template = DEFAULT_PROMPT_TEMPLATE
+    sequences = encode(tokenizer, train, template)
+    held_out = {name: encode(tokenizer, texts, template) for name, texts in validation.items()}
+    pad_id = tokenizer.pad_token_id
+    initial = {name: mean_loss(model, ids, pad_id) for name, ids in held_out.items()}
+    epoch_losses = train_language_model(model, sequences, pad_id, config, progress)
+    final = {name: mean_loss(model, ids, pad_id) for name, ids in held_out.items()}
+    summary = {
+        "config": asdict(config),
+        "vocabulary": len(tokenizer),
+        "parameters": {
+            "language_model": sum(p.numel() for p in model.model.language_model.parameters()),
+            "total": sum(p.numel() for p in model.parameters()),
+        },
+        "train_texts": len(train),
+        "train_tokens": sum(map(len, sequences)),
+        "prompt": "<s>" + template.format(image="", text="{text}"),
+        "tokens_per_word": {name: tokens_per_word(tokenizer, texts) for name, texts in validation.items()},
+        "epoch_train_loss": epoch_losses,
+        "validation_loss_initial": initial,
+        "validation_loss": final,
+        "validation_perplexity": {name: math.exp(loss) for name, loss in final.items()},
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+    }
+    return model, processor, summary
+
+
+def init_text_model(tokenizer, config: TextPretrainConfig) -> PreTrainedModel:
+    """The tiny LLaVA (`config`'s width and layers) over `tokenizer`'s vocabulary, initialised from `config.seed`."""
     base = tiny_base_config(
         vocab_size=len(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
@@ -158,12 +189,15 @@ def pretrain_text_base(
         hidden_size=config.hidden_size,
     )
     torch.manual_seed(config.seed)
-    model = AutoModelForImageTextToText.from_config(base)
-    template = DEFAULT_PROMPT_TEMPLATE
-    sequences = encode(tokenizer, train, template)
-    held_out = {name: encode(tokenizer, texts, template) for name, texts in validation.items()}
-    pad_id = tokenizer.pad_token_id
-    initial = {name: mean_loss(model, ids, pad_id) for name, ids in held_out.items()}
+    return AutoModelForImageTextToText.from_config(base)
+
+
+def train_language_model(
+    model: PreTrainedModel, sequences: list[list[int]], pad_id: int, config: TextPretrainConfig, progress: bool
+) -> list[float]:
+    """`config.num_epochs` passes of next-token training over `sequences` (token ids per text) in length-grouped
+    batches: AdamW, a cosine schedule with warm-up, the batch order drawn from `config.seed`. Returns the mean
+    training loss (nats per token) of each epoch."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     steps_per_epoch = -(-len(sequences) // config.batch_size)
     total = steps_per_epoch * config.num_epochs
@@ -185,26 +219,7 @@ def pretrain_text_base(
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item() / count:.3f}")
             epoch_losses.append(summed / tokens)
-    final = {name: mean_loss(model, ids, pad_id) for name, ids in held_out.items()}
-    summary = {
-        "config": asdict(config),
-        "vocabulary": len(tokenizer),
-        "parameters": {
-            "language_model": sum(p.numel() for p in model.model.language_model.parameters()),
-            "total": sum(p.numel() for p in model.parameters()),
-        },
-        "train_texts": len(train),
-        "train_tokens": sum(lengths),
-        "prompt": "<s>" + template.format(image="", text="{text}"),
-        "tokens_per_word": {name: tokens_per_word(tokenizer, texts) for name, texts in validation.items()},
-        "epoch_train_loss": epoch_losses,
-        "validation_loss_initial": initial,
-        "validation_loss": final,
-        "validation_perplexity": {name: math.exp(loss) for name, loss in final.items()},
-        "seconds": time.perf_counter() - start,
-        "cpu_seconds": time.process_time() - cpu,
-    }
-    return model, processor, summary
+    return epoch_losses
 
 
 def write_text_base(
