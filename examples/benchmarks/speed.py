@@ -289,9 +289,7 @@ class Runner:
     def fill_context_statistics(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """The label statistics the bias-only warm-up leaves behind (the trainer counts every training batch)."""
         for batch in batches:
-            self.model.rows.update(
-                batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"]
-            )
+            self.model.rows.update(batch["input_ids"], batch["labels"], batch["attention_mask"], batch["pixel_values"])
 
     def count(self, phase: str, batch: dict[str, torch.Tensor]) -> tuple[Work, dict[str, float]]:
         """The work of one `train_step` or `infer` on `batch`, and the seconds of its `CONTEXT_CALLS` (the clock)."""
