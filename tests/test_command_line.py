@@ -5,10 +5,14 @@ The bad inputs run as separate processes forked from one that imported the scrip
 command line, environment, working folder, stderr and exit code, without paying the 5-7 s of importing torch and
 transformers per case. Environment variables read at import (`HF_ENDPOINT`: a closed port, so the Hub is unreachable
 whatever the network) are set for all of them.
+
+Every CF-MoE config knob has one declared flag (`ConfigArguments`), which keeps the config's value unless given.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -16,7 +20,9 @@ import socket
 import stat
 import subprocess
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import huggingface_hub
 import pytest
@@ -25,8 +31,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from cfmoe.modeling_cfmoe import CFMoEConfig, configuration_cfmoe
 from cfmoe.trainer import model_source
-from cfmoe.trainer.arguments import SYNTHETIC_FIELDS, DataArguments
+from cfmoe.trainer.arguments import CONFIG_FLAGS, SYNTHETIC_FIELDS, ConfigArguments, DataArguments
 from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
 from cfmoe.trainer.errors import UserInputError
 from cfmoe.trainer.loading import data_record
@@ -271,3 +278,44 @@ def test_a_hub_id_offline_reads_the_cache_or_fails_at_once(monkeypatch):
 def test_a_real_data_run_records_the_data_arguments_that_applied():
     record = data_record(DataArguments(dataset="mmsd2", data_dir="/data/MMSD2.0/data/text_json_final"), None)
     assert record["data_dir"] == "/data/MMSD2.0/data/text_json_final" and not set(SYNTHETIC_FIELDS) & set(record)
+
+
+# `CFMoEConfig` arguments that are deliberately no flag: the base comes from --model_name_or_path, the modalities from
+# --text_counterfactuals / --image_counterfactuals, the context sub-config from its fields' flags
+NOT_FLAGS = {"self", "kwargs", "base_config", "counterfactual_modalities", "context_config"}
+
+
+def config_knobs() -> set[str]:
+    """The knobs a config flag may set: `CFMoEConfig`'s arguments (but `NOT_FLAGS`) and the fields of its
+    `ContextConfig`, which the config also takes as its own keywords."""
+    knobs = set(inspect.signature(CFMoEConfig.__init__).parameters) - NOT_FLAGS
+    return knobs | set(configuration_cfmoe.CONTEXT_FIELDS)
+
+
+def config_default(config: CFMoEConfig, name: str) -> str:
+    """How a config flag's help states the default of the knob `name`: the value a default config holds (flat or in
+    its context sub-config), a list comma separated (None where empty), a string setting quoted."""
+    value = getattr(config, name) if hasattr(config, name) else getattr(config.context_config, name)
+    if isinstance(value, list):
+        value = ",".join(str(getattr(item, "value", item)) for item in value) or None
+    value = value.value if isinstance(value, Enum) else value
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def test_every_config_knob_has_one_flag():
+    """A config knob without a flag (or a flag without a knob) fails here: `CONFIG_FLAGS` are the config's knobs."""
+    assert len(set(CONFIG_FLAGS)) == len(CONFIG_FLAGS)
+    assert set(CONFIG_FLAGS) == config_knobs()
+
+
+def test_a_config_flag_keeps_the_config_value_and_states_its_default():
+    """Each flag defaults to None (the config's or the checkpoint's value kept), its help states the config's
+    default, and a string setting takes the config's `CHOICES`."""
+    config, hints = CFMoEConfig(), get_type_hints(ConfigArguments)
+    for flag in dataclasses.fields(ConfigArguments):
+        assert flag.default is None, flag.name
+        assert f"(default: {config_default(config, flag.name)}; a CF-MoE checkpoint: its own)" in flag.metadata["help"]
+        kind: Any = get_args(hints[flag.name])[0]  # X of `X | None`
+        assert (get_origin(kind) is Literal) == (flag.name in configuration_cfmoe.CHOICES), flag.name
+        if flag.name in configuration_cfmoe.CHOICES:
+            assert get_args(kind) == tuple(configuration_cfmoe.CHOICES[flag.name])

@@ -6,7 +6,12 @@ Defaults depend on what is trained, and live in the argument dataclasses, so `--
   fine-tuning recipe (`scripts/v1_5/finetune_task.sh`, full fine-tune, and
   `finetune_task_lora.sh`, LoRA) sized for one 80 GB GPU ([`CheckpointTrainingArguments`],
   [`LoraCheckpointTrainingArguments`], [`CheckpointModelArguments`]).
-[`parse_args`] picks the set from the command line; every value can be overridden.
+[`parse_args`] picks the set from the command line (`recipe_flags`, read before the parse) and parses it once;
+every value can be overridden.
+
+Every flag is a dataclass field, declared here or in [`CFMoETrainingArguments`]: the CF-MoE config values in
+[`ConfigArguments`], one per `CFMoEConfig` argument (`CONFIG_FLAGS`; `tests/test_command_line.py` checks that no
+config knob lacks one). [`RunArgumentParser`] lists each in its `--help` group (`HELP_GROUPS`, `help_group`).
 """
 
 from __future__ import annotations
@@ -14,19 +19,16 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
-import inspect
-import re
 import sys
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, NoReturn, get_type_hints
+from typing import Any, Literal, NoReturn
 
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy, SaveStrategy, SchedulerType
 from transformers.utils import is_torch_bf16_gpu_available
 
 from cfmoe.modeling_cfmoe import SUPPORTED_BASE_MODEL_TYPES, CFMoEConfig
-from cfmoe.modeling_cfmoe.configuration_cfmoe import CHOICES, CONTEXT_FIELDS, ContextConfig
 
 from .data.synthetic import SyntheticConfig
 from .errors import UserValueError, name_flags, require, user_input
@@ -103,60 +105,127 @@ def _default(name: str, which: int, base_help: str | None = None):
     return field(default=RUN_DEFAULTS[name][which], metadata={"help": _help(base_help, name)})
 
 
-# `CFMoEConfig` arguments that are no `ModelArguments` field as they are: the base comes from
-# --model_name_or_path, the modalities from --text_counterfactuals / --image_counterfactuals
-NOT_CONFIG_FLAGS = ("base_config", "counterfactual_modalities", "context_config")
-# config values given on the command line in another form than the config's (`ModelArguments.config_kwargs`)
-CONFIG_FLAG_FORMS: dict[str, tuple[Any, str]] = {
-    "counterfactual_types": (str, "comma separated"),
-    "declared_image_context": (list[float], "left top right bottom, 4 numbers per box"),
-}
+def _config(help_text: str, default: Any) -> Any:
+    """A CF-MoE config flag: None, its value when not given, keeps the config's (`default`, stated in the help) or a
+    CF-MoE checkpoint's own."""
+    shown = repr(default) if isinstance(default, str) else default
+    text = f"{help_text} (default: {shown}; a CF-MoE checkpoint: its own)"
+    return field(default=None, metadata={"help": text.replace("%", "%%")})
 
 
-def config_argument_help() -> dict[str, str]:
-    """Each `CFMoEConfig` argument's description in the config's docstring (`name (`type`): text`, or
-    `a / b (`type`): text` for two), whitespace normalised and escaped for argparse."""
-    entries = re.finditer(
-        r"^ {4}(?P<names>\w+(?: / \w+)*) \([^\n]*?\):(?P<text>.*(?:\n {8}.*)*)",
-        inspect.cleandoc(CFMoEConfig.__doc__) + "\n" + inspect.cleandoc(ContextConfig.__doc__),
-        flags=re.MULTILINE,
+@dataclass
+class ConfigArguments:
+    """The CF-MoE config values of the command line: one flag per `CFMoEConfig` argument, in its order and named as
+    it, but `base_config` (from --model_name_or_path) and `counterfactual_modalities` (--text_counterfactuals,
+    --image_counterfactuals). None keeps the config's value; [`ModelArguments.config_kwargs`] turns the others into
+    the config's keywords."""
+
+    _argument_group_name = "model config"
+
+    num_visual_experts: int | None = _config(
+        "visual side (--num_text_experts sets the text side): experts of the debiasing MoE after the projector; 1 is "
+        "one residual bottleneck MLP, with more a router picks --experts_top_k of them per item",
+        1,
     )
-    helps = {}
-    for entry in entries:
-        text = " ".join(entry["text"].split()).replace("%", "%%")
-        names = entry["names"].split(" / ")
-        helps.update(dict.fromkeys(names, text))
-        if len(names) == 2:  # one entry for a pair (num_visual_experts / num_text_experts): which side is whose
-            words = [name.split("_") for name in names]
-            sides = [" ".join(word for word in own if word not in other) for own, other in (words, words[::-1])]
-            for i, name in enumerate(names):
-                helps[name] = f"{sides[i]} side (--{names[1 - i]} sets the {sides[1 - i]} side): {text}"
-    return helps
+    num_text_experts: int | None = _config(
+        "text side (--num_visual_experts sets the visual side): experts of the debiasing MoE after the language "
+        "model; 1 is one residual bottleneck MLP, with more a router picks --experts_top_k of them per item",
+        1,
+    )
+    experts_top_k: int | None = _config("experts kept per item by the router (gates renormalised over them)", 1)
+    router_input: Literal["bias", "content"] | None = _config(
+        "what the routers read: bias (each item's bias evidence: how strongly its text, local pixels and overall "
+        "colour carry a shortcut) or content (the pooled item state, which also carries the cue's value)",
+        "bias",
+    )
+    uniform_gates: bool | None = _config("every expert weighted 1/num_experts, whatever the router says", False)
+    expert_intermediate_size: int | None = _config("bottleneck width of each expert; None: hidden size // 4", None)
+    router_jitter: float | None = _config("multiplicative noise on the router input while training", 0.01)
+    router_temperature: float | None = _config("softmax temperature of the attention router", 1.0)
+    router_aux_loss_coef: float | None = _config(
+        "weight of the load-balance aux_loss in the model's loss and the training objective", 0.01
+    )
+    pooling: Literal["mean", "last"] | None = _config("mean over attended tokens or the last attended token", "mean")
+    classifier_dropout: float | None = _config("dropout before the heads", 0.0)
+    counterfactual_fraction: float | None = _config(
+        "fraction of the items that get fine-grained counterfactual rows in training", 1.0
+    )
+    counterfactual_types: str | None = _config(
+        "comma separated: context_swapped (the item's context replaced by another item's, its core kept), "
+        "core_masked (its core removed, its context kept)",
+        "context_swapped",
+    )
+    text_context_threshold: float | None = _config(
+        "a token is text context when its training items lean toward one class at least this far of the way from "
+        "the class prior to certainty (0.7: 85% of its items in one of two balanced classes) and it is blind to the "
+        "image core; its whole word is context",
+        0.7,
+    )
+    context_support: float | None = _config(
+        "pseudo-items pulling a token's class distribution toward the prior before it is scored (10: a token in 10 "
+        "items, all of one class, gets half of the way)",
+        10.0,
+    )
+    core_dependence_threshold: float | None = _config(
+        "a token whose items' image core differs within their class by at least this many standard deviations "
+        "moves with the image: it is core, whatever its strength (needs images; --core_dependence_test False: no "
+        "such test)",
+        0.15,
+    )
+    context_without_core_evidence: Literal["leak_forms", "strength"] | None = _config(
+        "what decides where the image core cannot test a token (text-only data, one placeholder image): leak_forms "
+        "(only tokens used mostly in hashtags, mentions, URLs, emoji, placeholders or whitespace artefacts can be "
+        "context) or strength (every token that points at one class is context)",
+        "leak_forms",
+    )
+    declared_text_context: list[str] | None = _config(
+        "word patterns that are always context: regular expressions matched against each vocabulary piece, or "
+        "hashtag, mention, url, emoji",
+        None,
+    )
+    protected_words: list[str] | None = _config("words and phrases that are never context", None)
+    discover_text_context: bool | None = _config(
+        "text side: find context from the statistics (False: only what is declared)", True
+    )
+    discover_image_context: bool | None = _config(
+        "image side: find context from the statistics (False: only what is declared)", True
+    )
+    declared_image_context: list[float] | None = _config(
+        "left top right bottom, 4 numbers per box: image regions that are always context, as fractions of the image "
+        "side (0 0 0.25 0.25: a watermark in the top-left corner)",
+        None,
+    )
+    image_context_threshold: float | None = _config(
+        "image context is the image's mean colour plus the pixels whose local discriminant scores reach this "
+        "fraction of the batch's strongest pixel",
+        0.5,
+    )
+    context_covariance_pixels: int | None = _config(
+        "the pixel covariance is counted from the first images of each training batch that reach this many pixels "
+        "(at least one image): its cost stays bounded at large images",
+        32768,
+    )
+    detach_bias_branches: bool | None = _config(
+        "the text-only and image-only heads read stop-gradient states: they measure one modality without shaping "
+        "the shared base (docs/method.md)",
+        True,
+    )
+    inference_mode: Literal["fused", "tie"] | None = _config(
+        "fused (one pass) or tie (subtract the direct effects)", "fused"
+    )
+    prompt_template: str | None = _config(
+        "how an item becomes a prompt, with {image} (the processor's image token) and {text}; saved with the model",
+        "{image}\n{text}",
+    )
 
 
-def config_override_fields() -> list[tuple[str, Any, Any]]:
-    """One (name, type, field) per `CFMoEConfig` argument (but `NOT_CONFIG_FLAGS`): its type made optional (None, the
-    field's default, keeps the config's or the checkpoint's value; string settings limited to `CHOICES`), its help
-    the config's docstring with the config's default as the one default shown."""
-    hints = {**get_type_hints(CFMoEConfig.__init__), **get_type_hints(ContextConfig)}
-    helps = config_argument_help()
-    overrides = []
-    parameters = {**inspect.signature(CFMoEConfig.__init__).parameters, **inspect.signature(ContextConfig).parameters}
-    for name, parameter in parameters.items():
-        if name in ("self", "kwargs", *NOT_CONFIG_FLAGS):
-            continue
-        kind, form = CONFIG_FLAG_FORMS.get(name, (Literal[CHOICES[name]] if name in CHOICES else hints[name], ""))
-        text = f"{form}: {helps[name]}" if form else helps[name]
-        default = repr(str(parameter.default)) if isinstance(parameter.default, str) else str(parameter.default)
-        help_text = f"{text} (default: {default.replace('%', '%%')}; a CF-MoE checkpoint: its own)"
-        overrides.append((name, kind | None, field(default=None, metadata={"help": help_text})))
-    return overrides
+# the CF-MoE config flags (`tests/test_command_line.py` checks them against `CFMoEConfig`'s arguments)
+CONFIG_FLAGS = tuple(f.name for f in fields(ConfigArguments))
 
 
 @dataclass
 class ModelLoadingArguments:
-    """The model's loading arguments: the tiny offline default or a checkpoint, LoRA and quantisation;
-    [`ModelArguments`] adds a field per CF-MoE config value."""
+    """The model's loading arguments: the tiny offline default or a checkpoint, LoRA and quantisation."""
 
     _argument_group_name = "model"
 
@@ -202,6 +271,14 @@ class ModelLoadingArguments:
     load_in_4bit: bool = field(default=False, metadata={"help": "load the base in NF4 (QLoRA with --use_lora)"})
     load_in_8bit: bool = field(default=False, metadata={"help": "load the base in LLM.int8"})
 
+
+@dataclass
+class ModelArguments(ConfigArguments, ModelLoadingArguments):
+    """The model: the tiny offline default or a checkpoint, LoRA and quantisation ([`ModelLoadingArguments`]), and
+    the CF-MoE config values given ([`ConfigArguments`])."""
+
+    _argument_group_name = "model"
+
     def __post_init__(self):
         if not (self.text_counterfactuals or self.image_counterfactuals):
             raise ValueError(
@@ -234,14 +311,9 @@ class ModelLoadingArguments:
             raise ValueError(name_flags(str(error), values)) from error
 
     def config_kwargs(self) -> dict:
-        """The CF-MoE config values given on the command line (every field named as a `CFMoEConfig` argument, and
-        the counterfactual modalities)."""
-        names = [
-            name
-            for name in [*inspect.signature(CFMoEConfig.__init__).parameters, *CONTEXT_FIELDS]
-            if hasattr(self, name)
-        ]
-        kwargs = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        """The CF-MoE config values given on the command line, as `CFMoEConfig`'s (flat) keywords: the
+        `CONFIG_FLAGS` given, in the config's forms, and the counterfactual modalities."""
+        kwargs = {name: getattr(self, name) for name in CONFIG_FLAGS if getattr(self, name) is not None}
         if "counterfactual_types" in kwargs:
             kwargs["counterfactual_types"] = [t.strip() for t in kwargs["counterfactual_types"].split(",") if t.strip()]
         if not self.core_dependence_test:
@@ -253,18 +325,6 @@ class ModelLoadingArguments:
         if not all(modalities.values()):
             kwargs["counterfactual_modalities"] = [name for name, on in modalities.items() if on]
         return kwargs
-
-
-ModelArguments = make_dataclass(
-    "ModelArguments",
-    config_override_fields(),
-    bases=(ModelLoadingArguments,),
-    namespace={
-        "__doc__": "The model: the tiny offline default or a checkpoint, CF-MoE config overrides (every "
-        "`CFMoEConfig` argument, None keeping the config's value), LoRA and quantisation.",
-        "__module__": __name__,
-    },
-)
 
 
 @dataclass
@@ -464,26 +524,49 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     built yet."""
     argv = sys.argv[1:] if argv is None else list(argv)
     with user_input():
-        peek = RunArgumentParser(ModelArguments, add_help=False)
-        model_args, _ = peek.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-        classes = run_argument_classes(model_args.recipe, model_args.model_name_or_path, model_args.use_lora)
-        parser = run_argument_parser(classes, full_help="--help_all" in argv)
-        _, unknown = parser.parse_known_args(argv)  # before the arguments' own checks: a typo is named first
-        if unknown:
-            parser.error(unknown_arguments(parser, unknown))
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return model_args, data_args, training_args
+        classes = run_argument_classes(**recipe_flags(argv))
+        return run_argument_parser(classes, full_help="--help_all" in argv).parse_run_args(argv)
 
 
-def unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """The message for arguments `parser` does not know, with the closest known flag of each unknown one."""
+def recipe_flags(argv: list[str]) -> dict[str, Any]:
+    """The flags that pick the argument classes (`run_argument_classes`), read from `argv` before it is parsed:
+    `--recipe`, `--model_name_or_path` and `--use_lora` (the last of each; a bad value is the parse's to report)."""
+    flags = {"recipe": "auto", "model_name_or_path": None, "use_lora": False}
+    for index, argument in enumerate(argv):
+        flag, given, value = argument.partition("=")
+        name = flag[2:].replace("-", "_")
+        if not flag.startswith("--") or name not in flags:
+            continue
+        if not given:  # `--flag VALUE`, or `--use_lora` alone: True
+            following = argv[index + 1] if index + 1 < len(argv) else None
+            alone = following is None or following.startswith("-")
+            value = "true" if name == "use_lora" and alone else following
+        # `--use_lora`'s value as transformers' `string_to_bool` reads it
+        flags[name] = value.lower() in ("yes", "true", "t", "y", "1") if name == "use_lora" else value
+    return flags
+
+
+def unknown_arguments(known: list[str], unknown: list[str]) -> str:
+    """The message for arguments a parser does not know, with the closest `known` flag of each unknown one."""
     flags = [argument.partition("=")[0] for argument in unknown if argument.startswith("-")] or unknown
-    known = [option for option in parser._option_string_actions if option.startswith("--")]
     named = []
     for flag in flags:
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
         named.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
     return f"unrecognized arguments: {', '.join(named)}"
+
+
+def help_group(title: str, name: str) -> str:
+    """The `HELP_GROUPS` group of the flag `name` of a dataclass whose `_argument_group_name` is `title`: the CF-MoE
+    config values apart from the model's other flags ([`ConfigArguments`]), the training flags split into method
+    (what [`CFMoETrainingArguments`] adds), training (`SHORT_HELP`) and more training."""
+    if name in CONFIG_FLAGS:
+        return ConfigArguments._argument_group_name
+    if title != "training":
+        return title
+    if name in METHOD_FIELDS:
+        return "method"
+    return "training" if name in SHORT_HELP["training"] else "more training"
 
 
 class RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -500,13 +583,66 @@ class RunHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action_invocation(shown)
 
 
-class RunArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` that takes no abbreviated flags and raises its errors as a
-    [`~cfmoe.trainer.errors.UserValueError`] (the run scripts print it on one line) instead of printing the usage
-    and exiting."""
+class DeclaredFlags:
+    """What [`RunArgumentParser`] gives `HfArgumentParser` as a dataclass's argument group (which it asks for by the
+    dataclass's `_argument_group_name`): it records the flags added, which the parser then adds to their
+    `HELP_GROUPS` groups."""
 
-    def __init__(self, dataclass_types, **kwargs) -> None:
+    def __init__(self, title: str, declared: list[tuple[str, tuple[str, ...], dict[str, Any]]]) -> None:
+        self.title, self.declared = title, declared
+
+    def add_argument(self, *flags: str, **settings: Any) -> None:
+        self.declared.append((self.title, flags, settings))
+
+
+class RunArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` that takes no abbreviated flags, raises its errors as a
+    [`~cfmoe.trainer.errors.UserValueError`] (the run scripts print it on one line) instead of printing the usage
+    and exiting, and lists each flag in its `HELP_GROUPS` group (`help_group`): `--help` the `SHORT_HELP` ones,
+    `--help_all` (`full_help`) every one."""
+
+    def __init__(self, dataclass_types: tuple[type, ...], full_help: bool = False, **kwargs: Any) -> None:
+        self.full_help = full_help
+        self.declared: list[tuple[str, tuple[str, ...], dict[str, Any]]] = []  # (dataclass group, flags, settings)
         super().__init__(dataclass_types, allow_abbrev=False, formatter_class=RunHelpFormatter, **kwargs)
+        self.add_argument("--help_all", action="help", help="show every option and exit")
+        self.known_flags = ["--help", "--help_all"]
+        self._add_declared_flags()
+
+    def add_argument_group(self, title: str | None = None, description: str | None = None, **kwargs: Any) -> Any:
+        """argparse's group; for a dataclass's group (`HELP_GROUPS`), a [`DeclaredFlags`] recording its flags."""
+        if title in HELP_GROUPS:
+            return DeclaredFlags(title, self.declared)
+        return super().add_argument_group(title, description, **kwargs)
+
+    def _add_declared_flags(self) -> None:
+        """The dataclasses' flags in their `HELP_GROUPS` groups; with `--help` (not `full_help`) the groups and
+        flags not in `SHORT_HELP` unlisted, and never a `--no_X` (the description says it once)."""
+        groups: dict[str, list] = {title: [] for title in HELP_GROUPS}
+        for title, flags, settings in self.declared:
+            name = settings.get("dest", flags[0][2:])
+            group = help_group(title, name)
+            if settings.get("action") == "store_false" or not (self.full_help or name in SHORT_HELP.get(group, ())):
+                settings = {**settings, "help": argparse.SUPPRESS}
+            groups[group].append((name, flags, settings))
+        groups["training"].sort(key=lambda added: SHORT_HELP["training"].index(added[0]))  # output_dir, then length
+        for title, added in groups.items():
+            shown = self.full_help or title in SHORT_HELP
+            group = super().add_argument_group(title, HELP_GROUPS[title] if shown else None)
+            for _, flags, settings in added:
+                group.add_argument(*flags, **settings)
+                self.known_flags += [flag for flag in flags if flag.startswith("--")]
+
+    def parse_run_args(self, argv: list[str]) -> tuple[Any, ...]:
+        """One instance of each dataclass from `argv`, parsed once; an unknown flag is named before the
+        dataclasses' own checks run."""
+        namespace, unknown = self.parse_known_args(argv)
+        if unknown:
+            self.error(unknown_arguments(self.known_flags, unknown))
+        values = vars(namespace)
+        return tuple(
+            dtype(**{f.name: values[f.name] for f in fields(dtype) if f.init}) for dtype in self.dataclass_types
+        )
 
     def error(self, message: str) -> NoReturn:
         raise UserValueError(message)
@@ -516,36 +652,12 @@ def run_argument_parser(classes: tuple[type, type, type], full_help: bool = Fals
     """The run scripts' parser. Its `--help` lists the options a run sets first (`SHORT_HELP`) in the groups
     data, model, method and training; `--help_all` (`full_help`) lists every option, the CF-MoE config values and
     the other `TrainingArguments` options in two more groups (`HELP_GROUPS`)."""
-    parser = RunArgumentParser(
+    return RunArgumentParser(
         classes,
+        full_help=full_help,
         usage="%(prog)s [--dataset NAME] [--model_name_or_path PATH] [--method METHOD] [--output_dir DIR] [...]",
         description="Defaults shown are those of this command line: add --model_name_or_path PATH (and --use_lora "
         "True) before --help to see a real checkpoint's (the llava recipe). An option X that takes True/False is "
         "also set False by --no_X. "
         + ("Every option is listed." if full_help else "The common options are listed: --help_all lists them all."),
     )
-    parser.add_argument("--help_all", action="help", help="show every option and exit")
-    groups = {group.title: group for group in parser._action_groups}
-    for title, description in HELP_GROUPS.items():
-        if title not in groups:
-            groups[title] = parser.add_argument_group(title)
-        groups[title].description = description
-    config_fields = {name for name, _, _ in config_override_fields()}
-    kept = (*SHORT_HELP["training"], *METHOD_FIELDS)
-    rest = {action.dest for action in groups["training"]._group_actions if action.dest not in kept}
-    moves = {"method": ("training", METHOD_FIELDS), "model config": ("model", config_fields)}
-    moves["more training"] = ("training", rest)
-    for title, (source, names) in moves.items():
-        for action in [action for action in groups[source]._group_actions if action.dest in names]:
-            groups[source]._group_actions.remove(action)
-            groups[title]._group_actions.append(action)
-    order = SHORT_HELP["training"]  # output_dir first, then how long and how fast
-    groups["training"]._group_actions.sort(key=lambda action: order.index(action.dest))
-    shown = [groups[title] for title in HELP_GROUPS if full_help or title in SHORT_HELP]
-    parser._action_groups = [group for group in parser._action_groups if group.title not in HELP_GROUPS] + shown
-    for group in shown:
-        for action in group._group_actions:
-            negation = isinstance(action, argparse._StoreFalseAction)  # --no_X: the description says it once
-            if negation or not (full_help or action.dest in SHORT_HELP[group.title]):
-                action.help = argparse.SUPPRESS
-    return parser
