@@ -83,6 +83,19 @@ class CFMoEModelOutput(ModelOutput):
 
 
 @dataclass
+class EncodedImages:
+    """Rows' images after the visual MoE: `embeds` `(rows, width, hidden)` with the image placeholders holding their
+    `features` `(n_tokens, hidden)`, the row of each feature `rows` `(n_tokens,)`, the MoE's `routing`, and the
+    projected features pooled per row before the MoE `pooled` `(rows, hidden)`."""
+
+    embeds: torch.Tensor
+    features: torch.Tensor
+    rows: torch.Tensor
+    routing: RoutingResult
+    pooled: torch.Tensor
+
+
+@dataclass
 class FactualBatch:
     """The factual rows once embedded: `inputs_embeds` `(batch, length, hidden)` (image features inserted after
     `encode_images`), `attention_mask`, `image_mask` and `text_mask` `(batch, length)` bool."""
@@ -158,8 +171,6 @@ class CFMoEModel(CFMoEPreTrainedModel):
         r"""The representations of the factual rows and, as `counterfactuals` asks, of the bias branches and the
         counterfactual rows (the arguments of [`CFMoEForMultimodalClassification.forward`])."""
         config, mode = self.config, CounterfactualMode(counterfactuals or CounterfactualMode.PREDICTION)
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         factual = self._embed(input_ids, attention_mask, inputs_embeds)
         edits_images = mode.edits_images and pixel_values is not None
 
@@ -168,15 +179,16 @@ class CFMoEModel(CFMoEPreTrainedModel):
 
         # 1. vision tower (once) -> projector -> visual debiasing MoE, merged into the embeddings
         image_inputs = self._image_inputs(image_sizes, batch_num_images)
-        image_features = image_rows = visual_routing = None
+        images = None
         if pixel_values is not None or factual.image_mask.any():
-            image_features, image_rows, visual_routing = self._encode_images(
-                factual, pixel_values, image_inputs, evidence
+            images = self._encode_images(
+                factual.inputs_embeds, factual.text_mask, factual.image_mask, pixel_values, image_inputs, evidence
             )
+            factual.inputs_embeds = images.embeds
 
         # 2. the counterfactual rows (or only the image-core readings) of a `counterfactual_fraction` of the items
         cf = core = None
-        if edits_images and image_features is not None:
+        if edits_images and images is not None:
             cf, core = self._counterfactual_rows(mode, input_ids, factual, pixel_values, image_inputs, strength)
 
         # 3. factual and/or counterfactual rows through the language model in one call -> pool -> language MoE
@@ -188,7 +200,8 @@ class CFMoEModel(CFMoEPreTrainedModel):
         # 4. the bias branches' representations: the text alone through the language model, the images pooled
         text_only = image_only = None
         if mode.computes_branches or config.inference_mode == InferenceMode.TIE:
-            text_only, image_only = self._bias_branch_rows(factual, evidence, image_features, image_rows)
+            text_only, image_only = self._bias_branch_rows(factual, evidence, images)
+        visual_routing = None if images is None else images.routing
         routings = [routing for routing in (visual_routing, text_routing) if routing is not None]
         n_factual, length = factual.inputs_embeds.shape[0] if keep_factual else 0, factual.attention_mask.shape[1]
         return CFMoEModelOutput(
@@ -241,18 +254,16 @@ class CFMoEModel(CFMoEPreTrainedModel):
         given = {"image_sizes": image_sizes, "batch_num_images": batch_num_images}
         return {name: given[name] for name in self.base_family.image_inputs if given[name] is not None}
 
-    def _encode_images(self, factual: FactualBatch, pixel_values, image_inputs, evidence):
-        """(the images' features `(n_tokens, hidden)` and their items `(n_tokens,)`, the visual MoE's routing): vision
-        tower, projector and visual MoE, routed by each item's content or bias evidence `(batch, 3)`; the features
-        replace the image placeholders of `factual.inputs_embeds`."""
-        image_features, image_rows = self._image_features(pixel_values, factual.image_mask, image_inputs)
-        batch, embeds = factual.inputs_embeds.shape[0], factual.inputs_embeds
-        content = pool_tokens(embeds, factual.text_mask, Pooling.MEAN) + pool_by_row(image_features, image_rows, batch)
-        routing = self.visual_moe.route(content, evidence)
-        image_features = self.visual_moe(image_features, routing.gates[image_rows])
-        mask = factual.image_mask.unsqueeze(-1)
-        factual.inputs_embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-        return image_features, image_rows, routing
+    def _encode_images(self, embeds, text_mask, image_mask, pixel_values, image_inputs, evidence) -> EncodedImages:
+        """Rows' images (`embeds` `(rows, width, hidden)`, `text_mask` / `image_mask` `(rows, width)` bool) through the
+        vision tower, projector and visual MoE, routed by each row's own content (its text and image, pooled) or bias
+        evidence `(rows, 3)`, their features inserted at the image placeholders."""
+        features, feature_rows = self._image_features(pixel_values, image_mask, image_inputs)
+        pooled = pool_by_row(features, feature_rows, embeds.shape[0])
+        routing = self.visual_moe.route(pool_tokens(embeds, text_mask, Pooling.MEAN) + pooled, evidence)
+        features = self.visual_moe(features, routing.gates[feature_rows])
+        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return EncodedImages(embeds=embeds, features=features, rows=feature_rows, routing=routing, pooled=pooled)
 
     def _image_features(
         self, pixel_values: torch.Tensor | None, image_mask: torch.Tensor, image_inputs: dict[str, torch.Tensor]
@@ -288,6 +299,8 @@ class CFMoEModel(CFMoEPreTrainedModel):
     def _encode_rows(self, factual: FactualBatch, evidence, cf, keep_factual, output_attentions, output_hidden):
         """(pooled rows after the language MoE `(rows, hidden)`, their routing, the language model's output) of one
         language-model call over the factual rows (when `keep_factual`) and the counterfactual rows `cf` (if any)."""
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden = self.config.output_hidden_states if output_hidden is None else output_hidden
         rows_embeds, rows_mask, position_ids, rows_evidence = language_rows(
             factual.inputs_embeds, factual.attention_mask, evidence, cf, keep_factual=keep_factual
         )
@@ -309,7 +322,7 @@ class CFMoEModel(CFMoEPreTrainedModel):
         return self.text_moe(pooled, routing.gates), routing
 
     def _bias_branch_rows(
-        self, factual: FactualBatch, evidence, image_features, image_rows
+        self, factual: FactualBatch, evidence, images: EncodedImages | None
     ) -> tuple[torch.Tensor, ...]:
         """(`(batch, hidden)` the text-only rows `v*` after the language MoE: the text positions of the factual rows,
         left-aligned (no image tokens, no padding), through the language model on their own, routed by the text part
@@ -328,9 +341,9 @@ class CFMoEModel(CFMoEPreTrainedModel):
             text_evidence = None if evidence is None else evidence * evidence.new_tensor([1.0, 0.0, 0.0])
             pooled = pool_tokens(text_hidden, text_only_mask, self.config.pooling)
             text_only, _ = self._language_moe(pooled, text_evidence)
-        if image_features is None:
+        if images is None:
             return text_only, None
-        image_only = pool_by_row(image_features, image_rows, text_only.shape[0])
+        image_only = pool_by_row(images.features, images.rows, text_only.shape[0])
         return text_only, image_only.detach() if detach else image_only
 
     # ----------------------------------------------------------------------------------------- counterfactual rows
@@ -357,16 +370,12 @@ class CFMoEModel(CFMoEPreTrainedModel):
         return None, self._image_core_readings(pixel_values, factual.image_mask, image_inputs, strength)
 
     def _insert_images(self, edit: RowEdit, image_inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """(the edit's embeddings `(n, width, hidden)` with its image positions holding the features of its images:
-        vision tower, projector and visual MoE, routed by the row's own content or bias evidence (never by the factual
-        item's, whose cue the router may read); the rows' projected image features pooled before the MoE
-        `(n, hidden)`)."""
-        features, feature_rows = self._image_features(edit.images, edit.image_mask, image_inputs)
-        image_pooled = pool_by_row(features, feature_rows, edit.embeds.shape[0])
-        content = pool_tokens(edit.embeds, edit.mask & ~edit.image_mask, Pooling.MEAN) + image_pooled
-        features = self.visual_moe(features, self.visual_moe.route(content, edit.evidence).gates[feature_rows])
-        embeds = edit.embeds.masked_scatter(edit.image_mask.unsqueeze(-1), features.to(edit.embeds.dtype))
-        return embeds, image_pooled
+        """(the edit's embeddings `(n, width, hidden)` with its image positions holding the features of its edited
+        images, routed by the row's own content or bias evidence, never by the factual item's, whose cue the router
+        may read; the rows' projected image features pooled before the MoE `(n, hidden)`)."""
+        text_mask = edit.mask & ~edit.image_mask
+        images = self._encode_images(edit.embeds, text_mask, edit.image_mask, edit.images, image_inputs, edit.evidence)
+        return images.embeds, images.pooled
 
     @torch.no_grad()
     def _image_core_readings(self, pixel_values, image_mask, image_inputs, strength) -> tuple[torch.Tensor, ...] | None:
