@@ -10,6 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cfmoe.modeling_cfmoe.configuration_cfmoe import Choice
+
+
+class ConflictRule(Choice):
+    """Which items `upweight` weights up: each bias branch's errors (weights multiply), or the summed prediction's."""
+
+    PER_MODALITY = "per_modality"
+    COMBINED = "combined"
+
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None):
     """`mean_i w_i * CE(logits_i, y_i)` (plain mean CE when `weights` is None)."""

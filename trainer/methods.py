@@ -27,6 +27,7 @@ from cfmoe.modeling_cfmoe import CFMoEConfig, CounterfactualMode, Counterfactual
 from cfmoe.modeling_cfmoe.counterfactual import CONTEXT_SWAPPED, CORE_MASKED
 
 from .losses import (
+    ConflictRule,
     bias_conflict_weights,
     counterfactual_contrast,
     group_dro_loss,
@@ -327,7 +328,7 @@ class CFMoE(DebiasingMethod):
         weights = None
         if args.upweight > 0:
             text, image = outputs.text_only_logits, outputs.image_only_logits
-            if args.conflict_rule == "combined":
+            if args.conflict_rule == ConflictRule.COMBINED:
                 weights = bias_conflict_weights(text, image, labels, args.upweight)
             else:
                 weights = modality_conflict_weights(text, image, labels, args.upweight, args.max_weight)

@@ -7,6 +7,17 @@ import logging
 
 import torch
 
+from cfmoe.modeling_cfmoe.configuration_cfmoe import Choice
+
+
+class NanPolicy(Choice):
+    """What a NaN/inf loss term in training does: stop before the update, drop the update, or nothing (no check)."""
+
+    RAISE = "raise"
+    SKIP = "skip"
+    IGNORE = "ignore"
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,19 +28,19 @@ class NonFiniteGuardMixin:
         super().__init__(*args, **kwargs)
         self._nonfinite: list[tuple[tuple[str, ...], torch.Tensor]] = []  # this optimizer step's NaN/inf flags
         self._nonfinite_skipped = 0
-        if getattr(self.args, "nan_policy", None) == "skip" and self.is_deepspeed_enabled:
+        if getattr(self.args, "nan_policy", None) == NanPolicy.SKIP and self.is_deepspeed_enabled:
             raise ValueError("nan_policy='skip' cannot undo DeepSpeed's fused backward and step; use 'raise'")
 
     def _record_nonfinite(self, terms: dict[str, torch.Tensor]) -> None:
         """Flag the loss terms of this micro-step that are NaN or inf, on device (no host sync here)."""
-        if self.args.nan_policy != "ignore" and terms:
+        if self.args.nan_policy != NanPolicy.IGNORE and terms:
             values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
             self._nonfinite.append((tuple(terms), ~values.isfinite()))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's forward/backward; before each optimizer update, [`_guard_nonfinite`]."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.args.nan_policy != "ignore" and self.accelerator.sync_gradients:
+        if self.args.nan_policy != NanPolicy.IGNORE and self.accelerator.sync_gradients:
             self._guard_nonfinite(model)
         return loss
 
@@ -52,7 +63,7 @@ class NonFiniteGuardMixin:
         bad = sorted({f"loss_{name}" for name, flag in zip(names, flags.tolist(), strict=True) if flag})
         where = ", ".join(bad) if bad else "a loss term on another process"
         step = self.state.global_step + 1
-        if self.args.nan_policy == "raise":
+        if self.args.nan_policy == NanPolicy.RAISE:
             raise FloatingPointError(
                 f"optimizer step {step}: {where} is NaN or inf; training stopped before the update, so the weights "
                 "are intact. Lower the learning rate or that term's weight, check this step's inputs, prefer bf16 to "

@@ -9,7 +9,9 @@ import torch
 from transformers import TrainingArguments
 
 from .errors import require
+from .losses import ConflictRule
 from .methods import METHODS, get_method, method_names
+from .nonfinite import NanPolicy
 
 
 @dataclass
@@ -35,8 +37,8 @@ class CFMoETrainingArguments(TrainingArguments):
     upweight: float = field(
         default=0.0, metadata={"help": "extra task-loss weight of items the bias branches get wrong (cfmoe)"}
     )
-    conflict_rule: str = field(
-        default="per_modality",
+    conflict_rule: ConflictRule = field(
+        default=ConflictRule.PER_MODALITY,
         metadata={
             "help": "which items are upweighted: per_modality (each branch's errors, weights multiply) or "
             "combined (the summed text+image prediction is wrong)"
@@ -64,8 +66,8 @@ class CFMoETrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "kept False: the collator turns raw columns into model inputs"}
     )
-    nan_policy: str = field(
-        default="raise",
+    nan_policy: NanPolicy = field(
+        default=NanPolicy.RAISE,
         metadata={
             "help": "a NaN/inf loss term in training: raise (stop before the update, naming the term), skip (drop "
             "that optimizer step's update, log and count it) or ignore (no check; saves one host sync per step)"
@@ -97,9 +99,11 @@ class CFMoETrainingArguments(TrainingArguments):
         require(self.method in method_names(), "method", f"one of {', '.join(method_names())}", self.method)
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/text columns")
-        require(self.nan_policy in ("raise", "skip", "ignore"), "nan_policy", "raise, skip or ignore", self.nan_policy)
-        rules = ("per_modality", "combined")
-        require(self.conflict_rule in rules, "conflict_rule", "per_modality or combined", self.conflict_rule)
+        for name, kind in (("nan_policy", NanPolicy), ("conflict_rule", ConflictRule)):
+            values = [str(value) for value in kind]
+            value = getattr(self, name)
+            require(value in values, name, f"{', '.join(values[:-1])} or {values[-1]}", value)
+            setattr(self, name, kind(value))
         for name in ("learning_rate", "contrast_temperature"):
             require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
