@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, LlavaForConditionalGeneration
 
-from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification, Pooling
+from cfmoe.modeling_cfmoe import CFMoEConfig, CFMoEForMultimodalClassification, CFMoEModelOutput, CFMoEOutput, Pooling
 from cfmoe.modeling_cfmoe.context import spread
 from cfmoe.modeling_cfmoe.counterfactual import drop_image_tokens, pool_by_row, pool_tokens
 from cfmoe.trainer.data.tiny import build_tiny_model, tiny_base_config
@@ -497,3 +498,11 @@ def test_uniform_gates_are_saved_with_the_model(tiny_batch, tmp_path):
         want, got = model(**tiny_batch), reloaded(**tiny_batch)
     torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=0)
     assert all(torch.equal(gates, torch.full_like(gates, 0.25)) for gates in (got.visual_gates, got.text_gates))
+
+
+def test_the_output_holds_every_body_field_after_the_heads():
+    """`CFMoEOutput` is built from the body's output (`**states`): it declares each of the body's fields, in their
+    order, after its own (loss and logits first in the tuple form, as transformers' classifiers)."""
+    body = [field.name for field in dataclasses.fields(CFMoEModelOutput)]
+    head = [field.name for field in dataclasses.fields(CFMoEOutput)]
+    assert head[:2] == ["loss", "logits"] and head[-len(body) :] == body
