@@ -21,6 +21,11 @@ class Choice(ExplicitEnum):
 
     __format__ = str.__format__
 
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        """Every value this setting takes, in order."""
+        return tuple(member.value for member in cls)
+
 
 class RouterInput(Choice):
     """What the routers read: each item's bias evidence, or its pooled content."""
@@ -51,7 +56,7 @@ class WithoutCoreEvidence(Choice):
 
 
 class CounterfactualType(Choice):
-    """A kind of fine-grained counterfactual row; its value is the row's `counterfactual_kind` id."""
+    """A kind of fine-grained counterfactual row; `kind` is its id in the rows' `counterfactual_kind`."""
 
     CONTEXT_SWAPPED = "context_swapped"
     CORE_MASKED = "core_masked"
@@ -63,16 +68,18 @@ class CounterfactualType(Choice):
 
 
 class Modality(Choice):
+    """A modality the counterfactual rows edit."""
+
     TEXT = "text"
     IMAGE = "image"
 
 
 # the values of each string setting of `CFMoEConfig` and `ContextConfig`, by name
 CHOICES = {
-    "router_input": tuple(RouterInput._value2member_map_),
-    "pooling": tuple(Pooling._value2member_map_),
-    "inference_mode": tuple(InferenceMode._value2member_map_),
-    "context_without_core_evidence": tuple(WithoutCoreEvidence._value2member_map_),
+    "router_input": RouterInput.values(),
+    "pooling": Pooling.values(),
+    "inference_mode": InferenceMode.values(),
+    "context_without_core_evidence": WithoutCoreEvidence.values(),
 }
 # Named word patterns for `declared_text_context`, matched against each vocabulary piece (its text, word marker
 # removed): a word holding a matching piece is context.

@@ -100,8 +100,7 @@ class CFMoETrainingArguments(TrainingArguments):
         if self.remove_unused_columns:
             raise ValueError("--remove_unused_columns must stay False: the collator needs the raw image/text columns")
         for name, kind in (("nan_policy", NanPolicy), ("conflict_rule", ConflictRule)):
-            values = [str(value) for value in kind]
-            value = getattr(self, name)
+            values, value = kind.values(), getattr(self, name)
             require(value in values, name, f"{', '.join(values[:-1])} or {values[-1]}", value)
             setattr(self, name, kind(value))
         for name in ("learning_rate", "contrast_temperature"):
